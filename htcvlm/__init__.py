@@ -1,0 +1,1 @@
+"""HTC-VLM model core: dual-channel encoder, `<voco>` compression and exact cached decoding."""

@@ -1,0 +1,84 @@
+"""Checkpoints: a folder of config.json + model.safetensors + tokenizer files. Never a hub download.
+
+Components of a new model (a CLIP vision tower, a causal LM and its tokenizer) load from local Hugging
+Face folders named in the config; an incomplete folder is a `CheckpointError` naming what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from htcvlm.config import HTCConfig
+from htcvlm.errors import CheckpointError
+from htcvlm.model import HTCVLM
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+FORMAT = "onetoken-htcvlm/1"
+
+
+def require_hf_dir(path: str | Path) -> Path:
+    """A local Hugging Face model folder must hold config.json and weights in safetensors."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a directory; give the local folder of a downloaded model")
+    if not (folder / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{folder} is missing {CONFIG_FILE}")
+    if not any(folder.glob("*.safetensors")):
+        raise CheckpointError(f"{folder} is missing its weights: no *.safetensors file (e.g. {WEIGHTS_FILE})")
+    return folder
+
+
+def save_pretrained(model: HTCVLM, path: str | Path) -> Path:
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    # Local component paths are only for building a new model; the checkpoint holds every weight itself.
+    config = model.config.to_dict()
+    config["vision"]["path"] = config["llm"]["path"] = None
+    (folder / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "htcvlm": config}, indent=2) + "\n")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(
+        state, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT, "fingerprint": model.fingerprint()}
+    )
+    model.tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    folder = Path(path)
+    if not (folder / TOKENIZER_FILE).is_file():
+        raise CheckpointError(f"{folder} is missing {TOKENIZER_FILE}")
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> HTCVLM:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"model directory {folder} does not exist")
+    for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"model directory {folder} is missing {name}")
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{folder / CONFIG_FILE} is not a OneToken checkpoint (format {meta.get('format')!r})"
+        )
+    config = HTCConfig.from_dict(meta["htcvlm"])
+    model = HTCVLM(config, load_tokenizer(folder)).to(device)
+    state = load_file(str(folder / WEIGHTS_FILE), device=str(device))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights in {folder / WEIGHTS_FILE} do not fit its config: {exc}") from exc
+    model.eval()
+    model.invalidate_fingerprint()
+    return model

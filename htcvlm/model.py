@@ -1,0 +1,315 @@
+"""HTC-VLM (Algorithm 1): the dual-channel encoder, the `<voco>` bottleneck and the LLM.
+
+compress() runs once per image: V_hy = [v_d; V] and the voco token(s) go through the LLM under M_hy, and
+only the voco tokens' final hidden state and key/value state are kept (a `Record`). forward() is the full
+masked pass over [V_hy; voco; W], used for training and as the reference that decode() must match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from htcvlm.config import HTCConfig
+from htcvlm.images import DEFAULT_MAX_PIXELS, pixels_from_bytes
+from htcvlm.mask import hybrid_mask
+from htcvlm.mgvq import MGVQ
+from htcvlm.record import Record, image_id_of
+
+logger = logging.getLogger(__name__)
+
+# CLIP's pixel statistics: the vision tower expects images normalized by them.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class DiscreteProjector(nn.Module):
+    """P_d of Eq. 4: v_d = GELU(W2 GELU(W1 q)), reshaped into N_d anchor tokens."""
+
+    def __init__(self, q_dim: int, hidden: int, n_tokens: int, d: int) -> None:
+        super().__init__()
+        self.n_tokens, self.d = n_tokens, d
+        self.w1 = nn.Linear(q_dim, hidden)
+        self.w2 = nn.Linear(hidden, n_tokens * d)
+        self.act = nn.GELU()
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.w2(self.act(self.w1(q))))
+        return out.view(q.shape[0], self.n_tokens, self.d)  # (B, N_d * d) -> (B, N_d, d)
+
+
+def _continuous_projector(kind: str, d_in: int, d: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(d_in, d)
+    return nn.Sequential(nn.Linear(d_in, d), nn.GELU(), nn.Linear(d, d))  # LLaVA-1.5's mlp2x_gelu
+
+
+def build_vision(config: HTCConfig) -> CLIPVisionModel:
+    vc = config.vision
+    if vc.path:
+        from htcvlm.checkpoint import require_hf_dir
+
+        require_hf_dir(vc.path)
+        return CLIPVisionModel.from_pretrained(vc.path, local_files_only=True)
+    clip = CLIPVisionConfig(
+        hidden_size=vc.hidden_size,
+        intermediate_size=vc.intermediate_size,
+        num_hidden_layers=vc.num_layers,
+        num_attention_heads=vc.num_heads,
+        image_size=config.image_size,
+        patch_size=vc.patch_size,
+    )
+    return CLIPVisionModel(clip)
+
+
+def build_llm(config: HTCConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    lc = config.llm
+    if lc.path:
+        from htcvlm.checkpoint import require_hf_dir
+
+        require_hf_dir(lc.path)
+        return AutoModelForCausalLM.from_pretrained(lc.path, local_files_only=True)
+    if len(tokenizer) != lc.vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the LLM's vocab_size is {lc.vocab_size}; "
+            "build new models with new_model(), which sizes the vocabulary from the tokenizer"
+        )
+    llama = LlamaConfig(
+        vocab_size=lc.vocab_size,
+        hidden_size=lc.hidden_size,
+        intermediate_size=lc.intermediate_size,
+        num_hidden_layers=lc.num_layers,
+        num_attention_heads=lc.num_heads,
+        num_key_value_heads=lc.num_kv_heads,
+        max_position_embeddings=lc.max_position_embeddings,
+        rms_norm_eps=lc.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": lc.rope_theta},
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(llama)
+
+
+def new_model(config: HTCConfig, tokenizer: PreTrainedTokenizerBase) -> HTCVLM:
+    """A freshly initialised model whose LLM vocabulary is exactly the tokenizer's."""
+    if config.llm.path is None:
+        config = config.with_(llm=replace(config.llm, vocab_size=len(tokenizer)))
+    return HTCVLM(config, tokenizer)
+
+
+class HTCVLM(nn.Module):
+    def __init__(self, config: HTCConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.llm = build_llm(config, tokenizer)
+        d = self.llm.config.hidden_size
+        if config.channels != "discrete":
+            self.vision = build_vision(config)
+            self.proj_v = _continuous_projector(config.projector, self.vision.config.hidden_size, d)
+            self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        if config.channels != "continuous":
+            self.mgvq = MGVQ(config.mgvq)
+        if config.channels == "hybrid":
+            self.proj_d = DiscreteProjector(config.q_dim, config.pd_hidden, config.n_discrete, d)
+        if config.channels == "discrete":
+            # The paper's discrete-only ablation: every MGVQ latent position becomes one token.
+            self.proj_q = nn.Linear(config.mgvq.latent_channels, d)
+        self.voco = nn.Parameter(torch.randn(config.n_voco, d) * self.llm.config.initializer_range)
+        self._fingerprint: str | None = None
+
+    # ---- the two channels and their fusion (Eq. 3-5) ----
+
+    def continuous_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """V of Eq. 3: (B, 3, S, S) in [0, 1] -> (B, N, d), penultimate-layer patch tokens projected."""
+        out = self.vision(pixel_values=(pixels - self.clip_mean) / self.clip_std, output_hidden_states=True)
+        patches = out.hidden_states[self.config.vision.select_layer][:, 1:]  # drop CLS: (B, N, d_vision)
+        return self.proj_v(patches)
+
+    def discrete_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """v_d of Eq. 4 (B, N_d, d) in hybrid mode, or (B, h*w, d) in discrete-only mode; and the VQ loss."""
+        quant = self.mgvq.encode(pixels)
+        if self.config.channels == "discrete":
+            # (B, C, h, w) -> (B, h*w, C): one token per latent position
+            return self.proj_q(quant.quantized.flatten(2).transpose(1, 2)), quant.loss
+        return self.proj_d(quant.quantized.flatten(1)), quant.loss  # q: (B, C*h*w)
+
+    def hybrid_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """V_hy (B, n_visual, d) for the configured channel and fusion modes."""
+        return self._visual(pixels)[0]
+
+    def _visual(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        pixels = pixels.to(self.voco.dtype)
+        zero = pixels.new_zeros(())
+        if cfg.channels == "continuous":
+            return self.continuous_tokens(pixels), zero
+        v_d, vq_loss = self.discrete_tokens(pixels)
+        if cfg.channels == "discrete":
+            return v_d, vq_loss
+        v = self.continuous_tokens(pixels)
+        if cfg.fusion == "pre":
+            return torch.cat([v_d, v], dim=1), vq_loss  # Eq. 5: anchors first
+        if cfg.fusion == "post":
+            return torch.cat([v, v_d], dim=1), vq_loss
+        return v + v_d.mean(dim=1, keepdim=True), vq_loss  # mean: anchors averaged into every patch
+
+    # ---- the LLM over [V_hy; voco; W] ----
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_input_embeddings()(input_ids)
+
+    def prefix_embeds(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[V_hy; voco] (B, n_visual + n_voco, d) and the VQ loss."""
+        v_hy, vq_loss = self._visual(pixels)
+        voco = self.voco[None].expand(v_hy.shape[0], -1, -1)
+        return torch.cat([v_hy, voco], dim=1), vq_loss
+
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        input_ids: torch.Tensor,
+        text_lengths: Sequence[int] | torch.Tensor | None = None,
+        text_attends_visual: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full masked forward over X = [V_hy; voco; W] (Algorithm 1).
+
+        input_ids (B, T) are right-padded to T; text_lengths gives each row's true length. Returns the
+        logits of the text positions (B, T, vocab), row t predicting token t + 1, and the VQ loss.
+        `text_attends_visual=True` is the uncompressed upper bound (no bottleneck).
+        """
+        batch, n_text = input_ids.shape
+        if text_lengths is None:
+            text_lengths = [n_text] * batch
+        prefix, vq_loss = self.prefix_embeds(pixels)
+        embeds = torch.cat([prefix, self.embed_text(input_ids)], dim=1)
+        mask = hybrid_mask(
+            self.config.n_visual,
+            self.config.n_voco,
+            torch.as_tensor(text_lengths, device=embeds.device),
+            self.config.visual_attention,
+            text_attends_visual,
+            dtype=embeds.dtype,
+            device=embeds.device,
+        )
+        positions = torch.arange(embeds.shape[1], device=embeds.device)[None].expand(batch, -1)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+        return out.logits[:, prefix.shape[1] :], vq_loss
+
+    # ---- compress(): once per image ----
+
+    @torch.inference_mode()
+    def compress(
+        self,
+        images: Sequence[bytes],
+        source_uris: Sequence[str] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> list[Record]:
+        """Image file bytes -> one `Record` each. A bad image raises `InvalidImageError` before any work."""
+        pixels = torch.stack([pixels_from_bytes(b, self.config.image_size, max_pixels) for b in images])
+        ids = [image_id_of(b) for b in images]
+        return self.compress_pixels(pixels, ids, source_uris)
+
+    @torch.inference_mode()
+    def compress_pixels(
+        self, pixels: torch.Tensor, image_ids: Sequence[str], source_uris: Sequence[str] | None = None
+    ) -> list[Record]:
+        """(B, 3, S, S) pixels in [0, 1] -> records: the voco tokens' latent and per-layer K/V state."""
+        cfg = self.config
+        device = self.voco.device
+        prefix, _ = self.prefix_embeds(pixels.to(device))
+        batch, length = prefix.shape[:2]
+        mask = hybrid_mask(
+            cfg.n_visual, cfg.n_voco, [0] * batch, cfg.visual_attention, dtype=prefix.dtype, device=device
+        )
+        positions = torch.arange(length, device=device)[None].expand(batch, -1)
+        cache = DynamicCache()
+        out = self.llm.model(
+            inputs_embeds=prefix,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        voco = slice(cfg.voco_position, cfg.voco_position + cfg.n_voco)
+        # per layer (B, kv_heads, L, head_dim) -> stacked (B, layers, kv_heads, n_voco, head_dim)
+        keys = torch.stack([layer.keys[:, :, voco] for layer in cache.layers], dim=1)
+        values = torch.stack([layer.values[:, :, voco] for layer in cache.layers], dim=1)
+        latents = out.last_hidden_state[:, voco].mean(dim=1)  # (B, d)
+        fingerprint = self.fingerprint()
+        now = time.time()
+        uris = list(source_uris) if source_uris is not None else [""] * batch
+        return [
+            Record(
+                image_id=image_ids[i],
+                fingerprint=fingerprint,
+                latent=latents[i].float().cpu().clone(),
+                keys=keys[i].cpu().clone(),
+                values=values[i].cpu().clone(),
+                voco_position=cfg.voco_position,
+                source_uri=uris[i],
+                created_at=now,
+            )
+            for i in range(batch)
+        ]
+
+    # ---- identity ----
+
+    def fingerprint(self) -> str:
+        """SHA-256 over the config and every weight: two model versions never share cached records.
+
+        Cached after the first call; `invalidate_fingerprint()` after the weights change (training, loading).
+        """
+        if self._fingerprint is None:
+            h = hashlib.sha256(self.config.to_json().encode())
+            for name, tensor in sorted(self.state_dict().items()):
+                h.update(name.encode())
+                if tensor.is_meta:
+                    h.update(f"meta{tuple(tensor.shape)}{tensor.dtype}".encode())
+                    continue
+                h.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def invalidate_fingerprint(self) -> None:
+        self._fingerprint = None
+
+    def prompt_ids(self, question: str) -> list[int]:
+        """The token ids of a question as the model sees it after the voco token."""
+        return self.tokenizer(f"Question: {question.strip()}\nAnswer:", add_special_tokens=False).input_ids
+
+    def answer_ids(self, answer: str) -> list[int]:
+        """Training target for an answer: ' answer' then EOS."""
+        ids = self.tokenizer(f" {answer.strip()}", add_special_tokens=False).input_ids
+        return [*ids, self.tokenizer.eos_token_id]
+
+    @property
+    def llm_head_dim(self) -> int:
+        cfg = self.llm.config
+        return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    @property
+    def device(self) -> torch.device:
+        return self.voco.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.voco.dtype

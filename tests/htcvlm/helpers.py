@@ -1,0 +1,49 @@
+"""Small models and images shared by the model-core tests."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from PIL import Image
+
+from htcvlm.config import HTCConfig, LLMConfig, VisionConfig
+from htcvlm.model import HTCVLM, new_model
+
+QUESTIONS = [
+    "What shape is the object on the left?",
+    "Color?",
+    "How many striped objects are in this picture, counting the small ones too?",
+]
+
+
+def small_config(**overrides) -> HTCConfig:
+    """The tiny preset made smaller still: exactness does not depend on width, only on structure."""
+    base = HTCConfig.from_name("tiny")
+    return base.with_(
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, patch_size=16),
+        llm=LLMConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=3,
+            num_heads=4,
+            num_kv_heads=2,
+            vocab_size=300,
+            max_position_embeddings=256,
+        ),
+        pd_hidden=64,
+        **overrides,
+    )
+
+
+def make_model(tokenizer, seed: int = 0, **overrides) -> HTCVLM:
+    torch.manual_seed(seed)
+    return new_model(small_config(**overrides), tokenizer).eval()
+
+
+def png_bytes(seed: int, size: int = 64, mode: str = "RGB") -> bytes:
+    gen = torch.Generator().manual_seed(seed)
+    arr = (torch.rand(size, size, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
