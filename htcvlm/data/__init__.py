@@ -1,0 +1,38 @@
+"""Training data: the procedural VQA set and a reader for LLaVA-format instruction data.
+
+- scenes: `Scene`s of 1–4 objects (shape, color, size, texture, position) and their Pillow rendering
+- questions: closed-set semantic and detail questions about a scene, the answer vocabulary and templates
+- dataset: `ProceduralVQA`, deterministic per (split, seed, index), and the `VQASample` both sets give
+"""
+
+from htcvlm.data.dataset import SPLITS, ProceduralVQA, VQASample, draw_question, sample_seed
+from htcvlm.data.questions import (
+    KIND_OF,
+    QTYPES,
+    Question,
+    answer_vocabulary,
+    answers_for,
+    ask,
+    question_templates,
+)
+from htcvlm.data.scenes import Scene, SceneObject, object_mask, render, sample_scene
+
+__all__ = [
+    "KIND_OF",
+    "QTYPES",
+    "SPLITS",
+    "ProceduralVQA",
+    "Question",
+    "Scene",
+    "SceneObject",
+    "VQASample",
+    "answer_vocabulary",
+    "answers_for",
+    "ask",
+    "draw_question",
+    "object_mask",
+    "question_templates",
+    "render",
+    "sample_scene",
+    "sample_seed",
+]

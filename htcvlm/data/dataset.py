@@ -1,0 +1,135 @@
+"""The procedural VQA dataset: sample i of a split is a pure function of (split, seed, i).
+
+Each index gets its own `random.Random`, seeded from a SHA-256 of (split, seed, index) — never Python's
+salted `hash()` — so any sample can be drawn alone, in any order, in any worker process, and comes out the
+same on every machine. The three splits hash different names, so they draw different scenes.
+
+`ProceduralVQA` is map-style (`__len__`/`__getitem__`): a `torch.utils.data.DataLoader` takes it as it is,
+with a collate function of the trainer's, which also owns tokenization and image tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from PIL import Image
+
+from htcvlm.data.questions import KIND_OF, QTYPES, Kind, QType, Question, ask
+from htcvlm.data.scenes import Scene, render, sample_scene
+
+logger = logging.getLogger(__name__)
+
+Split = Literal["train", "val", "test"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
+# A scene fits a given qtype often (relation, the rarest, in about half of the draws); this bound is only
+# reached by weights that ask for something no scene has.
+MAX_DRAWS = 1000
+
+
+@dataclass(frozen=True, eq=False)
+class VQASample:
+    """One image with one question and its answer; what both the procedural set and the LLaVA reader give.
+
+    kind and qtype say what the question probes; LLaVA data carry no such labels (kind None, qtype "llava").
+    scene is the procedural scene the image was rendered from, None for real images.
+    """
+
+    image: Image.Image  # RGB
+    question: str
+    answer: str
+    kind: Kind | None
+    qtype: str
+    scene: Scene | None = None
+
+
+def sample_seed(split: Split, index: int, seed: int = 0) -> int:
+    """The 64-bit seed of one sample, from a stable hash of its split, the dataset seed and its index."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if index < 0:
+        raise ValueError(f"index must be non-negative, got {index}")
+    digest = hashlib.sha256(f"onetoken-vqa/{split}/{seed}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def _weight_list(weights: Mapping[str, float] | None) -> list[float]:
+    """Per-QTYPES weights; qtypes left out of a given mapping get weight 0."""
+    if weights is None:
+        return [1.0] * len(QTYPES)
+    unknown = set(weights) - set(QTYPES)
+    if unknown:
+        raise ValueError(f"unknown qtypes {sorted(unknown)} in weights; allowed: {QTYPES}")
+    values = [float(weights.get(q, 0.0)) for q in QTYPES]
+    if any(v < 0 for v in values) or sum(values) <= 0:
+        raise ValueError(f"weights must be non-negative with a positive sum, got {dict(weights)}")
+    return values
+
+
+def draw_question(
+    split: Split, index: int, weights: Mapping[str, float] | None = None, seed: int = 0
+) -> tuple[Scene, Question]:
+    """The scene and question of sample `index`, without rendering (cheap: for statistics and tests).
+
+    The qtype is drawn first, by weight, then scenes until one admits a question of that type, so the
+    qtype mix follows the weights exactly in expectation.
+    """
+    rng = random.Random(sample_seed(split, index, seed))
+    qtype: QType = rng.choices(QTYPES, weights=_weight_list(weights))[0]
+    for _ in range(MAX_DRAWS):
+        scene = sample_scene(rng)
+        question = ask(scene, qtype, rng)
+        if question is not None:
+            return scene, question
+    raise RuntimeError(f"no scene admitted a {qtype!r} question in {MAX_DRAWS} draws (sample {index})")
+
+
+class ProceduralVQA:
+    """`size` samples of one split, rendered at image_size px on access (nothing is stored).
+
+    weights: relative frequency per qtype (default: all equal); qtypes left out are never asked.
+    seed: shifts the whole dataset; the default 0 is the canonical train/val/test.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        size: int,
+        image_size: int = 64,
+        weights: Mapping[str, float] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if size < 0:
+            raise ValueError(f"size must be non-negative, got {size}")
+        _weight_list(weights)  # fail here, not at the first __getitem__
+        self.split = split
+        self.size = size
+        self.image_size = image_size
+        self.weights = dict(weights) if weights is not None else None
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.size
+
+    def draw(self, index: int) -> tuple[Scene, Question]:
+        """Sample index's scene and question without the image."""
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} samples")
+        return draw_question(self.split, index, self.weights, self.seed)
+
+    def __getitem__(self, index: int) -> VQASample:
+        scene, question = self.draw(index)
+        return VQASample(
+            image=render(scene, self.image_size),
+            question=question.text,
+            answer=question.answer,
+            kind=KIND_OF[question.qtype],
+            qtype=question.qtype,
+            scene=scene,
+        )
