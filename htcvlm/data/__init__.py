@@ -3,9 +3,19 @@
 - scenes: `Scene`s of 1–4 objects (shape, color, size, texture, position) and their Pillow rendering
 - questions: closed-set semantic and detail questions about a scene, the answer vocabulary and templates
 - dataset: `ProceduralVQA`, deterministic per (split, seed, index), and the `VQASample` both sets give
+- llava: `read_llava()` and `LlavaVQA` for LLaVA-format JSON with images on disk
 """
 
 from htcvlm.data.dataset import SPLITS, ProceduralVQA, VQASample, draw_question, sample_seed
+from htcvlm.data.llava import (
+    LlavaData,
+    LlavaError,
+    LlavaFormatError,
+    LlavaTurn,
+    LlavaVQA,
+    MissingImageError,
+    read_llava,
+)
 from htcvlm.data.questions import (
     KIND_OF,
     QTYPES,
@@ -21,6 +31,12 @@ __all__ = [
     "KIND_OF",
     "QTYPES",
     "SPLITS",
+    "LlavaData",
+    "LlavaError",
+    "LlavaFormatError",
+    "LlavaTurn",
+    "LlavaVQA",
+    "MissingImageError",
     "ProceduralVQA",
     "Question",
     "Scene",
@@ -32,6 +48,7 @@ __all__ = [
     "draw_question",
     "object_mask",
     "question_templates",
+    "read_llava",
     "render",
     "sample_scene",
     "sample_seed",
