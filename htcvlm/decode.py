@@ -181,10 +181,12 @@ class _RowText:
     ids: list[int] = field(default_factory=list)
     emitted: int = 0
 
-    def push(self, tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
-        self.ids.append(token_id)
+    def push(self, tokenizer: PreTrainedTokenizerBase, token_id: int | None, final: bool) -> str:
+        """The new text after `token_id` (None: no token, as for EOS); `final` flushes what was held."""
+        if token_id is not None:
+            self.ids.append(token_id)
         text = tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        if text.endswith("\ufffd") and not final:
             return ""
         delta, self.emitted = text[self.emitted :], len(text)
         return delta
@@ -224,7 +226,9 @@ def decode_stream(
                 finished = "eos"
             elif step + 1 >= opts.max_new_tokens:
                 finished = "length"
-            text = "" if token == eos else texts[row].push(model.tokenizer, token)
+            text = texts[row].push(
+                model.tokenizer, None if token == eos else token, final=finished is not None
+            )
             events.append(StepEvent(row, token, text, finished))
             active[row] = finished is None
             tokens.append(token)

@@ -1,0 +1,57 @@
+"""Every case of Eq. 6 on a small example: X = [V_hy (3); voco (2); W (3)]."""
+
+from __future__ import annotations
+
+import torch
+
+from htcvlm.mask import allowed_hybrid, hybrid_mask, to_additive
+
+NV, NC, NT = 3, 2, 3
+VIS, VOCO, TEXT = range(0, 3), range(3, 5), range(5, 8)
+
+
+def test_text_never_attends_visual():
+    allowed = allowed_hybrid(NV, NC, NT)
+    assert not allowed[5:, :3].any()
+
+
+def test_isolated_visual_tokens_see_only_themselves():
+    allowed = allowed_hybrid(NV, NC, NT, "isolated")
+    assert torch.equal(allowed[:3, :3], torch.eye(3, dtype=torch.bool))
+    assert not allowed[:3, 3:].any(), "visual tokens precede voco and text: causal blocks the future"
+
+
+def test_causal_visual_tokens_see_earlier_visual_tokens():
+    allowed = allowed_hybrid(NV, NC, NT, "causal")
+    assert torch.equal(allowed[:3, :3], torch.ones(3, 3, dtype=torch.bool).tril())
+
+
+def test_voco_attends_all_visual_and_earlier_voco():
+    for mode in ("isolated", "causal"):
+        allowed = allowed_hybrid(NV, NC, NT, mode)
+        assert allowed[3:5, :3].all()
+        assert allowed[3, 3] and not allowed[3, 4] and allowed[4, 3] and allowed[4, 4]
+        assert not allowed[3:5, 5:].any(), "voco cannot see the text after it"
+
+
+def test_text_is_causal_over_voco_and_text():
+    allowed = allowed_hybrid(NV, NC, NT)
+    assert allowed[5:, 3:5].all()
+    assert torch.equal(allowed[5:, 5:], torch.ones(3, 3, dtype=torch.bool).tril())
+
+
+def test_upper_bound_lets_text_see_visual():
+    allowed = allowed_hybrid(NV, NC, NT, text_attends_visual=True)
+    assert allowed[5:, :3].all()
+
+
+def test_additive_form_and_padding():
+    mask = hybrid_mask(NV, NC, [3, 1], dtype=torch.float32)
+    assert mask.shape == (2, 1, 8, 8) and mask.dtype == torch.float32
+    blocked = torch.finfo(torch.float32).min
+    assert set(mask.unique().tolist()) == {0.0, blocked}
+    # row 1 has one real text token: keys 6 and 7 are padding, blocked for every query
+    assert (mask[1, 0, :, 6:] == blocked).all()
+    # a padding query row still sees voco, so softmax never gets an all-blocked row
+    assert (mask[1, 0, 7, 3:5] == 0).all()
+    assert torch.equal(to_additive(allowed_hybrid(NV, NC, NT)), hybrid_mask(NV, NC, [NT])[0, 0])

@@ -1,0 +1,152 @@
+"""compress(): isolation of records from their images, identity, checkpoints and the presets."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from htcvlm.checkpoint import load_pretrained, save_pretrained
+from htcvlm.config import HTCConfig
+from htcvlm.decode import GenerationOptions, decode
+from htcvlm.errors import CheckpointError, InvalidImageError
+from htcvlm.model import new_model
+from htcvlm.record import image_id_of
+
+from .helpers import QUESTIONS, make_model, png_bytes
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return make_model(tokenizer, seed=3)
+
+
+def test_compress_from_bytes_keys_by_sha256(model):
+    images = [png_bytes(1), png_bytes(2)]
+    records = model.compress(images, source_uris=["file:///a.png", "file:///b.png"])
+    assert [r.image_id for r in records] == [image_id_of(b) for b in images]
+    assert len(records[0].image_id) == 64
+    assert records[1].source_uri == "file:///b.png"
+    assert records[0].fingerprint == model.fingerprint()
+    llm = model.llm.config
+    assert records[0].keys.shape == (llm.num_hidden_layers, llm.num_key_value_heads, 1, model.llm_head_dim)
+    assert records[0].latent.shape == (llm.hidden_size,)
+    assert records[0].voco_position == model.config.n_visual == 4 + 16
+
+
+def test_a_bad_image_in_a_batch_raises_before_any_work(model):
+    with pytest.raises(InvalidImageError):
+        model.compress([png_bytes(1), b"not an image"])
+
+
+def test_batched_compress_equals_one_by_one(model):
+    images = [png_bytes(s) for s in range(3)]
+    together = model.compress(images)
+    for img, rec in zip(images, together, strict=True):
+        alone = model.compress([img])[0]
+        assert torch.allclose(alone.keys, rec.keys, atol=1e-5)
+        assert torch.allclose(alone.latent, rec.latent, atol=1e-5)
+
+
+def test_nothing_done_to_the_image_after_compress_changes_decode(model):
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    records = model.compress_pixels(pixels, [f"{i:064x}" for i in range(2)])
+    opts = GenerationOptions(max_new_tokens=6)
+    before = decode(model, records, QUESTIONS[:2], opts)
+    pixels.uniform_()  # the images change, and so would V_hy ...
+    with torch.inference_mode():
+        changed_v_hy = model.hybrid_tokens(pixels)
+    assert changed_v_hy.abs().sum() > 0
+    after = decode(model, records, QUESTIONS[:2], opts)  # ... but decoding reads only the records
+    assert [a.token_ids for a in before] == [a.token_ids for a in after]
+
+
+def test_decode_does_not_mutate_records(model):
+    rec = model.compress([png_bytes(5)])[0]
+    keys, values = rec.keys.clone(), rec.values.clone()
+    decode(model, [rec, rec], QUESTIONS[:2], GenerationOptions(max_new_tokens=4))
+    assert torch.equal(rec.keys, keys) and torch.equal(rec.values, values)
+
+
+def test_a_different_image_changes_the_latent_and_state(model):
+    a, b = model.compress([png_bytes(1), png_bytes(2)])
+    assert not torch.allclose(a.latent, b.latent)
+    assert not torch.allclose(a.keys, b.keys)
+
+
+@pytest.mark.parametrize("channels", ["hybrid", "continuous", "discrete"])
+def test_the_latent_depends_on_the_image_in_every_channel_mode(tokenizer, channels):
+    """In every channel mode the latent depends on the image."""
+    m = make_model(tokenizer, seed=4, channels=channels)
+    pixels = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    base = m.compress_pixels(pixels, ["0" * 64])[0].latent
+    shifted = m.compress_pixels(pixels.flip(-1), ["0" * 64])[0].latent
+    assert not torch.allclose(base, shifted)
+
+
+def test_fingerprint_tracks_weights_and_config(tokenizer):
+    a, b = make_model(tokenizer, seed=1), make_model(tokenizer, seed=1)
+    assert a.fingerprint() == b.fingerprint()
+    assert make_model(tokenizer, seed=2).fingerprint() != a.fingerprint()
+    assert make_model(tokenizer, seed=1, n_voco=2).fingerprint() != a.fingerprint()
+    with torch.no_grad():
+        b.voco.add_(1e-3)
+    b.invalidate_fingerprint()
+    assert b.fingerprint() != a.fingerprint()
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tmp_path, model):
+    save_pretrained(model, tmp_path / "ckpt")
+    loaded = load_pretrained(tmp_path / "ckpt")
+    assert loaded.fingerprint() == model.fingerprint()
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    ids = torch.tensor([model.prompt_ids(QUESTIONS[0])] * 2)
+    with torch.inference_mode():
+        expected, _ = model(pixels, ids)
+        got, _ = loaded(pixels, ids)
+    assert torch.equal(expected, got)
+    assert loaded.tokenizer.get_vocab() == model.tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize("missing", ["config.json", "model.safetensors", "tokenizer.json"])
+def test_incomplete_checkpoint_names_the_missing_file(tmp_path, model, missing):
+    folder = save_pretrained(model, tmp_path / "ckpt")
+    (folder / missing).unlink()
+    with pytest.raises(CheckpointError, match=missing):
+        load_pretrained(folder)
+
+
+def test_checkpoint_with_mismatched_weights(tmp_path, model, tokenizer):
+    folder = save_pretrained(model, tmp_path / "ckpt")
+    meta = json.loads((folder / "config.json").read_text())
+    meta["htcvlm"]["n_voco"] = 2
+    (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_pretrained(folder)
+
+
+def test_component_dirs_must_be_complete(tmp_path, tokenizer):
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text("{}")
+    config = HTCConfig.from_name("tiny")
+    with pytest.raises(CheckpointError, match=r"\*\.safetensors"):
+        new_model(config.with_(vision=replace(config.vision, path=str(tmp_path / "clip"))), tokenizer)
+    with pytest.raises(CheckpointError, match="config.json"):
+        new_model(config.with_(llm=replace(config.llm, path=str(tmp_path))), tokenizer)
+
+
+def test_paper_preset_geometry_on_meta(tokenizer):
+    cfg = HTCConfig.from_name("paper")
+    assert (cfg.n_patches, cfg.q_dim, cfg.n_visual, cfg.voco_position) == (576, 14112, 580, 580)
+    with torch.device("meta"):
+        model = new_model(cfg, tokenizer)
+    params = sum(p.numel() for p in model.parameters())
+    # LLaMA-7B without its 32000-token vocabulary (6.5 B) + CLIP ViT-L (0.3 B) + P_d (0.5 B)
+    assert 7.2e9 < params < 7.4e9, params
+    assert model.proj_d.w1.weight.shape == (16384, 14112)
+    assert model.proj_d.w2.weight.shape == (16384, 16384)
+    fp16_bytes = cfg.kv_values_per_image * 2
+    assert fp16_bytes == 512 * 1024  # one voco token: 32 layers x (k, v) x 4096 values in fp16
+    assert fp16_bytes * 576 == 288 * 1024**2  # what 576 image tokens would cost
