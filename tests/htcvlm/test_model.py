@@ -133,7 +133,7 @@ def test_component_dirs_must_be_complete(tmp_path, tokenizer):
     config = HTCConfig.from_name("tiny")
     with pytest.raises(CheckpointError, match=r"\*\.safetensors"):
         new_model(config.with_(vision=replace(config.vision, path=str(tmp_path / "clip"))), tokenizer)
-    with pytest.raises(CheckpointError, match="config.json"):
+    with pytest.raises(CheckpointError, match=r"config\.json"):
         new_model(config.with_(llm=replace(config.llm, path=str(tmp_path))), tokenizer)
 
 
