@@ -1,0 +1,146 @@
+"""Records on Redis: redis-py with hiredis, one connection pool, bounded retries.
+
+Everything about the connection comes from the URL as redis-py reads it: `redis://user:password@host:port/db`
+for password/ACL, `rediss://` for TLS (with `ssl_ca_certs=`, `ssl_cert_reqs=` ... as query arguments).
+Batches are non-transactional pipelines of single-key commands: one round trip, no MULTI, and on a
+cluster client they split per node, which multi-key commands (MGET) across hash slots could not
+(see `cache.keys` for the slot design). This class speaks to one node; Redis Cluster needs a
+`RedisCluster` client in its place and a SCAN per primary in `iter_ids`.
+
+Under `maxmemory` with an LRU policy Redis may evict any record: that is an ordinary miss here, and
+`cache.records.lookup` tells it apart from an image never seen by asking the vector index.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from cache.errors import StoreFullError, StoreUnavailableError
+from cache.keys import DEFAULT_PREFIX, RecordKey, check_name, record_key_prefix
+from cache.retry import RetryPolicy, call_with_retry
+from cache.store import RecordStore
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Worth retrying: the server is restarting, loading its AOF (BusyLoadingError is a ConnectionError),
+# or the network dropped. AuthenticationError is a ConnectionError too but is not transient; see _call.
+_TRANSIENT: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str
+    key_prefix: str = DEFAULT_PREFIX
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # Each attempt must fail fast so that the retry budget, not a socket, bounds a call.
+    socket_timeout_s: float = 2.0
+    socket_connect_timeout_s: float = 1.0
+    max_connections: int = 64
+    scan_count: int = 1000  # keys per SCAN page
+
+    def __post_init__(self) -> None:
+        check_name("key_prefix", self.key_prefix)
+        if not self.url.startswith(("redis://", "rediss://")):
+            raise ValueError(f"RedisStore needs a redis:// or rediss:// URL, got {self.url!r}")
+
+
+class RedisStore(RecordStore):
+    def __init__(self, config: RedisConfig) -> None:
+        self.config = config
+        self._pool = redis.ConnectionPool.from_url(
+            config.url,
+            max_connections=config.max_connections,
+            socket_timeout=config.socket_timeout_s,
+            socket_connect_timeout=config.socket_connect_timeout_s,
+            # redis-py's own retries would run inside ours and stretch the time bound
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._client = redis.Redis(connection_pool=self._pool)
+        logger.info("Redis store at %s with key prefix %s", self._safe_url(), config.key_prefix)
+
+    def _safe_url(self) -> str:
+        kw = self._pool.connection_kwargs
+        return f"{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        def attempt() -> T:
+            try:
+                return fn()
+            except redis.AuthenticationError as e:
+                raise StoreUnavailableError(
+                    f"Redis at {self._safe_url()} rejected the credentials: {e}; check the user and "
+                    "password in the store URL"
+                ) from e
+            except redis.exceptions.OutOfMemoryError as e:
+                raise StoreFullError(
+                    f"Redis at {self._safe_url()} is out of memory under a noeviction policy: {e}; "
+                    "raise maxmemory or choose an allkeys-lru policy"
+                ) from e
+
+        return call_with_retry(attempt, self.config.retry, _TRANSIENT, f"Redis {what} at {self._safe_url()}")
+
+    def _k(self, key: RecordKey) -> str:
+        return key.to_str(self.config.key_prefix)
+
+    def put(self, key: RecordKey, blob: bytes) -> None:
+        self._call("SET", lambda: self._client.set(self._k(key), blob))
+
+    def get(self, key: RecordKey) -> bytes | None:
+        return self._call("GET", lambda: self._client.get(self._k(key)))
+
+    def contains(self, key: RecordKey) -> bool:
+        return bool(self._call("EXISTS", lambda: self._client.exists(self._k(key))))
+
+    def delete(self, key: RecordKey) -> bool:
+        # after a retried DEL that had already landed this says False: the key is gone either way
+        return bool(self._call("DEL", lambda: self._client.delete(self._k(key))))
+
+    def put_many(self, items: Sequence[tuple[RecordKey, bytes]]) -> None:
+        def run() -> None:
+            pipe = self._client.pipeline(transaction=False)
+            for key, blob in items:
+                pipe.set(self._k(key), blob)
+            pipe.execute()
+
+        if items:
+            # a retried batch repeats every SET; SET is idempotent, so that is safe
+            self._call(f"pipelined SET x{len(items)}", run)
+
+    def get_many(self, keys: Sequence[RecordKey]) -> list[bytes | None]:
+        def run() -> list[bytes | None]:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.get(self._k(key))
+            return pipe.execute()
+
+        return self._call(f"pipelined GET x{len(keys)}", run) if keys else []
+
+    def iter_ids(self, fingerprint: str) -> Iterator[str]:
+        start = record_key_prefix(fingerprint, self.config.key_prefix)
+        match = start + "*"  # prefix and fingerprint hold no glob characters (checked in keys.py)
+        seen: set[str] = set()  # SCAN may return a key more than once
+        cursor = 0
+        while True:
+            # bind the cursor now: the lambda runs inside the retry loop
+            cursor, raw_keys = self._call(
+                "SCAN", lambda c=cursor: self._client.scan(c, match=match, count=self.config.scan_count)
+            )
+            for raw in raw_keys:
+                image_id = RecordKey.parse(raw.decode(), self.config.key_prefix).image_id
+                if image_id not in seen:
+                    seen.add(image_id)
+                    yield image_id
+            if cursor == 0:
+                return
+
+    def close(self) -> None:
+        self._pool.disconnect()

@@ -1,0 +1,111 @@
+"""The record store interface and the factory that picks a backend from a URL.
+
+A store maps a `RecordKey` to the serialized bytes of one record (see `cache.serde`); it never looks
+inside them. Every method is called by the encoder actors (writes) and the LLM worker (reads), from
+any thread: implementations are thread-safe.
+
+- `put(key, blob)`: store or overwrite.
+- `get(key) -> bytes | None`: the blob, or None if the key is not found (never seen, deleted or evicted).
+- `contains(key) -> bool`: whether `get` would return bytes, without transferring them.
+- `delete(key) -> bool`: remove; True if the key existed.
+- `put_many(items)` / `get_many(keys)`: the same for a batch in one round trip where the backend allows;
+  `get_many` returns one entry per key, in order, None for each miss. Batches are not atomic.
+- `iter_ids(fingerprint) -> Iterator[str]`: image ids of one model's stored records, in no set order.
+- `count(fingerprint) -> int`: how many records of one model are stored (a full key scan on Redis).
+- `close()`: release connections or the environment; the store is unusable afterwards.
+
+Network backends raise StoreUnavailableError once their bounded retries are spent; no method returns
+None to hide an outage.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+from urllib.parse import urlsplit
+
+from cache.keys import DEFAULT_PREFIX, RecordKey
+from cache.retry import RetryPolicy
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STORE_URL = ".onetoken/records"  # a plain path: the embedded LMDB store, no server needed
+
+
+class RecordStore(ABC):
+    """Bytes by `RecordKey`; see the module docstring for each method's contract."""
+
+    @abstractmethod
+    def put(self, key: RecordKey, blob: bytes) -> None: ...
+
+    @abstractmethod
+    def get(self, key: RecordKey) -> bytes | None: ...
+
+    @abstractmethod
+    def contains(self, key: RecordKey) -> bool: ...
+
+    @abstractmethod
+    def delete(self, key: RecordKey) -> bool: ...
+
+    @abstractmethod
+    def put_many(self, items: Sequence[tuple[RecordKey, bytes]]) -> None: ...
+
+    @abstractmethod
+    def get_many(self, keys: Sequence[RecordKey]) -> list[bytes | None]: ...
+
+    @abstractmethod
+    def iter_ids(self, fingerprint: str) -> Iterator[str]: ...
+
+    def count(self, fingerprint: str) -> int:
+        return sum(1 for _ in self.iter_ids(fingerprint))
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> RecordStore:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def open_store(
+    url: str = DEFAULT_STORE_URL,
+    *,
+    key_prefix: str = DEFAULT_PREFIX,
+    retry: RetryPolicy | None = None,
+) -> RecordStore:
+    """Open the store named by `url`.
+
+    - `redis://[user:password@]host:port/db` and `rediss://...` (TLS; `?ssl_cert_reqs=...&ssl_ca_certs=...`
+      as redis-py reads them): a `RedisStore`; `key_prefix` namespaces its keys, `retry` bounds reconnects.
+    - `lmdb:///abs/path`, `lmdb://rel/path` or a plain path: the embedded `LmdbStore` (created if absent).
+    """
+    scheme = urlsplit(url).scheme
+    # backends import this module for RecordStore, so they are imported here, not at the top
+    if scheme in ("redis", "rediss"):
+        from cache.redis_store import RedisConfig, RedisStore
+
+        return RedisStore(RedisConfig(url=url, key_prefix=key_prefix, retry=retry or RetryPolicy()))
+    if scheme in ("lmdb", ""):
+        from cache.lmdb_store import LmdbConfig, LmdbStore
+
+        return LmdbStore(LmdbConfig(path=lmdb_path(url), key_prefix=key_prefix))
+    raise ValueError(
+        f"unknown store URL scheme {scheme!r} in {url!r}; use redis://, rediss://, lmdb:// or a path"
+    )
+
+
+def lmdb_path(url: str) -> str:
+    """The directory an `lmdb://` URL or plain path names: lmdb:///abs -> /abs, lmdb://rel/x -> rel/x."""
+    if not url.startswith("lmdb:"):
+        return url
+    parts = urlsplit(url)
+    path = parts.netloc + parts.path
+    if not path:
+        raise ValueError(f"lmdb URL {url!r} names no directory")
+    return path
