@@ -1,0 +1,339 @@
+"""FAISS similarity search over voco latents, persisted beside a manifest, rebuilt from the store.
+
+Scores are cosine similarities: latents are L2-normalized on the way in and the metric is inner
+product. Each image id maps to an int64 FAISS id (its first 8 bytes); a second image id landing on an
+id already taken raises IdCollisionError instead of merging the two.
+
+Id mapping: flat, HNSW and PQ indexes sit inside `IndexIDMap2`. IVF indexes keep their own ids
+instead: `IndexIDMap2.remove_ids` compacts its id table assuming the inner index renumbers what is
+left, which IVF does not, so after a removal every IVF hit came back under another image's id
+(measured: 0 % self-hits). IVF stores arbitrary int64 ids natively, and a hashtable direct map gives
+it reconstruction (search by image id) and removal.
+
+On disk a directory holds `index.faiss`, `ids.npy` (n x 32 uint8 SHA-256 digests, loaded with
+allow_pickle=False) and `manifest.json` (fingerprint, spec, dim, count, SHA-256 of both files),
+written last and atomically. The store is the source of truth: `load_or_rebuild` rebuilds whenever the
+files are missing, corrupt, of another model or spec, or lack a record the store holds. Indexed ids
+the store no longer holds are kept; `cache.records.lookup` reports them as evicted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from cache.errors import (
+    CacheError,
+    IdCollisionError,
+    IndexCorruptError,
+    IndexOperationError,
+    IndexStaleError,
+    NotIndexedError,
+)
+from cache.keys import RecordKey, check_name
+from cache.serde import deserialize
+from cache.store import RecordStore
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "onetoken.index"
+MANIFEST_VERSION = 1
+_FILES = ("index.faiss", "ids.npy")
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    dim: int
+    spec: str = "Flat"  # a faiss.index_factory string: "Flat", "IVF1024,Flat", "HNSW32", "IVF4096,PQ64"
+    nprobe: int = 16  # IVF lists visited per query
+    train_sample: int = 100_000  # latents sampled from the store to train IVF/PQ
+    use_gpu: bool = True  # move the index to every GPU faiss sees (none with faiss-cpu)
+
+    def __post_init__(self) -> None:
+        if self.dim <= 0 or self.nprobe <= 0 or self.train_sample <= 0:
+            raise ValueError(f"dim, nprobe and train_sample must be positive, got {self}")
+
+
+@dataclass(frozen=True)
+class Hit:
+    image_id: str
+    score: float  # cosine similarity in [-1, 1]
+
+
+def faiss_id(image_id: str) -> int:
+    """The int64 FAISS id of an image: the first 8 bytes of its SHA-256, signed big-endian."""
+    return int.from_bytes(bytes.fromhex(image_id[:16]), "big", signed=True)
+
+
+def _normalized(latents: np.ndarray, dim: int) -> np.ndarray:
+    x = np.array(latents, dtype=np.float32, order="C", ndmin=2)  # (n, d), always a copy
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"latents must have shape (n, {dim}), got {np.shape(latents)}")
+    faiss.normalize_L2(x)
+    return x
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class LatentIndex:
+    """Image ids by latent, for one model. Thread-safe: one lock around every FAISS call."""
+
+    def __init__(self, fingerprint: str, config: IndexConfig) -> None:
+        self.fingerprint = check_name("fingerprint", fingerprint)
+        self.config = config
+        try:
+            inner = faiss.index_factory(config.dim, config.spec, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise ValueError(f"faiss cannot build index spec {config.spec!r}: {e}") from e
+        self._set_index(inner)
+        self._ids: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def _set_index(self, index: faiss.Index) -> None:
+        ivf = _extract_ivf(index)
+        if ivf is not None:
+            ivf.nprobe = self.config.nprobe
+            if ivf.direct_map.type != faiss.DirectMap.Hashtable:
+                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+        elif not isinstance(index, faiss.IndexIDMap2):
+            index = faiss.IndexIDMap2(index)
+        if self.config.use_gpu and faiss.get_num_gpus() > 0:
+            # Untested here (no GPU build); reads and writes go through index_gpu_to_cpu in save().
+            index = faiss.index_cpu_to_all_gpus(index)
+        self._index = index
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, image_id: object) -> bool:
+        return isinstance(image_id, str) and self._ids.get(faiss_id(image_id)) == image_id
+
+    def image_ids(self) -> list[str]:
+        return list(self._ids.values())
+
+    @property
+    def is_trained(self) -> bool:
+        return bool(self._index.is_trained)
+
+    def train(self, latents: np.ndarray) -> None:
+        """Train IVF centroids / PQ codebooks on a sample (n, dim); a no-op for flat and HNSW."""
+        if self.is_trained:
+            return
+        x = _normalized(latents, self.config.dim)
+        with self._lock:
+            try:
+                self._index.train(x)
+            except RuntimeError as e:
+                raise IndexOperationError(
+                    f"cannot train {self.config.spec!r} on {len(x)} latents: {e}"
+                ) from e
+
+    def add(self, image_ids: Sequence[str], latents: np.ndarray) -> int:
+        """Index `latents` (n, dim) under `image_ids`; ids already present are skipped. Returns how many
+        were added."""
+        x = _normalized(latents, self.config.dim)
+        if len(image_ids) != len(x):
+            raise ValueError(f"{len(image_ids)} image ids for {len(x)} latents")
+        with self._lock:
+            if not self._index.is_trained:
+                raise IndexOperationError(
+                    f"index {self.config.spec!r} is untrained; train it on a sample of latents first"
+                )
+            new: dict[int, str] = {}
+            rows: list[int] = []
+            for row, image_id in enumerate(image_ids):
+                fid = faiss_id(image_id)
+                owner = self._ids.get(fid) or new.get(fid)
+                if owner == image_id:
+                    continue  # same image again: its latent is the same for this model
+                if owner is not None or fid == -1:  # -1 is FAISS's "no result" marker
+                    raise IdCollisionError(
+                        f"images {owner or '(faiss -1 sentinel)'} and {image_id} share FAISS id {fid}"
+                    )
+                new[fid] = image_id
+                rows.append(row)
+            if rows:
+                self._index.add_with_ids(x[rows], np.fromiter(new, dtype=np.int64, count=len(new)))
+                self._ids.update(new)
+            return len(rows)
+
+    def remove(self, image_ids: Sequence[str]) -> int:
+        """Drop `image_ids` from the index; unknown ids are ignored. Returns how many were removed."""
+        with self._lock:
+            wanted = dict.fromkeys(image_ids)  # dedupe, keep order
+            fids = np.array([f for i in wanted if self._ids.get(f := faiss_id(i)) == i], dtype=np.int64)
+            if len(fids) == 0:
+                return 0
+            try:
+                self._index.remove_ids(faiss.IDSelectorArray(len(fids), faiss.swig_ptr(fids)))
+            except RuntimeError as e:
+                raise IndexOperationError(
+                    f"index {self.config.spec!r} cannot remove entries ({e}); rebuild it from the store"
+                ) from e
+            for f in fids.tolist():
+                del self._ids[f]
+            return len(fids)
+
+    def search(self, latents: np.ndarray, k: int) -> list[list[Hit]]:
+        """The k most similar indexed images for each query latent (n, dim) or (dim,), best first."""
+        x = _normalized(latents, self.config.dim)
+        with self._lock:
+            scores, fids = self._index.search(x, k)  # (n, k) each; id -1 where fewer than k exist
+        return [
+            [Hit(self._ids[f], float(s)) for s, f in zip(srow, frow, strict=True) if f in self._ids]
+            for srow, frow in zip(scores.tolist(), fids.tolist(), strict=True)
+        ]
+
+    def search_by_id(self, image_id: str, k: int) -> list[Hit]:
+        """The k indexed images most similar to an indexed one, itself excluded."""
+        if image_id not in self:
+            raise NotIndexedError(f"image {image_id} is not indexed for model {self.fingerprint}")
+        with self._lock:
+            query = self._index.reconstruct(faiss_id(image_id))  # (dim,), already normalized
+        hits = self.search(query, k + 1)[0]
+        return [h for h in hits if h.image_id != image_id][:k]
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write the index, its ids and then its manifest, each atomically (temp file + rename)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            index = self._index
+            if faiss.get_num_gpus() > 0 and self.config.use_gpu:
+                index = faiss.index_gpu_to_cpu(index)
+            digests = np.array([bytes.fromhex(i) for i in self._ids.values()], dtype="S32")
+            tmp = {name: d / f".{name}.tmp" for name in (*_FILES, "manifest.json")}
+            faiss.write_index(index, str(tmp["index.faiss"]))
+            # (n, 32) uint8: a plain array, so loading never needs pickle
+            np.save(tmp["ids.npy"], digests.view(np.uint8).reshape(len(digests), 32), allow_pickle=False)
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "version": MANIFEST_VERSION,
+                "fingerprint": self.fingerprint,
+                "spec": self.config.spec,
+                "dim": self.config.dim,
+                "count": len(self._ids),
+                **{f"{name}_sha256": _sha256_file(tmp[name]) for name in _FILES},
+            }
+            tmp["manifest.json"].write_text(json.dumps(manifest, indent=2))
+            # the manifest moves last: a crash in between leaves a checksum mismatch, seen as corrupt
+            for name in (*_FILES, "manifest.json"):
+                os.replace(tmp[name], d / name)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], fingerprint: str, config: IndexConfig) -> LatentIndex:
+        """Read a saved index; IndexCorruptError if unreadable, IndexStaleError if of another model/spec."""
+        d = Path(directory)
+        try:
+            manifest = json.loads((d / "manifest.json").read_text())
+            if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
+                raise IndexCorruptError(f"unknown manifest format in {d}")
+            for name in _FILES:
+                if _sha256_file(d / name) != manifest[f"{name}_sha256"]:
+                    raise IndexCorruptError(f"{d / name} does not match its manifest checksum")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise IndexCorruptError(f"cannot read index manifest in {d}: {e}") from e
+        want = {"fingerprint": fingerprint, "spec": config.spec, "dim": config.dim}
+        have = {name: manifest.get(name) for name in want}
+        if have != want:
+            raise IndexStaleError(f"index in {d} was built for {have}, expected {want}")
+        try:
+            index = faiss.read_index(str(d / "index.faiss"))
+            digests = np.load(d / "ids.npy", allow_pickle=False)  # (n, 32) uint8
+        except (RuntimeError, OSError, ValueError) as e:
+            raise IndexCorruptError(f"cannot read index files in {d}: {e}") from e
+        if index.ntotal != manifest["count"] or digests.shape != (manifest["count"], 32):
+            raise IndexCorruptError(
+                f"index in {d} holds {index.ntotal} vectors and {digests.shape[0]} ids, "
+                f"manifest says {manifest['count']}"
+            )
+        self = cls(fingerprint, config)
+        self._set_index(index)
+        self._ids = {faiss_id(h): h for h in (row.tobytes().hex() for row in digests)}
+        return self
+
+
+def _extract_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:  # raised for every index that holds no IVF
+        return None
+
+
+def _stored_latents(
+    store: RecordStore, fingerprint: str, image_ids: Sequence[str], batch: int
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(ids, latents (n, d)) batches of the given stored records; unreadable records are skipped."""
+    for start in range(0, len(image_ids), batch):
+        chunk = image_ids[start : start + batch]
+        ids: list[str] = []
+        rows: list[np.ndarray] = []
+        for image_id, blob in zip(
+            chunk, store.get_many([RecordKey(fingerprint, i) for i in chunk]), strict=True
+        ):
+            if blob is None:
+                continue  # deleted or evicted since the scan
+            try:
+                record = deserialize(blob, fingerprint=fingerprint, image_id=image_id)
+            except CacheError as e:
+                logger.warning("not indexing image %s: %s", image_id, e)
+                continue
+            ids.append(image_id)
+            rows.append(record.latent.float().numpy())
+        if ids:
+            yield ids, np.stack(rows)
+
+
+def build_from_store(
+    store: RecordStore, fingerprint: str, config: IndexConfig, batch: int = 256
+) -> LatentIndex:
+    """A fresh index of every record of `fingerprint` in `store` (trained on a random sample first)."""
+    index = LatentIndex(fingerprint, config)
+    image_ids = list(store.iter_ids(fingerprint))
+    if not index.is_trained and image_ids:
+        sample = random.Random(0).sample(image_ids, min(config.train_sample, len(image_ids)))
+        index.train(np.concatenate([x for _, x in _stored_latents(store, fingerprint, sample, batch)]))
+    for ids, latents in _stored_latents(store, fingerprint, image_ids, batch):
+        index.add(ids, latents)
+    logger.info("built %s index of %s latents for model %s", config.spec, len(index), fingerprint)
+    return index
+
+
+def load_or_rebuild(
+    directory: str | os.PathLike[str], store: RecordStore, fingerprint: str, config: IndexConfig
+) -> LatentIndex:
+    """The saved index in `directory` if it is sound and covers the store, else one rebuilt and saved."""
+    if not (Path(directory) / "manifest.json").exists():
+        reason = "no saved index"
+    else:
+        try:
+            index = LatentIndex.load(directory, fingerprint, config)
+            stored = set(store.iter_ids(fingerprint))
+            missing = stored.difference(index.image_ids())
+            if not missing:
+                if len(index) > len(stored):
+                    logger.info("%s indexed images have no stored record (evicted)", len(index) - len(stored))
+                return index
+            reason = f"stale: {len(missing)} stored records are not indexed"
+        except (IndexCorruptError, IndexStaleError) as e:
+            reason = str(e)
+    logger.warning("rebuilding the index in %s from the store: %s", directory, reason)
+    index = build_from_store(store, fingerprint, config)
+    index.save(directory)
+    return index
