@@ -221,7 +221,8 @@ class LatentIndex:
             tmp = {name: d / f".{name}.tmp" for name in (*_FILES, "manifest.json")}
             faiss.write_index(index, str(tmp["index.faiss"]))
             # (n, 32) uint8: a plain array, so loading never needs pickle
-            np.save(tmp["ids.npy"], digests.view(np.uint8).reshape(len(digests), 32), allow_pickle=False)
+            with open(tmp["ids.npy"], "wb") as f:  # a file object: np.save would append ".npy" to a path
+                np.save(f, digests.view(np.uint8).reshape(len(digests), 32), allow_pickle=False)
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "version": MANIFEST_VERSION,
