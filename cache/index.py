@@ -118,6 +118,13 @@ class LatentIndex:
             index = faiss.index_cpu_to_all_gpus(index)
         self._index = index
 
+    def set_nprobe(self, nprobe: int) -> None:
+        """IVF lists visited per query (recall against speed); ignored by indexes without IVF."""
+        ivf = _extract_ivf(self._index)
+        if ivf is not None:
+            with self._lock:
+                ivf.nprobe = nprobe
+
     def __len__(self) -> int:
         return len(self._ids)
 
