@@ -5,9 +5,10 @@ Two record sizes: `tiny` (the shipped model: 4 layers x 2 kv heads x 32, latent 
 single-record put/get (one client, one request at a time: p50/p99 per call) and batched
 put_many/get_many (one pipeline or one transaction per batch), on serialized blobs; plus serde cost.
 redis-benchmark runs with the same value size, one client, once unpipelined and once with the batch
-size as its pipeline depth, so the ratios show what our Python layer costs over raw Redis.
+size as its pipeline depth (more requests than ours: its timer counts whole milliseconds), so the
+ratios show what our Python layer costs over raw Redis.
 
-    python bench/bench_cache.py [--n-tiny 2000] [--n-paper 300] [--batch 64] [--quick]
+    python bench/bench_cache.py [--n-tiny 5000] [--n-paper 500] [--batch 64] [--quick]
 
 redis-benchmark writes one key (`key:__rand_int__`) in database --bench-db and the script deletes it;
 the stores write under a unique key prefix and delete it.
@@ -202,12 +203,18 @@ def main() -> None:
     )
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--bench-db", type=int, default=15, help="database redis-benchmark writes its key in")
-    parser.add_argument("--n-tiny", type=int, default=2000)
-    parser.add_argument("--n-paper", type=int, default=300)
+    parser.add_argument("--n-tiny", type=int, default=5000)
+    parser.add_argument("--n-paper", type=int, default=500)
     parser.add_argument("--batch", type=int, default=64)
+    # redis-benchmark needs more requests than our loops to give a rate finer than its ms timer
+    parser.add_argument("--rb-n-tiny", type=int, default=100_000, help="redis-benchmark requests, tiny")
+    parser.add_argument("--rb-n-paper", type=int, default=3000, help="redis-benchmark requests, paper size")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 200 tiny and 30 paper records")
     args = parser.parse_args()
     counts = {"tiny": 200, "paper": 30} if args.quick else {"tiny": args.n_tiny, "paper": args.n_paper}
+    rb_counts = (
+        {"tiny": 5000, "paper": 100} if args.quick else {"tiny": args.rb_n_tiny, "paper": args.rb_n_paper}
+    )
     torch.set_num_threads(1)
 
     rows: list[Row] = []
@@ -228,8 +235,9 @@ def main() -> None:
             for name, store in stores.items():
                 rows += bench_store(size, name, store, items, args.batch)
             for pipeline in (1, args.batch):
+                nbytes = len(items[0][1])
                 rows += redis_benchmark(
-                    args.redis_url, args.bench_db, size, len(items[0][1]), counts[size], pipeline
+                    args.redis_url, args.bench_db, size, nbytes, rb_counts[size], pipeline
                 )
     finally:
         for store in stores.values():
@@ -244,7 +252,8 @@ def main() -> None:
         redis.Redis.from_url(bench_db_url).delete("key:__rand_int__")
 
     print(
-        f"records: tiny x{counts['tiny']}, paper x{counts['paper']} (fp16 state); batch {args.batch}; "
+        f"records: tiny x{counts['tiny']}, paper x{counts['paper']} (fp16 state), redis-benchmark "
+        f"requests: tiny x{rb_counts['tiny']}, paper x{rb_counts['paper']}; batch {args.batch}; "
         f"one client; Redis at {urlsplit(args.redis_url).hostname}\n"
     )
     print_table(rows)
