@@ -252,10 +252,11 @@ class LatentIndex:
             manifest = json.loads((d / "manifest.json").read_text())
             if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
                 raise IndexCorruptError(f"unknown manifest format in {d}")
+            count = int(manifest["count"])
             for name in _FILES:
                 if _sha256_file(d / name) != manifest[f"{name}_sha256"]:
                     raise IndexCorruptError(f"{d / name} does not match its manifest checksum")
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # any malformed JSON shape
             raise IndexCorruptError(f"cannot read index manifest in {d}: {e}") from e
         want = {"fingerprint": fingerprint, "spec": config.spec, "dim": config.dim}
         have = {name: manifest.get(name) for name in want}
@@ -266,10 +267,10 @@ class LatentIndex:
             digests = np.load(d / "ids.npy", allow_pickle=False)  # (n, 32) uint8
         except (RuntimeError, OSError, ValueError) as e:
             raise IndexCorruptError(f"cannot read index files in {d}: {e}") from e
-        if index.ntotal != manifest["count"] or digests.shape != (manifest["count"], 32):
+        if index.ntotal != count or digests.shape != (count, 32):
             raise IndexCorruptError(
-                f"index in {d} holds {index.ntotal} vectors and {digests.shape[0]} ids, "
-                f"manifest says {manifest['count']}"
+                f"index in {d} holds {index.ntotal} vectors and ids of shape {digests.shape}, "
+                f"manifest says {count}"
             )
         self = cls(fingerprint, config)
         self._set_index(index)

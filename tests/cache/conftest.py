@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from cache_helpers import REDIS_URL, RedisServer, purge_prefix, redis_unreachable
 
 from cache.lmdb_store import LmdbConfig, LmdbStore
 from cache.redis_store import RedisConfig, RedisStore
 from cache.retry import RetryPolicy
 from cache.store import RecordStore
+
+from .helpers import REDIS_URL, RedisServer, purge_prefix, redis_unreachable
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cache_helpers import FINGERPRINT, make_record
 
 from cache.errors import (
     IdCollisionError,
@@ -17,6 +16,8 @@ from cache.index import Hit, IndexConfig, LatentIndex, faiss_id, load_or_rebuild
 from cache.lmdb_store import LmdbStore
 from cache.records import delete_record, key_of, put_records
 from htcvlm.record import image_id_of
+
+from .helpers import FINGERPRINT, make_record
 
 D = 64
 SPECS = ["Flat", "IVF16,Flat", "HNSW16", "IVF8,PQ8x4"]
@@ -195,8 +196,16 @@ def test_missing_index_is_built_and_saved(
         (lambda d: (d / "ids.npy").write_bytes(b"\x93NUMPY garbage"), "checksum"),
         (lambda d: (d / "manifest.json").write_text("{not json"), "cannot read index manifest"),
         (lambda d: (d / "manifest.json").write_text('{"format": "other"}'), "unknown manifest format"),
+        (lambda d: (d / "manifest.json").write_text("[1, 2]"), "cannot read index manifest"),
     ],
-    ids=["index-deleted", "index-truncated", "ids-garbled", "manifest-garbled", "manifest-foreign"],
+    ids=[
+        "index-deleted",
+        "index-truncated",
+        "ids-garbled",
+        "manifest-garbled",
+        "manifest-foreign",
+        "manifest-list",
+    ],
 )
 def test_damaged_index_is_rebuilt(
     tmp_path: Path, filled: LmdbStore, caplog: pytest.LogCaptureFixture, damage, reason: str

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from cache_helpers import FINGERPRINT, RedisServer, key_of, make_record, make_tls_certs, purge_prefix
 
 from cache.errors import StoreUnavailableError
 from cache.index import IndexConfig, LatentIndex
@@ -16,6 +15,8 @@ from cache.records import LookupStatus, get_record, lookup, put_records
 from cache.redis_store import RedisConfig, RedisStore
 from cache.retry import RetryPolicy
 from cache.store import RecordStore, open_store
+
+from .helpers import FINGERPRINT, RedisServer, key_of, make_record, make_tls_certs, purge_prefix
 
 StartServer = Callable[..., RedisServer]
 

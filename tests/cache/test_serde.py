@@ -5,7 +5,6 @@ import struct
 import pytest
 import safetensors.torch
 import torch
-from cache_helpers import FINGERPRINT, make_record
 
 from cache.errors import CorruptRecordError, FingerprintMismatchError
 from cache.serde import (
@@ -18,6 +17,8 @@ from cache.serde import (
     serialize,
 )
 from htcvlm.record import Record
+
+from .helpers import FINGERPRINT, make_record
 
 
 def assert_same_fields(a: Record, b: Record) -> None:

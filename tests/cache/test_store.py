@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import pytest
-from cache_helpers import FINGERPRINT, key_of, make_record
 
 from cache.errors import CorruptRecordError, FingerprintMismatchError
 from cache.keys import RecordKey
@@ -13,6 +12,8 @@ from cache.records import get_record, get_records, put_records
 from cache.redis_store import RedisStore
 from cache.serde import serialize
 from cache.store import RecordStore, lmdb_path, open_store
+
+from .helpers import FINGERPRINT, key_of, make_record
 
 
 def test_a_miss_is_none(store: RecordStore) -> None:

@@ -1,4 +1,4 @@
-"""Helpers of the cache tests (a module name of its own, so it never clashes with another conftest)."""
+"""Helpers of the cache tests: records, keys, and private redis-server processes."""
 
 from __future__ import annotations
 
