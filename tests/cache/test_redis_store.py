@@ -123,6 +123,20 @@ def test_evicted_is_told_apart_from_never_seen(redis_server: StartServer) -> Non
         assert never_seen.status is LookupStatus.UNKNOWN and never_seen.record is None
 
 
+def test_an_outage_is_never_reported_as_a_miss(redis_server: StartServer) -> None:
+    # during an outage lookup must not answer EVICTED or UNKNOWN: the service would re-encode for nothing
+    server = redis_server()
+    index = LatentIndex(FINGERPRINT, IndexConfig(dim=64))
+    with connect(server, total_s=0.3) as store:
+        rec = make_record(1)
+        put_records(store, [rec])
+        index.add([rec.image_id], rec.latent.numpy())
+        server.stop()
+        for key in (key_of(1), key_of(2)):
+            with pytest.raises(StoreUnavailableError):
+                lookup(store, index, key)
+
+
 def test_password_and_acl_user_come_from_the_url(redis_server: StartServer) -> None:
     server = redis_server("--requirepass", "s3cret", "--user", "alice", "on", ">wonderland", "~*", "+@all")
     base = f"127.0.0.1:{server.port}/0"

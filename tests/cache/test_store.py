@@ -1,6 +1,7 @@
 """The contract of `RecordStore`, run against every backend through the `store` fixture."""
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,19 @@ def test_lmdb_survives_reopening(tmp_path: Path) -> None:
 def test_keys_are_validated_before_any_io(store: RecordStore) -> None:
     with pytest.raises(ValueError):
         store.get(RecordKey("bad:fingerprint", key_of(1).image_id))
+
+
+def test_threads_share_one_store(store: RecordStore) -> None:
+    # the interface promises thread safety: encoder actors write while the worker reads
+    def work(t: int) -> list[bytes | None]:
+        mine = [key_of(1000 * t + i) for i in range(50)]
+        store.put_many([(k, f"{t}-{i}".encode()) for i, k in enumerate(mine[:25])])
+        for i, k in enumerate(mine[25:]):
+            store.put(k, f"{t}-{i + 25}".encode())
+        return store.get_many(mine)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(work, range(4)))
+    for t, got in enumerate(results):
+        assert got == [f"{t}-{i}".encode() for i in range(50)]
+    assert store.count(FINGERPRINT) == 200
