@@ -181,7 +181,11 @@ PRESETS: dict[str, HTCConfig] = {
     "tiny": HTCConfig(
         name="tiny",
         image_size=64,
-        vision=VisionConfig(hidden_size=128, intermediate_size=512, num_layers=4, num_heads=4, patch_size=8),
+        # Trained from scratch, the last layer has no contrastive specialization to avoid: use it, and
+        # compute no layer whose output is thrown away.
+        vision=VisionConfig(
+            hidden_size=128, intermediate_size=512, num_layers=3, num_heads=4, patch_size=8, select_layer=-1
+        ),
         mgvq=MGVQConfig(downsample=16, latent_channels=32, groups=8, codebook_size=1024, base_channels=32),
         llm=LLMConfig(
             hidden_size=128,

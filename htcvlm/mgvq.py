@@ -69,21 +69,23 @@ class MGVQ(nn.Module):
         super().__init__()
         self.config = config
         stages = config.downsample.bit_length() - 1  # log2(downsample) stride-2 stages
-        widths = [config.base_channels * min(2**i, 4) for i in range(stages + 1)]
-        enc: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1)]
-        for i in range(stages):
+        widths = [config.base_channels * min(2**i, 4) for i in range(stages)]
+        # No conv block runs at full resolution: the first layer already halves the image. Full-resolution
+        # blocks cost most of the FLOPs and little quality for a tokenizer this coarse.
+        enc: list[nn.Module] = [nn.Conv2d(3, widths[0], 4, stride=2, padding=1)]
+        for i in range(stages - 1):
             enc += [_block(widths[i], widths[i]), nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1)]
         enc += [_block(widths[-1], widths[-1]), nn.Conv2d(widths[-1], config.latent_channels, 1)]
         self.encoder = nn.Sequential(*enc)
         self.quantizer = MultiGroupQuantizer(config)
         dec: list[nn.Module] = [nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1)]
-        for i in reversed(range(stages)):
+        for i in reversed(range(1, stages)):
             dec += [
-                _block(widths[i + 1], widths[i + 1]),
+                _block(widths[i], widths[i]),
                 nn.Upsample(scale_factor=2, mode="nearest"),
-                nn.Conv2d(widths[i + 1], widths[i], 3, padding=1),
+                nn.Conv2d(widths[i], widths[i - 1], 3, padding=1),
             ]
-        dec += [_block(widths[0], widths[0]), nn.Conv2d(widths[0], 3, 3, padding=1)]
+        dec += [_block(widths[0], widths[0]), nn.ConvTranspose2d(widths[0], 3, 4, stride=2, padding=1)]
         self.decoder = nn.Sequential(*dec)
 
     def encode(self, pixels: torch.Tensor) -> QuantizerOutput:

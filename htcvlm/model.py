@@ -144,25 +144,35 @@ class HTCVLM(nn.Module):
         patches = out.hidden_states[self.config.vision.select_layer][:, 1:]  # drop CLS: (B, N, d_vision)
         return self.proj_v(patches)
 
-    def discrete_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """v_d of Eq. 4 (B, N_d, d) in hybrid mode, or (B, h*w, d) in discrete-only mode; and the VQ loss."""
-        quant = self.mgvq.encode(pixels)
+    def discrete_tokens(
+        self, pixels: torch.Tensor, quantized: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """v_d of Eq. 4 (B, N_d, d) in hybrid mode, or (B, h*w, d) in discrete-only mode; and the VQ loss.
+
+        `quantized` (B, C, h, w) skips the tokenizer: a trainer whose MGVQ is frozen computes it once.
+        """
+        loss = pixels.new_zeros(())
+        if quantized is None:
+            quant = self.mgvq.encode(pixels)
+            quantized, loss = quant.quantized, quant.loss
         if self.config.channels == "discrete":
             # (B, C, h, w) -> (B, h*w, C): one token per latent position
-            return self.proj_q(quant.quantized.flatten(2).transpose(1, 2)), quant.loss
-        return self.proj_d(quant.quantized.flatten(1)), quant.loss  # q: (B, C*h*w)
+            return self.proj_q(quantized.flatten(2).transpose(1, 2)), loss
+        return self.proj_d(quantized.flatten(1)), loss  # q: (B, C*h*w)
 
     def hybrid_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """V_hy (B, n_visual, d) for the configured channel and fusion modes."""
         return self._visual(pixels)[0]
 
-    def _visual(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _visual(
+        self, pixels: torch.Tensor, quantized: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         pixels = pixels.to(self.voco.dtype)
         zero = pixels.new_zeros(())
         if cfg.channels == "continuous":
             return self.continuous_tokens(pixels), zero
-        v_d, vq_loss = self.discrete_tokens(pixels)
+        v_d, vq_loss = self.discrete_tokens(pixels, quantized)
         if cfg.channels == "discrete":
             return v_d, vq_loss
         v = self.continuous_tokens(pixels)
@@ -177,9 +187,11 @@ class HTCVLM(nn.Module):
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(input_ids)
 
-    def prefix_embeds(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefix_embeds(
+        self, pixels: torch.Tensor, quantized: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """[V_hy; voco] (B, n_visual + n_voco, d) and the VQ loss."""
-        v_hy, vq_loss = self._visual(pixels)
+        v_hy, vq_loss = self._visual(pixels, quantized)
         voco = self.voco[None].expand(v_hy.shape[0], -1, -1)
         return torch.cat([v_hy, voco], dim=1), vq_loss
 
@@ -189,17 +201,19 @@ class HTCVLM(nn.Module):
         input_ids: torch.Tensor,
         text_lengths: Sequence[int] | torch.Tensor | None = None,
         text_attends_visual: bool = False,
+        quantized: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Full masked forward over X = [V_hy; voco; W] (Algorithm 1).
 
         input_ids (B, T) are right-padded to T; text_lengths gives each row's true length. Returns the
         logits of the text positions (B, T, vocab), row t predicting token t + 1, and the VQ loss.
-        `text_attends_visual=True` is the uncompressed upper bound (no bottleneck).
+        `text_attends_visual=True` is the uncompressed upper bound (no bottleneck); `quantized` is a
+        precomputed MGVQ output (see discrete_tokens).
         """
         batch, n_text = input_ids.shape
         if text_lengths is None:
             text_lengths = [n_text] * batch
-        prefix, vq_loss = self.prefix_embeds(pixels)
+        prefix, vq_loss = self.prefix_embeds(pixels, quantized)
         embeds = torch.cat([prefix, self.embed_text(input_ids)], dim=1)
         mask = hybrid_mask(
             self.config.n_visual,
