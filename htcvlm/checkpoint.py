@@ -26,18 +26,6 @@ TOKENIZER_FILE = "tokenizer.json"
 FORMAT = "onetoken-htcvlm/1"
 
 
-def require_hf_dir(path: str | Path) -> Path:
-    """A local Hugging Face model folder must hold config.json and weights in safetensors."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder} is not a directory; give the local folder of a downloaded model")
-    if not (folder / CONFIG_FILE).is_file():
-        raise CheckpointError(f"{folder} is missing {CONFIG_FILE}")
-    if not any(folder.glob("*.safetensors")):
-        raise CheckpointError(f"{folder} is missing its weights: no *.safetensors file (e.g. {WEIGHTS_FILE})")
-    return folder
-
-
 def save_pretrained(model: HTCVLM, path: str | Path) -> Path:
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -58,6 +46,14 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if not (folder / TOKENIZER_FILE).is_file():
         raise CheckpointError(f"{folder} is missing {TOKENIZER_FILE}")
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def from_components(config: HTCConfig) -> HTCVLM:
+    """A new model whose vision tower and LLM (with its tokenizer) load from the local folders in `config`;
+    the projectors, MGVQ and voco embeddings start fresh for training."""
+    if config.llm.path is None:
+        raise CheckpointError("from_components needs config.llm.path: the LLM's folder holds the tokenizer")
+    return HTCVLM(config, load_tokenizer(config.llm.path))
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> HTCVLM:

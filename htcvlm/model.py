@@ -15,17 +15,9 @@ from dataclasses import replace
 
 import torch
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    DynamicCache,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
+from htcvlm.components import build_llm, build_vision
 from htcvlm.config import HTCConfig
 from htcvlm.images import DEFAULT_MAX_PIXELS, pixels_from_bytes
 from htcvlm.mask import hybrid_mask
@@ -58,53 +50,6 @@ def _continuous_projector(kind: str, d_in: int, d: int) -> nn.Module:
     if kind == "linear":
         return nn.Linear(d_in, d)
     return nn.Sequential(nn.Linear(d_in, d), nn.GELU(), nn.Linear(d, d))  # LLaVA-1.5's mlp2x_gelu
-
-
-def build_vision(config: HTCConfig) -> CLIPVisionModel:
-    vc = config.vision
-    if vc.path:
-        from htcvlm.checkpoint import require_hf_dir
-
-        require_hf_dir(vc.path)
-        return CLIPVisionModel.from_pretrained(vc.path, local_files_only=True)
-    clip = CLIPVisionConfig(
-        hidden_size=vc.hidden_size,
-        intermediate_size=vc.intermediate_size,
-        num_hidden_layers=vc.num_layers,
-        num_attention_heads=vc.num_heads,
-        image_size=config.image_size,
-        patch_size=vc.patch_size,
-    )
-    return CLIPVisionModel(clip)
-
-
-def build_llm(config: HTCConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    lc = config.llm
-    if lc.path:
-        from htcvlm.checkpoint import require_hf_dir
-
-        require_hf_dir(lc.path)
-        return AutoModelForCausalLM.from_pretrained(lc.path, local_files_only=True)
-    if len(tokenizer) != lc.vocab_size:
-        raise ValueError(
-            f"tokenizer has {len(tokenizer)} tokens but the LLM's vocab_size is {lc.vocab_size}; "
-            "build new models with new_model(), which sizes the vocabulary from the tokenizer"
-        )
-    llama = LlamaConfig(
-        vocab_size=lc.vocab_size,
-        hidden_size=lc.hidden_size,
-        intermediate_size=lc.intermediate_size,
-        num_hidden_layers=lc.num_layers,
-        num_attention_heads=lc.num_heads,
-        num_key_value_heads=lc.num_kv_heads,
-        max_position_embeddings=lc.max_position_embeddings,
-        rms_norm_eps=lc.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": lc.rope_theta},
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return LlamaForCausalLM(llama)
 
 
 def new_model(config: HTCConfig, tokenizer: PreTrainedTokenizerBase) -> HTCVLM:

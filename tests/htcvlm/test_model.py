@@ -150,3 +150,65 @@ def test_paper_preset_geometry_on_meta(tokenizer):
     fp16_bytes = cfg.kv_values_per_image * 2
     assert fp16_bytes == 512 * 1024  # one voco token: 32 layers x (k, v) x 4096 values in fp16
     assert fp16_bytes * 576 == 288 * 1024**2  # what 576 image tokens would cost
+
+
+def test_components_load_from_local_hugging_face_folders(tmp_path, tokenizer):
+    """A CLIP vision tower and a LLaMA saved by transformers load by path, and the cache stays exact."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from htcvlm.checkpoint import from_components
+    from htcvlm.config import LLMConfig, VisionConfig
+    from htcvlm.decode import DecodeBatch
+
+    torch.manual_seed(0)
+    clip = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=64,
+            patch_size=16,
+        )
+    )
+    clip.save_pretrained(tmp_path / "clip")
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+    )
+    llama.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    config = HTCConfig.from_name("tiny").with_(
+        vision=VisionConfig(hidden_size=32, num_layers=2, patch_size=16, path=str(tmp_path / "clip")),
+        llm=LLMConfig(
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=256,
+            path=str(tmp_path / "llm"),
+        ),
+        pd_hidden=64,
+    )
+    model = from_components(config).eval()
+    assert torch.equal(model.vision.embeddings.patch_embedding.weight, clip.embeddings.patch_embedding.weight)
+    assert torch.equal(model.llm.lm_head.weight, llama.lm_head.weight)
+    pixels = torch.rand(1, 3, 64, 64)
+    records = model.compress_pixels(pixels, ["a" * 64])
+    prompt = model.prompt_ids(QUESTIONS[0])
+    with torch.inference_mode():
+        full, _ = model(pixels, torch.tensor([prompt]))
+        cached = DecodeBatch(model, records, [prompt]).row_prompt_logits(0)
+    assert (full[0] - cached).abs().max() < 1e-4
+
+    wrong = config.with_(llm=replace(config.llm, num_layers=3))
+    with pytest.raises(CheckpointError, match="num_hidden_layers is 2, config says 3"):
+        from_components(wrong)
