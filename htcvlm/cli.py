@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -87,6 +88,66 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train one variant end to end (tokenizer, stage 1 MGVQ, stage 2 HTC-VLM) into a checkpoint folder."""
+    from htcvlm.train import TrainConfig, run_training
+
+    torch.set_num_threads(args.threads)
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        mgvq_steps=args.mgvq_steps,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        bf16=args.bf16,
+        grad_checkpointing=args.grad_checkpointing,
+    )
+    run_training(
+        Path(args.out),
+        variant=args.variant,
+        preset=args.preset,
+        cfg=cfg,
+        pool=args.pool,
+        easy=args.easy,
+        val_size=args.val_size,
+        mgvq_from=Path(args.mgvq_from) if args.mgvq_from else None,
+        device=args.device,
+        n_discrete=args.n_discrete,
+        fusion=args.fusion,
+    )
+    print(f"checkpoint written to {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Accuracy and retention per question type for the trained variants, as markdown and JSON."""
+    from htcvlm.evaluate import run_eval
+
+    torch.set_num_threads(args.threads)
+    models = dict(spec.split("=", 1) for spec in args.models)
+    markdown, _ = run_eval(models, test_size=args.test_size, out=Path(args.out) if args.out else None)
+    print(markdown)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """The voco token's attention over the anchors and the first patch tokens, as a PNG heatmap."""
+    from htcvlm.analysis import heatmap, voco_attention
+    from htcvlm.checkpoint import load_pretrained
+    from htcvlm.data.dataset import ProceduralVQA
+    from htcvlm.images import to_pixels
+
+    model = load_pretrained(args.model)
+    data = ProceduralVQA("test", args.images, image_size=model.config.image_size)
+    pixels = torch.stack([to_pixels(data[i].image, model.config.image_size) for i in range(args.images)])
+    weights = voco_attention(model, pixels)
+    heatmap(weights, model.config.n_discrete).save(args.out)
+    share = weights[:, : model.config.n_discrete].sum(dim=1).mean().item()
+    print(f"heatmap written to {args.out}; anchors hold {share:.1%} of the shown attention on average")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onetoken", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("ONETOKEN_LOG_LEVEL", "WARNING"))
@@ -98,6 +159,43 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="geometry, parameters and bytes cached per image of a preset")
     info.add_argument("--preset", choices=sorted(PRESETS), default="paper")
     info.set_defaults(func=cmd_info)
+
+    train = sub.add_parser("train", help="train a variant on the procedural VQA set (resumable)")
+    train.add_argument("--out", required=True, help="checkpoint folder; rerun with it to resume")
+    train.add_argument("--variant", choices=("hybrid", "continuous", "discrete", "upper"), default="hybrid")
+    train.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    train.add_argument("--steps", type=int, default=4000)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--mgvq-steps", type=int, default=300)
+    train.add_argument("--mgvq-from", help="copy stage-1 MGVQ weights from this checkpoint instead")
+    train.add_argument("--pool", type=int, default=20000, help="pre-rendered training samples")
+    train.add_argument("--easy", type=int, default=5000, help="extra single-object samples (curriculum)")
+    train.add_argument("--val-size", type=int, default=500, help="validation samples scored at each eval")
+    train.add_argument("--n-discrete", type=int, default=4)
+    train.add_argument("--fusion", choices=("pre", "post", "mean"), default="pre")
+    train.add_argument("--eval-every", type=int, default=500)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--bf16", action="store_true")
+    train.add_argument("--grad-checkpointing", action="store_true")
+    train.add_argument("--threads", type=int, default=int(os.environ.get("ONETOKEN_THREADS", "2")))
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="accuracy and retention table of trained variants")
+    evaluate.add_argument("models", nargs="+", help="NAME=DIR, e.g. upper=runs/upper hybrid=runs/hybrid")
+    evaluate.add_argument("--test-size", type=int, default=1000)
+    evaluate.add_argument("--out", help="folder for eval.md and eval.json")
+    evaluate.add_argument("--threads", type=int, default=int(os.environ.get("ONETOKEN_THREADS", "2")))
+    evaluate.set_defaults(func=cmd_eval)
+
+    analyze = sub.add_parser("analyze", help="analyses of a trained model")
+    analyze_sub = analyze.add_subparsers(dest="analysis", required=True)
+    attention = analyze_sub.add_parser("attention", help="voco attention heatmap (the paper's Figure 3)")
+    attention.add_argument("--model", required=True)
+    attention.add_argument("--images", type=int, default=16)
+    attention.add_argument("--out", default="voco_attention.png")
+    attention.set_defaults(func=cmd_analyze)
     return parser
 
 

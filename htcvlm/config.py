@@ -33,6 +33,9 @@ class VisionConfig:
     patch_size: int = 14
     # LLaVA's choice: the penultimate layer's patch tokens carry more spatial detail than the last.
     select_layer: int = -2
+    # "patch": CLIP's own linear patch embedding. "conv": a small stride-2 conv stack in its place, which
+    # learns edges and colors far faster from scratch on small images (the tiny model's choice).
+    stem: Literal["patch", "conv"] = "patch"
     path: str | None = None  # local Hugging Face directory of a pretrained CLIP vision tower
 
 
@@ -184,7 +187,13 @@ PRESETS: dict[str, HTCConfig] = {
         # Trained from scratch, the last layer has no contrastive specialization to avoid: use it, and
         # compute no layer whose output is thrown away.
         vision=VisionConfig(
-            hidden_size=128, intermediate_size=512, num_layers=3, num_heads=4, patch_size=8, select_layer=-1
+            hidden_size=128,
+            intermediate_size=512,
+            num_layers=3,
+            num_heads=4,
+            patch_size=8,
+            select_layer=-1,
+            stem="conv",
         ),
         mgvq=MGVQConfig(downsample=16, latent_channels=32, groups=8, codebook_size=1024, base_channels=32),
         llm=LLMConfig(

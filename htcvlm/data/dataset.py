@@ -20,7 +20,7 @@ from typing import Literal
 from PIL import Image
 
 from htcvlm.data.questions import KIND_OF, QTYPES, Kind, QType, Question, ask
-from htcvlm.data.scenes import Scene, render, sample_scene
+from htcvlm.data.scenes import MAX_OBJECTS, Scene, render, sample_scene
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,11 @@ def _weight_list(weights: Mapping[str, float] | None) -> list[float]:
 
 
 def draw_question(
-    split: Split, index: int, weights: Mapping[str, float] | None = None, seed: int = 0
+    split: Split,
+    index: int,
+    weights: Mapping[str, float] | None = None,
+    seed: int = 0,
+    max_objects: int = MAX_OBJECTS,
 ) -> tuple[Scene, Question]:
     """The scene and question of sample `index`, without rendering (cheap: for statistics and tests).
 
@@ -81,7 +85,7 @@ def draw_question(
     rng = random.Random(sample_seed(split, index, seed))
     qtype: QType = rng.choices(QTYPES, weights=_weight_list(weights))[0]
     for _ in range(MAX_DRAWS):
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, rng.randint(1, max_objects))
         question = ask(scene, qtype, rng)
         if question is not None:
             return scene, question
@@ -93,6 +97,7 @@ class ProceduralVQA:
 
     weights: relative frequency per qtype (default: all equal); qtypes left out are never asked.
     seed: shifts the whole dataset; the default 0 is the canonical train/val/test.
+    max_objects: at most this many objects per scene (fewer make an easier curriculum set).
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class ProceduralVQA:
         image_size: int = 64,
         weights: Mapping[str, float] | None = None,
         seed: int = 0,
+        max_objects: int = MAX_OBJECTS,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -113,6 +119,9 @@ class ProceduralVQA:
         self.image_size = image_size
         self.weights = dict(weights) if weights is not None else None
         self.seed = seed
+        if not 1 <= max_objects <= MAX_OBJECTS:
+            raise ValueError(f"max_objects must be in [1, {MAX_OBJECTS}], got {max_objects}")
+        self.max_objects = max_objects
 
     def __len__(self) -> int:
         return self.size
@@ -121,7 +130,7 @@ class ProceduralVQA:
         """Sample index's scene and question without the image."""
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} samples")
-        return draw_question(self.split, index, self.weights, self.seed)
+        return draw_question(self.split, index, self.weights, self.seed, self.max_objects)
 
     def __getitem__(self, index: int) -> VQASample:
         scene, question = self.draw(index)

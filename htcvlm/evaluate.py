@@ -1,0 +1,143 @@
+"""Evaluation: exact-match answer accuracy per question type and kind, and the retention table.
+
+Compressed variants are evaluated through the product's own path: compress() once per image, then
+decode() from the records. The upper bound answers with every visual token in view.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from htcvlm.data.questions import KIND_OF, QTYPES
+from htcvlm.decode import GenerationOptions, decode
+from htcvlm.model import HTCVLM
+from htcvlm.train import VQATensors
+
+logger = logging.getLogger(__name__)
+
+MAX_ANSWER_TOKENS = 6
+
+
+@torch.inference_mode()
+def predict(model: HTCVLM, data: VQATensors, upper: bool = False, batch_size: int = 128) -> list[str]:
+    out: list[str] = []
+    for start in range(0, len(data), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(data)))
+        pixels = data.pixels[idx].float().to(model.device) / 255.0
+        questions = [data.questions[i] for i in idx.tolist()]
+        if upper:
+            out += _greedy_uncompressed(model, pixels, questions)
+        else:
+            records = model.compress_pixels(pixels, [f"{i:064x}" for i in idx.tolist()])
+            answers = decode(model, records, questions, GenerationOptions(max_new_tokens=MAX_ANSWER_TOKENS))
+            out += [a.text for a in answers]
+    return out
+
+
+def _greedy_uncompressed(model: HTCVLM, pixels: torch.Tensor, questions: list[str]) -> list[str]:
+    """Greedy answers with text attending all visual tokens (no cache: answers are a few tokens)."""
+    prompts = [model.prompt_ids(q) for q in questions]
+    eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
+    generated: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(MAX_ANSWER_TOKENS):
+        rows = [p + g for p, g in zip(prompts, generated, strict=True)]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=model.device)
+        lengths = torch.tensor([len(r) for r in rows], device=model.device)
+        logits, _ = model(pixels, ids, lengths, text_attends_visual=True)
+        nxt = logits[torch.arange(len(rows)), lengths - 1].argmax(-1).tolist()
+        for i, token in enumerate(nxt):
+            if done[i]:
+                continue
+            if token == eos:
+                done[i] = True
+            else:
+                generated[i].append(token)
+        if all(done):
+            break
+    return [model.tokenizer.decode(g, skip_special_tokens=True).strip() for g in generated]
+
+
+def accuracy(model: HTCVLM, data: VQATensors, upper: bool = False) -> dict[str, float]:
+    """Exact-match accuracy: 'all', each qtype present, and each kind ('semantic', 'detail')."""
+    predictions = predict(model, data, upper=upper)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for pred, answer, qtype in zip(predictions, data.answers, data.qtypes, strict=True):
+        ok = pred == answer
+        hits["all"].append(ok)
+        hits[qtype].append(ok)
+        if qtype in KIND_OF:
+            hits[KIND_OF[qtype]].append(ok)
+    return {key: sum(v) / len(v) for key, v in hits.items()}
+
+
+def retention(result: float, lower: float, upper: float) -> float:
+    """(R - LB) / (UB - LB), the paper's Table 1 measure; NaN when the bounds coincide."""
+    return (result - lower) / (upper - lower) if upper != lower else float("nan")
+
+
+def retention_table(results: Mapping[str, Mapping[str, float]]) -> tuple[str, dict]:
+    """Markdown table and JSON of accuracy and retention per column (qtypes, kinds, all) per variant.
+
+    `results` maps variant name -> accuracy dict and must hold 'upper' and 'lower'.
+    """
+    columns = [q for q in QTYPES if q in results["upper"]] + ["semantic", "detail", "all"]
+    upper, lower = results["upper"], results["lower"]
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    lines = [
+        "| variant | " + " | ".join(columns) + " | avg retention |",
+        "|---" * (len(columns) + 2) + "|",
+    ]
+    for name, acc in results.items():
+        row: dict[str, dict[str, float]] = {}
+        cells = []
+        rets = []
+        for col in columns:
+            r = retention(acc[col], lower[col], upper[col])
+            row[col] = {"accuracy": acc[col], "retention": r}
+            cells.append(
+                f"{100 * acc[col]:.1f}" + ("" if name in ("upper", "lower") else f" ({100 * r:.0f}%)")
+            )
+            if col in QTYPES and r == r:
+                rets.append(r)
+        avg = sum(rets) / len(rets) if rets else float("nan")
+        row["avg_retention"] = {"retention": avg}
+        table[name] = row
+        avg_cell = "—" if name in ("upper", "lower") else f"{100 * avg:.1f}%"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {avg_cell} |")
+    return "\n".join(lines), table
+
+
+def run_eval(models: Mapping[str, str], test_size: int = 1000, out: Path | None = None) -> tuple[str, dict]:
+    """Evaluate checkpoints by variant name on the procedural test split; 'upper' is required and also
+    gives the lower bound (its weights through the voco bottleneck)."""
+    from htcvlm.checkpoint import load_pretrained
+    from htcvlm.train import procedural_pool
+
+    if "upper" not in models:
+        raise ValueError(f"the retention table needs an 'upper' model, got {sorted(models)}")
+    results: dict[str, dict[str, float]] = {}
+    for name, path in models.items():
+        model = load_pretrained(path)
+        test = procedural_pool(model, "test", test_size)
+        if name == "upper":
+            results["upper"] = accuracy(model, test, upper=True)
+            results["lower"] = accuracy(model, test, upper=False)
+        else:
+            results[name] = accuracy(model, test)
+        logger.info("%s: %s", name, results[name] if name != "upper" else results["upper"])
+    markdown, table = retention_table(results)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.md").write_text(markdown + "\n")
+        (out / "eval.json").write_text(
+            json.dumps({"test_size": test_size, "models": dict(models), "table": table}, indent=2)
+        )
+    return markdown, table

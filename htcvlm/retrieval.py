@@ -1,0 +1,92 @@
+"""Near-duplicate retrieval over voco latents: do augmented copies find their original?
+
+Each original image is compressed once; each augmented copy (crop, resize, color jitter, JPEG
+re-encoding) is compressed and its latent searched, by cosine similarity, among the originals' latents.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance
+
+from htcvlm.images import to_pixels, to_rgb
+from htcvlm.model import HTCVLM
+
+Augment = Callable[[Image.Image, random.Random], Image.Image]
+
+
+def crop(img: Image.Image, rng: random.Random) -> Image.Image:
+    """Keep 80-90% of each side, at a random offset."""
+    w, h = img.size
+    keep = rng.uniform(0.8, 0.9)
+    cw, ch = int(w * keep), int(h * keep)
+    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    return img.crop((x, y, x + cw, y + ch))
+
+
+def resize(img: Image.Image, rng: random.Random) -> Image.Image:
+    """Down to 50-75% and back: the detail a thumbnail loses."""
+    w, h = img.size
+    scale = rng.uniform(0.5, 0.75)
+    small = img.resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.Resampling.BILINEAR)
+    return small.resize((w, h), Image.Resampling.BILINEAR)
+
+
+def color_jitter(img: Image.Image, rng: random.Random) -> Image.Image:
+    """Brightness, contrast and saturation each by up to ±20%."""
+    for enhancer in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        img = enhancer(img).enhance(rng.uniform(0.8, 1.2))
+    return img
+
+
+def jpeg(img: Image.Image, rng: random.Random) -> Image.Image:
+    """Re-encode as JPEG at quality 30-70."""
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=rng.randint(30, 70))
+    return to_rgb(Image.open(io.BytesIO(buf.getvalue())))
+
+
+AUGMENTATIONS: dict[str, Augment] = {
+    "crop": crop,
+    "resize": resize,
+    "color_jitter": color_jitter,
+    "jpeg": jpeg,
+}
+
+
+@torch.inference_mode()
+def latents(model: HTCVLM, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor:
+    """(N, d) L2-normalized voco latents, through compress_pixels (the cached path)."""
+    out = []
+    size = model.config.image_size
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        pixels = torch.stack([to_pixels(to_rgb(img), size) for img in chunk]).to(model.device)
+        records = model.compress_pixels(pixels, [f"{start + i:064x}" for i in range(len(chunk))])
+        out.append(torch.stack([r.latent for r in records]))
+    return F.normalize(torch.cat(out), dim=-1)
+
+
+def near_duplicate_recall(
+    model: HTCVLM, originals: Sequence[Image.Image], seed: int = 0, ks: Sequence[int] = (1, 10)
+) -> dict[str, dict[str, float]]:
+    """recall@k per augmentation and overall: the share of copies whose original ranks in the top k."""
+    rng = random.Random(seed)
+    base = latents(model, originals)
+    results: dict[str, dict[str, float]] = {}
+    all_ranks = []
+    for name, augment in AUGMENTATIONS.items():
+        copies = latents(model, [augment(img, rng) for img in originals])
+        sims = copies @ base.T  # (N copies, N originals), cosine
+        own = sims.diagonal()[:, None]
+        ranks = (sims > own).sum(dim=1)  # 0 when the original is the best match
+        all_ranks.append(ranks)
+        results[name] = {f"recall@{k}": float((ranks < k).float().mean()) for k in ks}
+    ranks = torch.cat(all_ranks)
+    results["all"] = {f"recall@{k}": float((ranks < k).float().mean()) for k in ks}
+    return results

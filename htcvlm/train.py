@@ -1,0 +1,369 @@
+"""Training: stage 1 fits the MGVQ tokenizer, stage 2 fits HTC-VLM under M_hy on answers (Eq. 9).
+
+Variants with one budget: `hybrid` (the method), `continuous` (VoCo-LLaMA), `discrete` (MGVQ tokens
+only), and `upper` (no compression: text attends every visual token). The lower bound is the upper
+model's weights evaluated through the voco bottleneck (see evaluate.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import PreTrainedTokenizerFast
+
+from htcvlm.checkpoint import save_pretrained
+from htcvlm.config import HTCConfig
+from htcvlm.data.dataset import ProceduralVQA, Split, VQASample, draw_question
+from htcvlm.data.questions import QTYPES, answer_vocabulary
+from htcvlm.mgvq import MGVQ
+from htcvlm.model import HTCVLM, new_model
+from htcvlm.tokenizer import train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+Variant = Literal["hybrid", "continuous", "discrete", "upper"]
+VARIANTS: tuple[Variant, ...] = ("upper", "hybrid", "continuous", "discrete")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.05  # cosine decay ends at lr * this
+    warmup: int = 150
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    mgvq_steps: int = 600
+    mgvq_lr: float = 2e-3
+    eval_every: int = 500
+    seed: int = 0
+    bf16: bool = False  # autocast on GPU hosts
+    grad_checkpointing: bool = False  # trade compute for memory on GPU hosts
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+
+
+def variant_config(base: HTCConfig, variant: Variant) -> HTCConfig:
+    """The model config each variant trains: channels follow the variant; `upper` keeps hybrid inputs."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    channels = "hybrid" if variant == "upper" else variant
+    return base.with_(channels=channels)
+
+
+@dataclass
+class VQATensors:
+    """A pre-rendered pool: images as uint8 and prompt+answer token ids, right-padded."""
+
+    pixels: torch.Tensor  # (N, 3, S, S) uint8
+    ids: torch.Tensor  # (N, T) long: prompt then answer then EOS, then padding
+    lengths: torch.Tensor  # (N,) true lengths
+    answer_start: torch.Tensor  # (N,) index of the first answer token
+    qtypes: list[str]
+    answers: list[str]
+    questions: list[str]
+    quantized: torch.Tensor | None = None  # (N, C, h, w): the frozen MGVQ's output, computed once
+
+    def __len__(self) -> int:
+        return len(self.answers)
+
+    def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        width = int(self.lengths[idx].max())
+        return {
+            "pixels": self.pixels[idx].float() / 255.0,
+            "input_ids": self.ids[idx, :width],
+            "text_lengths": self.lengths[idx],
+            "answer_start": self.answer_start[idx],
+            "quantized": None if self.quantized is None else self.quantized[idx],
+        }
+
+    @torch.no_grad()  # not inference_mode: these tensors are saved for backward as P_d's input
+    def quantize(self, model: HTCVLM, batch_size: int = 256) -> None:
+        """Run the (frozen) tokenizer once over the pool, so training steps skip it."""
+        chunks = [
+            model.mgvq.encode(
+                self.pixels[i : i + batch_size].float().to(model.device) / 255.0
+            ).quantized.cpu()
+            for i in range(0, len(self), batch_size)
+        ]
+        self.quantized = torch.cat(chunks)
+
+
+def tensorize(model: HTCVLM, samples: Sequence[VQASample]) -> VQATensors:
+    size = model.config.image_size
+    pixels = torch.empty(len(samples), 3, size, size, dtype=torch.uint8)
+    rows = []
+    for i, s in enumerate(samples):
+        img = s.image if s.image.size == (size, size) else s.image.resize((size, size))
+        pixels[i] = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)  # (S, S, 3) -> (3, S, S)
+        prompt = model.prompt_ids(s.question)
+        rows.append((prompt + model.answer_ids(s.answer), len(prompt)))
+    width = max(len(r) for r, _ in rows)
+    ids = torch.full((len(rows), width), model.tokenizer.pad_token_id, dtype=torch.long)
+    for i, (r, _) in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+    return VQATensors(
+        pixels=pixels,
+        ids=ids,
+        lengths=torch.tensor([len(r) for r, _ in rows]),
+        answer_start=torch.tensor([p for _, p in rows]),
+        qtypes=[s.qtype for s in samples],
+        answers=[s.answer for s in samples],
+        questions=[s.question for s in samples],
+    )
+
+
+def lr_at(step: int, cfg: TrainConfig, base_lr: float, total: int) -> float:
+    """Linear warm-up, then cosine decay to base_lr * min_lr_ratio."""
+    if step < cfg.warmup:
+        return base_lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
+    return base_lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def answer_loss(
+    logits: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor, answer_start: torch.Tensor
+) -> torch.Tensor:
+    """Eq. 9: cross-entropy on the answer tokens (and EOS) only; logits row t predicts token t + 1."""
+    targets = ids[:, 1:]
+    pos = torch.arange(1, ids.shape[1], device=ids.device)[None]
+    scored = (pos >= answer_start[:, None]) & (pos < lengths[:, None])  # (B, T-1)
+    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
+    return (losses * scored.flatten()).sum() / scored.sum()
+
+
+def train_mgvq(
+    model: HTCVLM, pixels_u8: torch.Tensor, cfg: TrainConfig, show_progress: bool = True
+) -> dict[str, float]:
+    """Stage 1: the tokenizer on reconstruction + commitment loss. Returns the final loss parts."""
+    mgvq: MGVQ = model.mgvq
+    mgvq.train()
+    opt = torch.optim.AdamW(mgvq.parameters(), lr=cfg.mgvq_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    parts: dict[str, float] = {}
+    bar = tqdm(range(cfg.mgvq_steps), desc="stage 1 mgvq", disable=not show_progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg, cfg.mgvq_lr, cfg.mgvq_steps)
+        idx = torch.randint(len(pixels_u8), (cfg.batch_size,), generator=gen)
+        loss, parts = mgvq.loss(pixels_u8[idx].float().to(model.device) / 255.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(rec=f"{parts['reconstruction']:.4f}", vq=f"{parts['commitment']:.4f}")
+    mgvq.eval()
+    return parts
+
+
+def _state_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state as flat tensors (safetensors) and JSON: never pickled."""
+    state = opt.state_dict()
+    tensors = {
+        f"{pid}.{name}": value.detach().cpu()
+        for pid, slot in state["state"].items()
+        for name, value in slot.items()
+        if isinstance(value, torch.Tensor)
+    }
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def _load_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_training_state(out: Path, model: HTCVLM, opt: torch.optim.Optimizer, step: int, log: list) -> None:
+    model.invalidate_fingerprint()
+    save_pretrained(model, out)
+    tensors, meta = _state_tensors(opt)
+    save_file(tensors, str(out / "optimizer.safetensors"))
+    (out / "train_state.json").write_text(json.dumps({"step": step, "log": log, **meta}, indent=1))
+
+
+def stage2_parameters(model: HTCVLM) -> list[torch.nn.Parameter]:
+    """Everything but the MGVQ tokenizer, which stage 1 fitted and stage 2 keeps frozen."""
+    frozen = {id(p) for p in model.mgvq.parameters()} if hasattr(model, "mgvq") else set()
+    return [p for p in model.parameters() if id(p) not in frozen]
+
+
+def train_vlm(
+    model: HTCVLM,
+    data: VQATensors,
+    cfg: TrainConfig,
+    variant: Variant,
+    out: Path | None = None,
+    val: VQATensors | None = None,
+    show_progress: bool = True,
+) -> list[dict[str, float]]:
+    """Stage 2: the autoregressive answer loss under M_hy (or under plain causal attention for `upper`).
+
+    Resumes from `out` when it holds a training state. Returns the log of (step, loss, val accuracy).
+    """
+    from htcvlm.evaluate import accuracy  # evaluate imports train's data helpers
+
+    params = stage2_parameters(model)
+    for p in model.mgvq.parameters() if hasattr(model, "mgvq") else ():
+        p.requires_grad_(False)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    start, log = 0, []
+    if out is not None and (out / "train_state.json").is_file():
+        state = json.loads((out / "train_state.json").read_text())
+        model.load_state_dict(load_file(str(out / "model.safetensors")))
+        _load_state(opt, load_file(str(out / "optimizer.safetensors")), state)
+        start, log = state["step"], state["log"]
+        logger.info("resuming %s from step %d", out, start)
+    if hasattr(model, "mgvq") and data.quantized is None:
+        data.quantize(model)
+    if cfg.grad_checkpointing:
+        model.llm.gradient_checkpointing_enable()
+    upper = variant == "upper"
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + start)
+    model.train()
+    if hasattr(model, "mgvq"):
+        model.mgvq.eval()  # frozen: no GroupNorm statistics to update, but keep it deterministic
+    bar = tqdm(
+        range(start, cfg.steps),
+        desc=f"stage 2 {variant}",
+        initial=start,
+        total=cfg.steps,
+        disable=not show_progress,
+    )
+    started = time.perf_counter()
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg, cfg.lr, cfg.steps)
+        idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
+        b = {k: v.to(model.device) if v is not None else None for k, v in data.batch(idx).items()}
+        ans = b.pop("answer_start")
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits, _ = model(**b, text_attends_visual=upper)
+            loss = answer_loss(logits, b["input_ids"], b["text_lengths"], ans)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        last = step + 1 == cfg.steps
+        if val is not None and ((step + 1) % cfg.eval_every == 0 or last):
+            model.eval()
+            model.invalidate_fingerprint()
+            acc = accuracy(model, val, upper=upper)["all"]
+            model.train()
+            if hasattr(model, "mgvq"):
+                model.mgvq.eval()
+            entry = {
+                "step": step + 1,
+                "loss": loss.item(),
+                "val_accuracy": acc,
+                "minutes": (time.perf_counter() - started) / 60,
+            }
+            log.append(entry)
+            logger.info("%s step %d loss %.3f val %.3f", variant, step + 1, loss.item(), acc)
+            bar.write(json.dumps(entry))
+            if out is not None:
+                save_training_state(out, model, opt, step + 1, log)
+    model.eval()
+    model.invalidate_fingerprint()
+    if out is not None:
+        save_training_state(out, model, opt, cfg.steps, log)
+    return log
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    return asdict(cfg)
+
+
+def procedural_tokenizer(vocab_size: int = 512, n_questions: int = 4000) -> PreTrainedTokenizerFast:
+    """A byte-level BPE whose merges cover the procedural questions and answers (any text still encodes)."""
+    texts = []
+    for i in range(n_questions):
+        _, question = draw_question("train", i)
+        texts += [f"Question: {question.text}\nAnswer:", f" {question.answer}"]
+    texts += [f" {a}" for a in answer_vocabulary()]
+    return train_tokenizer(texts, vocab_size)
+
+
+# Single-object scenes admit every question type but relations.
+EASY_WEIGHTS = {q: 1.0 for q in QTYPES if q != "relation"}
+
+
+def procedural_pool(model: HTCVLM, split: Split, size: int, easy: int = 0) -> VQATensors:
+    """`size` samples of the split, plus `easy` single-object ones (a curriculum: with one object in view
+    every answer is a property of the image, which the vision tower learns long before it learns to
+    bind a named object to its properties)."""
+    image_size = model.config.image_size
+    data = ProceduralVQA(split, size, image_size=image_size)
+    samples = [data[i] for i in range(size)]
+    if easy:
+        single = ProceduralVQA(split, easy, image_size, weights=EASY_WEIGHTS, seed=1, max_objects=1)
+        samples += [single[i] for i in range(easy)]
+    return tensorize(model, samples)
+
+
+def run_training(
+    out: Path,
+    variant: Variant = "hybrid",
+    preset: str = "tiny",
+    cfg: TrainConfig = TrainConfig(),
+    pool: int = 20000,
+    easy: int = 5000,
+    val_size: int = 500,
+    mgvq_from: Path | None = None,
+    device: str = "cpu",
+    **config_overrides: object,
+) -> HTCVLM:
+    """The whole recipe: tokenizer, model, stage 1 (or MGVQ weights copied from `mgvq_from`), stage 2.
+
+    Resumable: a rerun with the same `out` continues stage 2 from its last saved state.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    tokenizer = procedural_tokenizer()
+    config = variant_config(HTCConfig.from_name(preset), variant).with_(**config_overrides)
+    model = new_model(config, tokenizer).to(device)
+    logger.info("rendering %d + %d easy training and %d validation samples", pool, easy, val_size)
+    train_data = procedural_pool(model, "train", pool, easy)
+    val_data = procedural_pool(model, "val", val_size)
+    resuming = (out / "train_state.json").is_file()
+    if hasattr(model, "mgvq") and not resuming:
+        if mgvq_from is not None:
+            state = load_file(str(mgvq_from / "model.safetensors"))
+            model.mgvq.load_state_dict(
+                {k[len("mgvq.") :]: v for k, v in state.items() if k.startswith("mgvq.")}
+            )
+            logger.info("MGVQ weights from %s", mgvq_from)
+        else:
+            parts = train_mgvq(model, train_data.pixels, cfg)
+            logger.info("stage 1 done: %s", parts)
+    (out / "training.json").write_text(
+        json.dumps(
+            {"variant": variant, "preset": preset, "pool": pool, "easy": easy, "train": config_dict(cfg)},
+            indent=2,
+        )
+    )
+    train_vlm(model, train_data, cfg, variant, out=out, val=val_data)
+    return model

@@ -1,0 +1,91 @@
+"""Training and evaluation: the answer-only loss, learning, resume, retention and the CLI smoke run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from htcvlm.cli import main
+from htcvlm.data.dataset import ProceduralVQA
+from htcvlm.evaluate import retention, retention_table
+from htcvlm.train import TrainConfig, _load_state, _state_tensors, answer_loss, tensorize, train_vlm
+
+from .helpers import make_model
+
+
+def test_loss_counts_answer_tokens_only():
+    ids = torch.tensor([[5, 6, 7, 8, 9, 0]])  # prompt 5 6 7, answer 8 9, one pad
+    lengths, start = torch.tensor([5]), torch.tensor([3])
+    logits = torch.randn(1, 6, 12)
+    base = answer_loss(logits, ids, lengths, start)
+    changed = logits.clone()
+    changed[0, :2] = torch.randn(2, 12)  # rows predicting prompt tokens 6 and 7
+    changed[0, 5] = torch.randn(12)  # the pad row
+    assert torch.equal(answer_loss(changed, ids, lengths, start), base)
+    changed[0, 3] = torch.randn(12)  # the row predicting answer token 9
+    assert not torch.equal(answer_loss(changed, ids, lengths, start), base)
+
+
+def test_a_small_model_fits_a_small_set(tokenizer):
+    model = make_model(tokenizer, seed=0)
+    data = ProceduralVQA("train", 8)
+    pool = tensorize(model, [data[i] for i in range(8)])
+    cfg = TrainConfig(steps=80, batch_size=8, lr=3e-3, warmup=5, eval_every=1000)
+    with torch.no_grad():
+        before = answer_loss(model(**_inputs(pool))[0], pool.ids, pool.lengths, pool.answer_start).item()
+    train_vlm(model, pool, cfg, "hybrid", show_progress=False)
+    with torch.no_grad():
+        after = answer_loss(model(**_inputs(pool))[0], pool.ids, pool.lengths, pool.answer_start).item()
+    assert after < 0.2 * before, (before, after)
+
+
+def _inputs(pool):
+    batch = pool.batch(torch.arange(len(pool)))
+    batch.pop("answer_start")
+    return batch
+
+
+def test_optimizer_state_round_trips_without_pickle(tokenizer):
+    model = make_model(tokenizer, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.voco.sum().backward()
+    opt.step()
+    tensors, meta = _state_tensors(opt)
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    _load_state(fresh, tensors, json.loads(json.dumps(meta)))
+    for a, b in zip(opt.state_dict()["state"].values(), fresh.state_dict()["state"].values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_retention():
+    assert retention(0.8, 0.3, 0.9) == pytest.approx(5 / 6)
+    assert math.isnan(retention(0.5, 0.5, 0.5))
+    acc = {"color": 0.9, "shape": 0.6, "semantic": 0.6, "detail": 0.9, "all": 0.75}
+    low = {"color": 0.3, "shape": 0.2, "semantic": 0.2, "detail": 0.3, "all": 0.25}
+    mid = {"color": 0.6, "shape": 0.4, "semantic": 0.4, "detail": 0.6, "all": 0.5}
+    markdown, table = retention_table({"upper": acc, "lower": low, "hybrid": mid})
+    assert table["hybrid"]["color"]["retention"] == pytest.approx(0.5)
+    assert table["hybrid"]["avg_retention"]["retention"] == pytest.approx(0.5)
+    assert "| hybrid |" in markdown and "50.0%" in markdown
+
+
+def test_cli_smoke_train_resume_eval_and_analyze(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--pool", "24", "--easy", "8", "--val-size", "8", "--mgvq-steps", "2", "--batch-size", "4"]
+    common += ["--eval-every", "2"]
+    assert main(["train", "--out", str(out), "--steps", "2", *common]) == 0
+    assert json.loads((out / "train_state.json").read_text())["step"] == 2
+    assert main(["train", "--out", str(out), "--steps", "4", *common]) == 0  # resumes at step 2
+    state = json.loads((out / "train_state.json").read_text())
+    assert state["step"] == 4 and [e["step"] for e in state["log"]] == [2, 4]
+    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
+    assert main(["eval", f"upper={out}", f"hybrid={out}", "--test-size", "12", "--out", str(tmp_path)]) == 0
+    table = json.loads((tmp_path / "eval.json").read_text())["table"]
+    assert set(table) == {"upper", "lower", "hybrid"}
+    png = tmp_path / "attention.png"
+    assert main(["analyze", "attention", "--model", str(out), "--images", "4", "--out", str(png)]) == 0
+    assert png.stat().st_size > 0
+    assert "anchors hold" in capsys.readouterr().out
