@@ -1,0 +1,71 @@
+"""The cache must change nothing: decoding from a stored record is decoding from the fresh one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cache.records import get_record, put_records
+from cache.serde import KV_DTYPES, roundtrip
+from cache.store import RecordStore
+from htcvlm.config import HTCConfig, LLMConfig, VisionConfig
+from htcvlm.decode import DecodeBatch, GenerationOptions, decode
+from htcvlm.model import new_model
+from htcvlm.tokenizer import train_tokenizer
+
+QUESTIONS = ["what color is the circle?", "how many objects are there in this picture?"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    tiny = HTCConfig.from_name("tiny")
+    config = tiny.with_(
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, patch_size=16),
+        llm=LLMConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            max_position_embeddings=256,
+        ),
+        pd_hidden=64,
+    )
+    return new_model(config, train_tokenizer(QUESTIONS * 3, vocab_size=300)).eval()
+
+
+@pytest.fixture(scope="module")
+def records(model):
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    return model.compress_pixels(pixels, ["a" * 64, "b" * 64])
+
+
+def test_fp32_through_a_store_decodes_bit_identically(store: RecordStore, model, records):
+    keys = put_records(store, records, kv_dtype="fp32")
+    stored = [get_record(store, k) for k in keys]
+    opts = GenerationOptions(max_new_tokens=6)
+    assert [a.token_ids for a in decode(model, stored, QUESTIONS, opts)] == [
+        a.token_ids for a in decode(model, records, QUESTIONS, opts)
+    ]
+    prompts = [model.prompt_ids(q) for q in QUESTIONS]
+    with torch.inference_mode():
+        fresh, cached = DecodeBatch(model, records, prompts), DecodeBatch(model, stored, prompts)
+    assert torch.equal(fresh.prompt_logits, cached.prompt_logits)
+
+
+@pytest.mark.parametrize("kv_dtype", [d for d in KV_DTYPES if d != "fp32"])
+def test_lossy_dtypes_stay_close(model, records, kv_dtype):
+    prompts = [model.prompt_ids(q) for q in QUESTIONS]
+    lossy = [roundtrip(r, kv_dtype) for r in records]
+    with torch.inference_mode():
+        err = (
+            (
+                DecodeBatch(model, records, prompts).prompt_logits
+                - DecodeBatch(model, lossy, prompts).prompt_logits
+            )
+            .abs()
+            .max()
+            .item()
+        )
+    assert 0 < err < 0.05, f"{kv_dtype}: max logit error {err}"
