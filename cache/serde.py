@@ -20,9 +20,10 @@ import logging
 import struct
 from typing import Literal, get_args
 
-import safetensors.torch
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from cache.errors import CorruptRecordError, FingerprintMismatchError
 from htcvlm.record import Record
@@ -96,7 +97,7 @@ def serialize(record: Record, kv_dtype: KvDtype = "fp16") -> bytes:
         "source_uri": record.source_uri,
     }
     metadata["payload_sha256"] = _payload_sha256(metadata, tensors)
-    return safetensors.torch.save(tensors, metadata=metadata)
+    return save_safetensors(tensors, metadata=metadata)
 
 
 def read_metadata(blob: bytes) -> dict[str, str]:
@@ -130,7 +131,7 @@ def deserialize(blob: bytes, *, fingerprint: str | None = None, image_id: str | 
     """
     metadata = read_metadata(blob)
     try:
-        tensors = safetensors.torch.load(blob)
+        tensors = load_safetensors(blob)
     except SafetensorError as e:
         raise CorruptRecordError(f"record tensors cannot be decoded: {e}") from e
     # checksum before the fingerprint test, so a flipped bit there reads as corruption, not another model

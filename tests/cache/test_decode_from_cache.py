@@ -8,10 +8,10 @@ import torch
 from cache.records import get_record, put_records
 from cache.serde import KV_DTYPES, roundtrip
 from cache.store import RecordStore
-from htcvlm.config import HTCConfig, LLMConfig, VisionConfig
 from htcvlm.decode import DecodeBatch, GenerationOptions, decode
 from htcvlm.model import new_model
 from htcvlm.tokenizer import train_tokenizer
+from tests.htcvlm.helpers import small_config
 
 QUESTIONS = ["what color is the circle?", "how many objects are there in this picture?"]
 
@@ -19,20 +19,7 @@ QUESTIONS = ["what color is the circle?", "how many objects are there in this pi
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    tiny = HTCConfig.from_name("tiny")
-    config = tiny.with_(
-        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, patch_size=16),
-        llm=LLMConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            max_position_embeddings=256,
-        ),
-        pd_hidden=64,
-    )
-    return new_model(config, train_tokenizer(QUESTIONS * 3, vocab_size=300)).eval()
+    return new_model(small_config(), train_tokenizer(QUESTIONS * 3, vocab_size=300)).eval()
 
 
 @pytest.fixture(scope="module")
