@@ -293,10 +293,6 @@ def train_vlm(
     return log
 
 
-def config_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)
-
-
 def procedural_tokenizer(vocab_size: int = 512, n_questions: int = 4000) -> PreTrainedTokenizerFast:
     """A byte-level BPE whose merges cover the procedural questions and answers (any text still encodes)."""
     texts = []
@@ -361,7 +357,7 @@ def run_training(
             logger.info("stage 1 done: %s", parts)
     (out / "training.json").write_text(
         json.dumps(
-            {"variant": variant, "preset": preset, "pool": pool, "easy": easy, "train": config_dict(cfg)},
+            {"variant": variant, "preset": preset, "pool": pool, "easy": easy, "train": asdict(cfg)},
             indent=2,
         )
     )
