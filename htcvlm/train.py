@@ -46,6 +46,7 @@ class TrainConfig:
     warmup: int = 150
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    easy_steps: int = 400  # curriculum: the first steps draw only the pool's single-object samples
     mgvq_steps: int = 600
     mgvq_lr: float = 2e-3
     eval_every: int = 500
@@ -78,6 +79,7 @@ class VQATensors:
     answers: list[str]
     questions: list[str]
     quantized: torch.Tensor | None = None  # (N, C, h, w): the frozen MGVQ's output, computed once
+    n_easy: int = 0  # the last n_easy samples are single-object scenes (the curriculum's first phase)
 
     def __len__(self) -> int:
         return len(self.answers)
@@ -256,7 +258,10 @@ def train_vlm(
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, cfg.lr, cfg.steps)
-        idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
+        if step < cfg.easy_steps and data.n_easy:
+            idx = len(data) - data.n_easy + torch.randint(data.n_easy, (cfg.batch_size,), generator=gen)
+        else:
+            idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
         b = {k: v.to(model.device) if v is not None else None for k, v in data.batch(idx).items()}
         ans = b.pop("answer_start")
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -317,7 +322,9 @@ def procedural_pool(model: HTCVLM, split: Split, size: int, easy: int = 0) -> VQ
     if easy:
         single = ProceduralVQA(split, easy, image_size, weights=EASY_WEIGHTS, seed=1, max_objects=1)
         samples += [single[i] for i in range(easy)]
-    return tensorize(model, samples)
+    pool = tensorize(model, samples)
+    pool.n_easy = easy
+    return pool
 
 
 def run_training(
