@@ -98,6 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         mgvq_steps=args.mgvq_steps,
+        easy_steps=args.easy_steps,
+        warmup=args.warmup,
         eval_every=args.eval_every,
         seed=args.seed,
         bf16=args.bf16,
@@ -171,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mgvq-from", help="copy stage-1 MGVQ weights from this checkpoint instead")
     train.add_argument("--pool", type=int, default=20000, help="pre-rendered training samples")
     train.add_argument("--easy", type=int, default=5000, help="extra single-object samples (curriculum)")
+    train.add_argument("--easy-steps", type=int, default=400, help="first steps on single-object samples")
+    train.add_argument("--warmup", type=int, default=150)
     train.add_argument("--val-size", type=int, default=500, help="validation samples scored at each eval")
     train.add_argument("--n-discrete", type=int, default=4)
     train.add_argument("--fusion", choices=("pre", "post", "mean"), default="pre")
