@@ -60,6 +60,7 @@ class StepEvent:
     token_id: int
     text: str
     finished: FinishReason | None = None
+    prompt_tokens: int = 0  # the row's question length in tokens (for usage accounting)
 
 
 def check_records(model: HTCVLM, records: Sequence[Record]) -> None:
@@ -229,7 +230,7 @@ def decode_stream(
             text = texts[row].push(
                 model.tokenizer, None if token == eos else token, final=finished is not None
             )
-            events.append(StepEvent(row, token, text, finished))
+            events.append(StepEvent(row, token, text, finished, len(prompts[row])))
             active[row] = finished is None
             tokens.append(token)
         yield events
@@ -245,13 +246,11 @@ def decode(
     options: GenerationOptions | Sequence[GenerationOptions] = GenerationOptions(),
 ) -> list[Answer]:
     """Answer each question about its record's image (batched over images and question lengths)."""
-    answers = [
-        Answer(text="", token_ids=[], prompt_tokens=len(model.prompt_ids(q)), finish_reason="length")
-        for q in questions
-    ]
+    answers = [Answer(text="", token_ids=[], prompt_tokens=0, finish_reason="length") for _ in questions]
     for events in decode_stream(model, records, questions, options):
         for ev in events:
             ans = answers[ev.row]
+            ans.prompt_tokens = ev.prompt_tokens
             if ev.token_id != model.tokenizer.eos_token_id:
                 ans.token_ids.append(ev.token_id)
             if ev.finished:
