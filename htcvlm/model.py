@@ -183,6 +183,8 @@ class HTCVLM(nn.Module):
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> list[Record]:
         """Image file bytes -> one `Record` each. A bad image raises `InvalidImageError` before any work."""
+        if not images:
+            return []
         pixels = torch.stack([pixels_from_bytes(b, self.config.image_size, max_pixels) for b in images])
         ids = [image_id_of(b) for b in images]
         return self.compress_pixels(pixels, ids, source_uris)

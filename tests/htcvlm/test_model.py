@@ -36,6 +36,10 @@ def test_compress_from_bytes_keys_by_sha256(model):
     assert records[0].voco_position == model.config.n_visual == 4 + 16
 
 
+def test_an_empty_batch_compresses_to_nothing(model):
+    assert model.compress([]) == []
+
+
 def test_a_bad_image_in_a_batch_raises_before_any_work(model):
     with pytest.raises(InvalidImageError):
         model.compress([png_bytes(1), b"not an image"])
