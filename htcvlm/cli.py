@@ -150,6 +150,24 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrieval(args: argparse.Namespace) -> int:
+    """Near-duplicate recall@1/@10 over voco latents: procedural test scenes and scikit-image's photos."""
+    from htcvlm.checkpoint import load_pretrained
+    from htcvlm.data.dataset import ProceduralVQA
+    from htcvlm.retrieval import format_recall, near_duplicate_recall, skimage_photos
+
+    torch.set_num_threads(args.threads)
+    model = load_pretrained(args.model)
+    scenes = ProceduralVQA("test", args.procedural, image_size=model.config.image_size)
+    sets = {
+        f"procedural test scenes ({args.procedural})": [scenes[i].image for i in range(args.procedural)],
+        "scikit-image photos (26)": skimage_photos(),
+    }
+    for name, images in sets.items():
+        print(format_recall(name, near_duplicate_recall(model, images, seed=args.seed)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onetoken", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("ONETOKEN_LOG_LEVEL", "WARNING"))
@@ -192,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="folder for eval.md and eval.json")
     evaluate.add_argument("--threads", type=int, default=int(os.environ.get("ONETOKEN_THREADS", "2")))
     evaluate.set_defaults(func=cmd_eval)
+
+    retrieval = sub.add_parser("retrieval", help="near-duplicate recall@k of augmented copies")
+    retrieval.add_argument("--model", required=True)
+    retrieval.add_argument("--procedural", type=int, default=500, help="procedural test scenes")
+    retrieval.add_argument("--seed", type=int, default=0)
+    retrieval.add_argument("--threads", type=int, default=int(os.environ.get("ONETOKEN_THREADS", "2")))
+    retrieval.set_defaults(func=cmd_retrieval)
 
     analyze = sub.add_parser("analyze", help="analyses of a trained model")
     analyze_sub = analyze.add_subparsers(dest="analysis", required=True)

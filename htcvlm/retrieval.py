@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import random
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -90,3 +91,21 @@ def near_duplicate_recall(
     ranks = torch.cat(all_ranks)
     results["all"] = {f"recall@{k}": float((ranks < k).float().mean()) for k in ks}
     return results
+
+
+def skimage_photos() -> list[Image.Image]:
+    """The 26 real photographs shipped inside scikit-image's wheel (no download), as RGB."""
+    try:
+        import skimage.data
+    except ImportError as exc:
+        raise RuntimeError("the real-photo set needs scikit-image: pip install 'onetoken[dev]'") from exc
+    folder = Path(skimage.data.__file__).parent
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".png", ".jpg"))
+    return [to_rgb(Image.open(p)) for p in files]
+
+
+def format_recall(name: str, results: dict[str, dict[str, float]]) -> str:
+    lines = [f"{name}", f"{'augmentation':<14}" + "".join(f"{k:>12}" for k in results["all"])]
+    for aug, scores in results.items():
+        lines.append(f"{aug:<14}" + "".join(f"{v:>12.3f}" for v in scores.values()))
+    return "\n".join(lines)

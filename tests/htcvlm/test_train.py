@@ -89,3 +89,6 @@ def test_cli_smoke_train_resume_eval_and_analyze(tmp_path, capsys):
     assert main(["analyze", "attention", "--model", str(out), "--images", "4", "--out", str(png)]) == 0
     assert png.stat().st_size > 0
     assert "anchors hold" in capsys.readouterr().out
+    assert main(["retrieval", "--model", str(out), "--procedural", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "scikit-image photos (26)" in printed and "recall@10" in printed
