@@ -115,6 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_size=args.val_size,
         mgvq_from=Path(args.mgvq_from) if args.mgvq_from else None,
         device=args.device,
+        llava=(Path(args.llava), Path(args.image_root)) if args.llava else None,
         n_discrete=args.n_discrete,
         fusion=args.fusion,
     )
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--mgvq-steps", type=int, default=300)
     train.add_argument("--mgvq-from", help="copy stage-1 MGVQ weights from this checkpoint instead")
+    train.add_argument("--llava", help="LLaVA-format JSON to train on instead of the procedural set")
+    train.add_argument("--image-root", default=".", help="folder the LLaVA JSON's image paths are under")
     train.add_argument("--pool", type=int, default=20000, help="pre-rendered training samples")
     train.add_argument("--easy", type=int, default=5000, help="extra single-object samples (curriculum)")
     train.add_argument("--easy-steps", type=int, default=400, help="first steps on single-object samples")

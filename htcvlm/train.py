@@ -26,7 +26,9 @@ from transformers import PreTrainedTokenizerFast
 from htcvlm.checkpoint import save_pretrained
 from htcvlm.config import HTCConfig
 from htcvlm.data.dataset import ProceduralVQA, Split, VQASample, draw_question
+from htcvlm.data.llava import LlavaVQA, read_llava
 from htcvlm.data.questions import QTYPES, answer_vocabulary
+from htcvlm.images import to_pixels, to_rgb
 from htcvlm.mgvq import MGVQ
 from htcvlm.model import HTCVLM, new_model
 from htcvlm.tokenizer import train_tokenizer
@@ -111,8 +113,10 @@ def tensorize(model: HTCVLM, samples: Sequence[VQASample]) -> VQATensors:
     pixels = torch.empty(len(samples), 3, size, size, dtype=torch.uint8)
     rows = []
     for i, s in enumerate(samples):
-        img = s.image if s.image.size == (size, size) else s.image.resize((size, size))
-        pixels[i] = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)  # (S, S, 3) -> (3, S, S)
+        if s.image.size == (size, size):
+            pixels[i] = torch.from_numpy(np.array(s.image.convert("RGB"))).permute(2, 0, 1)  # HWC -> CHW
+        else:  # the same padding and resizing as compress() applies to image files
+            pixels[i] = (to_pixels(to_rgb(s.image), size) * 255).round().to(torch.uint8)
         prompt = model.prompt_ids(s.question)
         rows.append((prompt + model.answer_ids(s.answer), len(prompt)))
     width = max(len(r) for r, _ in rows)
@@ -327,6 +331,17 @@ def procedural_pool(model: HTCVLM, split: Split, size: int, easy: int = 0) -> VQ
     return pool
 
 
+def llava_pools(
+    model: HTCVLM, json_path: Path, image_root: Path, val_size: int
+) -> tuple[VQATensors, VQATensors]:
+    """LLaVA-format data: every (question, answer) turn a sample; the last `val_size` held out."""
+    data = LlavaVQA(read_llava(json_path, image_root, on_missing="skip"))
+    if len(data) <= val_size:
+        raise ValueError(f"{json_path} has {len(data)} turns with images, need more than val_size={val_size}")
+    samples = [data[i] for i in range(len(data))]
+    return tensorize(model, samples[:-val_size]), tensorize(model, samples[-val_size:])
+
+
 def run_training(
     out: Path,
     variant: Variant = "hybrid",
@@ -337,6 +352,7 @@ def run_training(
     val_size: int = 500,
     mgvq_from: Path | None = None,
     device: str = "cpu",
+    llava: tuple[Path, Path] | None = None,
     **config_overrides: object,
 ) -> HTCVLM:
     """The whole recipe: tokenizer, model, stage 1 (or MGVQ weights copied from `mgvq_from`), stage 2.
@@ -349,8 +365,11 @@ def run_training(
     config = variant_config(HTCConfig.from_name(preset), variant).with_(**config_overrides)
     model = new_model(config, tokenizer).to(device)
     logger.info("rendering %d + %d easy training and %d validation samples", pool, easy, val_size)
-    train_data = procedural_pool(model, "train", pool, easy)
-    val_data = procedural_pool(model, "val", val_size)
+    if llava is not None:
+        train_data, val_data = llava_pools(model, *llava, val_size)
+    else:
+        train_data = procedural_pool(model, "train", pool, easy)
+        val_data = procedural_pool(model, "val", val_size)
     resuming = (out / "train_state.json").is_file()
     if hasattr(model, "mgvq") and not resuming:
         if mgvq_from is not None:

@@ -92,3 +92,44 @@ def test_cli_smoke_train_resume_eval_and_analyze(tmp_path, capsys):
     assert main(["retrieval", "--model", str(out), "--procedural", "10"]) == 0
     printed = capsys.readouterr().out
     assert "scikit-image photos (26)" in printed and "recall@10" in printed
+
+
+def test_cli_trains_on_llava_format_data(tmp_path):
+    """Non-square photos of any size, multi-turn conversations: the real-scale data path end to end."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    entries = []
+    for i in range(12):
+        Image.effect_noise((80 + 4 * i, 50), 30 + i).convert("RGB").save(tmp_path / "img" / f"{i}.jpg")
+        turns = [
+            {"from": "human", "value": "<image>\nWhat is shown?"},
+            {"from": "gpt", "value": f"noise {i}"},
+            {"from": "human", "value": "Is it bright?"},
+            {"from": "gpt", "value": "yes" if i % 2 else "no"},
+        ]
+        entries.append({"id": str(i), "image": f"img/{i}.jpg", "conversations": turns})
+    (tmp_path / "data.json").write_text(json.dumps(entries))
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--out",
+        str(out),
+        "--llava",
+        str(tmp_path / "data.json"),
+        "--image-root",
+        str(tmp_path),
+        "--steps",
+        "2",
+        "--val-size",
+        "4",
+        "--mgvq-steps",
+        "1",
+        "--batch-size",
+        "4",
+        "--eval-every",
+        "2",
+    ]
+    assert main(args) == 0
+    log = json.loads((out / "train_state.json").read_text())["log"]
+    assert log[-1]["step"] == 2 and 0.0 <= log[-1]["val_accuracy"] <= 1.0
