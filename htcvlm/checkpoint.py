@@ -24,6 +24,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT = "onetoken-htcvlm/1"
+# The trained tiny hybrid model that ships in the repository: the default model of every command.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "tiny"
 
 
 def save_pretrained(model: HTCVLM, path: str | Path) -> Path:
