@@ -159,6 +159,51 @@ class DecodeBatch:
         self.next_positions = self.next_positions + 1
         return out.logits[:, -1]
 
+    def __len__(self) -> int:
+        return int(self.next_positions.shape[0])
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` (in that order): finished or cancelled rows leave the batch."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.key_valid.device)
+        # keep only key columns some remaining row still reads: the rest is dead padding
+        live = self.key_valid[index].any(dim=0)
+        first = int(live.nonzero()[0]) if len(index) else self.key_valid.shape[1]
+        layers = [
+            (layer.keys[index, :, first:], layer.values[index, :, first:]) for layer in self.cache.layers
+        ]
+        self.cache = DynamicCache(layers)
+        self.key_valid = self.key_valid[index, first:]
+        self.next_positions = self.next_positions[index]
+        self.prompt_lengths = self.prompt_lengths[index]
+
+    def extend(self, other: DecodeBatch) -> None:
+        """Append `other`'s rows (continuous batching: new requests join a running batch).
+
+        The shorter of the two key sequences is left-padded with masked zeros; positions are explicit
+        and keys are cached after the rotary embedding, so padding changes no row's result.
+        """
+        width = max(self.key_valid.shape[1], other.key_valid.shape[1])
+
+        def pad(x: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - x.shape[dim]
+            if not missing:
+                return x
+            shape = list(x.shape)
+            shape[dim] = missing
+            return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+        layers = [
+            (
+                torch.cat([pad(a.keys, 2), pad(b.keys, 2)]),  # (B, kv_heads, K, head_dim)
+                torch.cat([pad(a.values, 2), pad(b.values, 2)]),
+            )
+            for a, b in zip(self.cache.layers, other.cache.layers, strict=True)
+        ]
+        self.cache = DynamicCache(layers)
+        self.key_valid = torch.cat([pad(self.key_valid, 1), pad(other.key_valid, 1)])
+        self.next_positions = torch.cat([self.next_positions, other.next_positions])
+        self.prompt_lengths = torch.cat([self.prompt_lengths, other.prompt_lengths])
+
 
 def sample_next(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None) -> int:
     """One token from a (vocab,) logit row: argmax when greedy, else temperature + top-p sampling."""
@@ -193,6 +238,32 @@ class _RowText:
         return delta
 
 
+class RowState:
+    """One row's generation: its options and sampler, how far it has got, and its streamed text."""
+
+    def __init__(self, options: GenerationOptions, prompt_tokens: int, device: torch.device) -> None:
+        self.options = options
+        self.prompt_tokens = prompt_tokens
+        self.generated = 0
+        self.generator = (
+            torch.Generator(device=device).manual_seed(options.seed) if options.seed is not None else None
+        )
+        self._text = _RowText()
+
+    def advance(self, row: int, logits: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> StepEvent:
+        """Sample this row's next token from its (vocab,) logits; the event says if the row finished."""
+        token = sample_next(logits, self.options, self.generator)
+        self.generated += 1
+        finished: FinishReason | None = None
+        if token == tokenizer.eos_token_id:
+            finished = "eos"
+        elif self.generated >= self.options.max_new_tokens:
+            finished = "length"
+        is_eos = token == tokenizer.eos_token_id
+        text = self._text.push(tokenizer, None if is_eos else token, final=finished is not None)
+        return StepEvent(row, token, text, finished, self.prompt_tokens)
+
+
 @torch.inference_mode()
 def decode_stream(
     model: HTCVLM,
@@ -207,36 +278,23 @@ def decode_stream(
     longest = max(o.max_new_tokens for o in per_row)
     prompts = encode_questions(model, questions, longest)
     batch = DecodeBatch(model, records, prompts)
-    eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
-    generators = [
-        torch.Generator(device=model.device).manual_seed(o.seed) if o.seed is not None else None
-        for o in per_row
-    ]
-    texts = [_RowText() for _ in per_row]
-    active = [True] * len(per_row)
+    pad = model.tokenizer.pad_token_id
+    rows = [RowState(o, len(p), model.device) for o, p in zip(per_row, prompts, strict=True)]
+    active = [True] * len(rows)
     logits = batch.last_logits()
-    for step in range(longest):
+    while any(active):
         events, tokens = [], []
-        for row, opts in enumerate(per_row):
+        for row, state in enumerate(rows):
             if not active[row]:
                 tokens.append(pad)  # finished rows ride along; their outputs are ignored
                 continue
-            token = sample_next(logits[row], opts, generators[row])
-            finished: FinishReason | None = None
-            if token == eos:
-                finished = "eos"
-            elif step + 1 >= opts.max_new_tokens:
-                finished = "length"
-            text = texts[row].push(
-                model.tokenizer, None if token == eos else token, final=finished is not None
-            )
-            events.append(StepEvent(row, token, text, finished, len(prompts[row])))
-            active[row] = finished is None
-            tokens.append(token)
+            event = state.advance(row, logits[row], model.tokenizer)
+            events.append(event)
+            active[row] = event.finished is None
+            tokens.append(event.token_id)
         yield events
-        if not any(active):
-            return
-        logits = batch.step(torch.tensor(tokens, device=model.device))
+        if any(active):
+            logits = batch.step(torch.tensor(tokens, device=model.device))
 
 
 def decode(

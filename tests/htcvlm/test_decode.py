@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from htcvlm.decode import GenerationOptions, decode, decode_stream
+from htcvlm.decode import DecodeBatch, GenerationOptions, decode, decode_stream, encode_questions
 from htcvlm.errors import InvalidQuestionError, RecordMismatchError
 
 from .helpers import QUESTIONS, make_model, png_bytes
@@ -35,6 +35,33 @@ def test_batched_decode_equals_one_row_at_a_time(model, records):
         assert alone.token_ids == together[row].token_ids
     assert all(a.finish_reason == "length" and len(a.token_ids) == 8 for a in together)
     assert together[0].prompt_tokens == len(model.prompt_ids(QUESTIONS[0]))
+
+
+def test_rows_joining_and_leaving_a_running_batch_keep_their_answers(model, records):
+    """Continuous batching: rows that join mid-way (left-padded state) and rows that leave change nothing."""
+    opts = GenerationOptions(max_new_tokens=8)
+    expected = [a.token_ids for a in decode(model, records, QUESTIONS, opts)]
+    prompts = encode_questions(model, QUESTIONS, opts.max_new_tokens)
+    got: list[list[int]] = [[], [], []]
+    with torch.inference_mode():
+        batch = DecodeBatch(model, records[:1], prompts[:1])
+        rows, logits = [0], batch.last_logits()
+        for step in range(16):
+            tokens = logits.argmax(dim=-1)
+            for i, row in enumerate(rows):
+                got[row].append(int(tokens[i]))
+            keep = [i for i, row in enumerate(rows) if len(got[row]) < 8]
+            if len(keep) < len(rows):
+                batch.select(keep)
+                tokens, rows = tokens[keep], [rows[i] for i in keep]
+            logits = batch.step(tokens) if rows else logits[:0]
+            if step in (2, 4):  # a new request joins after its own prefill
+                new = 1 if step == 2 else 2
+                joining = DecodeBatch(model, records[new : new + 1], prompts[new : new + 1])
+                batch.extend(joining)
+                logits = torch.cat([logits, joining.last_logits()])
+                rows.append(new)
+    assert got == expected
 
 
 def test_per_row_options(model, records):
