@@ -177,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--images", type=int, default=4)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
+    add_model_commands(sub)
+    return parser
+
+
+def add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """The model-core subcommands (info, train, eval, retrieval, analyze), shared with the service CLI."""
     info = sub.add_parser("info", help="geometry, parameters and bytes cached per image of a preset")
     info.add_argument("--preset", choices=sorted(PRESETS), default="paper")
     info.set_defaults(func=cmd_info)
@@ -228,7 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--images", type=int, default=16)
     attention.add_argument("--out", default="voco_attention.png")
     attention.set_defaults(func=cmd_analyze)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
