@@ -1,0 +1,90 @@
+"""A small synchronous client of the OneToken API, for the CLI, the demo and the benchmarks.
+
+Any gRPC client works (the .proto is in protos/, reflection is on); this one only saves boilerplate.
+Errors arrive as `grpc.RpcError` with the server's status code and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from onetoken.v1 import onetoken_pb2 as pb
+from onetoken.v1 import onetoken_pb2_grpc as pb_grpc
+
+
+class OneTokenClient:
+    def __init__(self, address: str, max_message_mb: int = 64, timeout_s: float | None = 60.0) -> None:
+        limit = max_message_mb * 1024 * 1024
+        self.channel = grpc.insecure_channel(
+            address,
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+        )
+        self.stub = pb_grpc.OneTokenStub(self.channel)
+        self.timeout_s = timeout_s
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
+
+    def encode(self, image: bytes, source_uri: str = "") -> pb.EncodeImageResponse:
+        return self.stub.EncodeImage(
+            pb.EncodeImageRequest(image=image, source_uri=source_uri), timeout=self.timeout_s
+        )
+
+    @staticmethod
+    def ask_request(
+        question: str,
+        image_id: str | None = None,
+        image: bytes | None = None,
+        max_new_tokens: int = 0,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        seed: int | None = None,
+    ) -> pb.AskRequest:
+        options = pb.GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        if seed is not None:
+            options.seed = seed
+        request = pb.AskRequest(question=question, options=options)
+        if image is not None:
+            request.image_bytes = image
+        elif image_id is not None:
+            request.image_id = image_id
+        return request
+
+    def ask(self, question: str, **kwargs: object) -> pb.AskResponse:
+        return self.stub.Ask(self.ask_request(question, **kwargs), timeout=self.timeout_s)  # type: ignore[arg-type]
+
+    def ask_stream(self, question: str, **kwargs: object) -> Iterator[pb.AskStreamResponse]:
+        return self.stub.AskStream(self.ask_request(question, **kwargs), timeout=self.timeout_s)  # type: ignore[arg-type]
+
+    def search(
+        self,
+        k: int = 5,
+        image_id: str | None = None,
+        image: bytes | None = None,
+        latent: list[float] | None = None,
+    ) -> pb.SearchResponse:
+        request = pb.SearchRequest(k=k)
+        if image is not None:
+            request.image_bytes = image
+        elif latent is not None:
+            request.latent.values.extend(latent)
+        elif image_id is not None:
+            request.image_id = image_id
+        return self.stub.Search(request, timeout=self.timeout_s)
+
+    def get_image(self, image_id: str) -> pb.ImageInfo:
+        return self.stub.GetImage(pb.GetImageRequest(image_id=image_id), timeout=self.timeout_s)
+
+    def delete_image(self, image_id: str) -> pb.DeleteImageResponse:
+        return self.stub.DeleteImage(pb.DeleteImageRequest(image_id=image_id), timeout=self.timeout_s)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> OneTokenClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,38 @@
+"""The LLM worker's configuration: one frozen dataclass, read from flags and ONETOKEN_* variables only
+in `llm_worker.cli`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from encoder_service.config import EncoderConfig
+
+DEFAULT_INDEX_DIR = ".onetoken/index"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port (tests)
+    index_dir: str = DEFAULT_INDEX_DIR
+    index_spec: str = "Flat"  # a faiss.index_factory string; "IVF4096,Flat" and the like for scale
+    max_message_mb: int = 64  # gRPC send/receive limit: image bytes travel in requests
+    max_decode_batch: int = 32  # rows decoded together, one forward per step
+    max_pending_asks: int = 256  # Asks waiting for a decode slot before RESOURCE_EXHAUSTED
+    default_max_new_tokens: int = 32
+    index_refresh_s: float = 30.0  # pick up records other processes (ingest) stored; 0 disables
+    device: str = "auto"  # the decoding model's device: auto = cuda when available
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("max_message_mb", "max_decode_batch", "max_pending_asks", "default_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.index_refresh_s < 0:
+            raise ValueError(f"index_refresh_s must be >= 0, got {self.index_refresh_s}")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"

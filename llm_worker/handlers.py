@@ -1,0 +1,191 @@
+"""gRPC handlers: request messages in, response messages out, and the one place errors become codes.
+
+Every domain error maps to one status code with a message that says what to do; anything unexpected is
+logged and returned as INTERNAL. No error ends the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from cache.errors import (
+    CorruptRecordError,
+    FingerprintMismatchError,
+    NotIndexedError,
+    StoreFullError,
+    StoreUnavailableError,
+)
+from encoder_service.errors import EncoderUnavailableError, QueueFullError
+from htcvlm.errors import InvalidImageError, InvalidQuestionError, RecordMismatchError
+from llm_worker.errors import DecodeQueueFullError, ImageNotFoundError, InvalidRequestError
+from llm_worker.service import AskCall, OneTokenService, Timings
+from onetoken.v1 import onetoken_pb2 as pb
+from onetoken.v1 import onetoken_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Most specific first: ImageTooLargeError is an InvalidImageError, NotIndexedError a KeyError.
+STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (InvalidImageError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidQuestionError, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ImageNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (NotIndexedError, grpc.StatusCode.NOT_FOUND),
+    (RecordMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
+    (FingerprintMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
+    (CorruptRecordError, grpc.StatusCode.DATA_LOSS),
+    (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DecodeQueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StoreFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (EncoderUnavailableError, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode | None:
+    for kind, code in STATUS_OF:
+        if isinstance(exc, kind):
+            return code
+    return None
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    code = status_of(exc)
+    if code is None:
+        logger.exception("%s failed unexpectedly", method)
+        await context.abort(
+            grpc.StatusCode.INTERNAL, f"internal error in {method}: {exc}; see the server log"
+        )
+    message = str(exc)
+    if code is grpc.StatusCode.DATA_LOSS:
+        message += "; encode the image again to replace the damaged record"
+    await context.abort(code, message)
+
+
+async def _guard(context: grpc.aio.ServicerContext, method: str, call: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await call()
+    except Exception as exc:  # every error leaves as a status code, none ends the server
+        await _abort(context, exc, method)
+        raise AssertionError("unreachable: abort raises") from exc
+
+
+def _timings(t: Timings) -> pb.Timings:
+    return pb.Timings(queue_ms=t.queue_ms, encode_ms=t.encode_ms, decode_ms=t.decode_ms, total_ms=t.total_ms)
+
+
+class OneTokenServicer(pb_grpc.OneTokenServicer):
+    def __init__(self, service: OneTokenService) -> None:
+        self.service = service
+
+    async def EncodeImage(self, request: pb.EncodeImageRequest, context: Any) -> pb.EncodeImageResponse:
+        async def run() -> pb.EncodeImageResponse:
+            encoded = await self.service.encode(request.image, request.source_uri)
+            return pb.EncodeImageResponse(
+                image_id=encoded.image_id, cached=encoded.cached, latent_dim=len(encoded.latent)
+            )
+
+        return await _guard(context, "EncodeImage", run)
+
+    async def _start_ask(self, request: pb.AskRequest) -> AskCall:
+        o = request.options
+        options = self.service.generation_options(
+            o.max_new_tokens, o.temperature, o.top_p, o.seed if o.HasField("seed") else None
+        )
+        which = request.WhichOneof("image")
+        if which is None:
+            raise InvalidRequestError("set image_id or image_bytes")
+        return await self.service.ask(
+            request.question,
+            options,
+            image_id=request.image_id if which == "image_id" else None,
+            image_bytes=request.image_bytes if which == "image_bytes" else None,
+        )
+
+    async def Ask(self, request: pb.AskRequest, context: Any) -> pb.AskResponse:
+        async def run() -> pb.AskResponse:
+            call = await self._start_ask(request)
+            token_ids: list[int] = []
+            finish, prompt_tokens = "", 0
+            async for event in call.events():
+                if event.token_id != self.service.model.tokenizer.eos_token_id:
+                    token_ids.append(event.token_id)
+                finish, prompt_tokens = event.finished or finish, event.prompt_tokens
+            text = self.service.model.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+            return pb.AskResponse(
+                image_id=call.image_id,
+                answer=text,
+                finish_reason=finish,
+                usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=len(token_ids)),
+                timings=_timings(call.timings),
+                token_ids=token_ids,
+            )
+
+        return await _guard(context, "Ask", run)
+
+    async def AskStream(self, request: pb.AskRequest, context: Any) -> AsyncIterator[pb.AskStreamResponse]:
+        try:
+            call = await self._start_ask(request)
+            generated, last = 0, None
+            async for event in call.events():
+                generated += event.token_id != self.service.model.tokenizer.eos_token_id
+                message = pb.AskStreamResponse(
+                    text=event.text, token_id=event.token_id, image_id=call.image_id
+                )
+                if not event.finished:
+                    yield message
+                    continue
+                message.finish_reason = event.finished
+                message.usage.CopyFrom(
+                    pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=generated)
+                )
+                last = message
+            if last is not None:  # held back until the call ends, so it carries the complete timings
+                last.timings.CopyFrom(_timings(call.timings))
+                yield last
+        except Exception as exc:  # as in _guard
+            await _abort(context, exc, "AskStream")
+
+    async def Search(self, request: pb.SearchRequest, context: Any) -> pb.SearchResponse:
+        async def run() -> pb.SearchResponse:
+            which = request.WhichOneof("query")
+            hits = await self.service.search(
+                request.k,
+                image_id=request.image_id if which == "image_id" else None,
+                image_bytes=request.image_bytes if which == "image_bytes" else None,
+                latent=list(request.latent.values) if which == "latent" else None,
+            )
+            return pb.SearchResponse(
+                hits=[pb.SearchHit(image_id=h.image_id, score=h.score, source_uri=h.source_uri) for h in hits]
+            )
+
+        return await _guard(context, "Search", run)
+
+    async def GetImage(self, request: pb.GetImageRequest, context: Any) -> pb.ImageInfo:
+        async def run() -> pb.ImageInfo:
+            info = await self.service.get_image(request.image_id)
+            return pb.ImageInfo(
+                image_id=info.image_id,
+                model_fingerprint=info.fingerprint,
+                source_uri=info.source_uri,
+                created_at=info.created_at,
+                voco_position=info.voco_position,
+                n_voco=info.n_voco,
+                latent_dim=info.latent_dim,
+                kv_bytes=info.kv_bytes,
+                indexed=info.indexed,
+            )
+
+        return await _guard(context, "GetImage", run)
+
+    async def DeleteImage(self, request: pb.DeleteImageRequest, context: Any) -> pb.DeleteImageResponse:
+        async def run() -> pb.DeleteImageResponse:
+            return pb.DeleteImageResponse(deleted=await self.service.delete_image(request.image_id))
+
+        return await _guard(context, "DeleteImage", run)

@@ -1,0 +1,84 @@
+"""The gRPC server: OneToken's API plus standard health checking and server reflection.
+
+`start(config)` returns a running server (tests bind port 0 and read the chosen port back);
+`serve(config)` runs one until SIGINT/SIGTERM. Reflection lets stock tools list and call the API:
+`grpcurl -plaintext localhost:50051 list`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from llm_worker.config import WorkerConfig
+from llm_worker.handlers import OneTokenServicer
+from llm_worker.service import OneTokenService
+from onetoken.v1 import onetoken_pb2 as pb
+from onetoken.v1 import onetoken_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OneToken"].full_name  # "onetoken.v1.OneToken"
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    service: OneTokenService
+    health: health.aio.HealthServicer
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.service.config.host}:{self.port}"
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking calls, let running ones finish for `grace` seconds, then release everything."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.service.close()
+
+
+async def start(config: WorkerConfig, service: OneTokenService | None = None) -> RunningServer:
+    service = service or await OneTokenService.open(config)
+    limit = config.max_message_mb * 1024 * 1024
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    )
+    pb_grpc.add_OneTokenServicer_to_server(OneTokenServicer(service), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_insecure_port(config.address)
+    if port == 0:
+        await service.close()
+        raise OSError(f"cannot bind {config.address}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("OneToken serving on %s:%d", config.host, port)
+    return RunningServer(server, service, health_servicer, port)
+
+
+async def serve(config: WorkerConfig, ready: asyncio.Event | None = None) -> None:
+    """Run a server until SIGINT or SIGTERM, then shut it down gracefully."""
+    running = await start(config)
+    print(f"OneToken listening on {config.host}:{running.port}", flush=True)
+    if ready is not None:
+        ready.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("shutting down")
+    await running.stop()

@@ -1,0 +1,323 @@
+"""The worker's domain layer: records, encoders, the index and the decode scheduler behind one object.
+
+No gRPC here: methods take and return plain values and raise the typed errors of `htcvlm`, `cache`,
+`encoder_service` and `llm_worker.errors`; `llm_worker.handlers` maps those to status codes. Store and
+index calls block, so they run in worker threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cache.errors import NotIndexedError
+from cache.index import IndexConfig, LatentIndex, load_or_rebuild
+from cache.keys import RecordKey
+from cache.records import LookupStatus, delete_record, get_records, lookup
+from cache.serde import read_metadata
+from cache.store import RecordStore, open_store
+from encoder_service.pool import EncoderPool, open_pool
+from htcvlm.checkpoint import load_pretrained
+from htcvlm.decode import GenerationOptions, StepEvent, check_records, encode_questions
+from htcvlm.errors import CheckpointError, ImageTooLargeError, InvalidImageError
+from htcvlm.model import HTCVLM
+from htcvlm.record import Record
+from llm_worker.config import WorkerConfig
+from llm_worker.errors import ImageNotFoundError, InvalidRequestError
+from llm_worker.scheduler import AskJob, DecodeScheduler
+
+logger = logging.getLogger(__name__)
+
+MAX_K = 1000
+
+
+@dataclass(frozen=True)
+class Encoded:
+    image_id: str
+    cached: bool
+    latent: np.ndarray  # (d,) float32
+
+
+@dataclass
+class Timings:
+    queue_ms: float = 0.0
+    encode_ms: float = 0.0
+    decode_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass
+class AskCall:
+    """One question in flight: iterate `events()`; `timings` and `image_id` are complete afterwards."""
+
+    image_id: str
+    job: AskJob
+    queue: asyncio.Queue[StepEvent | BaseException | None]
+    started: float
+    timings: Timings = field(default_factory=Timings)
+
+    async def events(self) -> AsyncIterator[StepEvent]:
+        try:
+            while (item := await self.queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+            end = time.perf_counter()
+            if self.job.started_at:
+                self.timings.queue_ms = (self.job.started_at - self.job.enqueued_at) * 1e3
+                self.timings.decode_ms = (end - self.job.started_at) * 1e3
+            self.timings.total_ms = (end - self.started) * 1e3
+        finally:
+            self.job.cancel()  # a caller that stops listening (cancelled, deadline) stops the decoding
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    image_id: str
+    score: float
+    source_uri: str
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    image_id: str
+    fingerprint: str
+    source_uri: str
+    created_at: float
+    voco_position: int
+    n_voco: int
+    latent_dim: int
+    kv_bytes: int
+    indexed: bool
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class OneTokenService:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        model: HTCVLM,
+        store: RecordStore,
+        index: LatentIndex,
+        encoders: EncoderPool,
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.fingerprint = model.fingerprint()
+        self.store = store
+        self.index = index
+        self.encoders = encoders
+        self.scheduler = DecodeScheduler(model, config.max_decode_batch, config.max_pending_asks)
+        self.scheduler.start()
+        self._index_dirty = False
+        self._refresher: asyncio.Task[None] | None = None
+        if config.index_refresh_s > 0:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    @classmethod
+    async def open(cls, config: WorkerConfig) -> OneTokenService:
+        """Load the model, open the store and the encoders, and load (or rebuild) the index."""
+        model = await asyncio.to_thread(load_pretrained, config.encoder.model_dir, pick_device(config.device))
+        encoders = await open_pool(config.encoder)
+        if encoders.fingerprint != model.fingerprint():
+            await encoders.close()
+            raise CheckpointError(
+                f"the encoders run model {encoders.fingerprint[:12]}…, the decoder "
+                f"{model.fingerprint()[:12]}…; point both at the same checkpoint"
+            )
+        store = open_store(config.encoder.store_url, key_prefix=config.encoder.key_prefix)
+        index_config = IndexConfig(dim=model.llm.config.hidden_size, spec=config.index_spec)
+        index = await asyncio.to_thread(
+            load_or_rebuild, config.index_dir, store, model.fingerprint(), index_config
+        )
+        logger.info("serving model %s with %d indexed images", model.fingerprint()[:12], len(index))
+        return cls(config, model, store, index, encoders)
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+        self.scheduler.stop()
+        await self.encoders.close()
+        await self.save_index()
+        self.store.close()
+
+    # ---- images ----
+
+    async def encode(self, image: bytes, source_uri: str = "") -> Encoded:
+        """Compress an image once (a cached one costs no model work) and index its latent."""
+        if not image:
+            raise InvalidImageError("empty image: 0 bytes received")
+        outcome = await self.encoders.encode(image, source_uri)
+        if outcome.status == "failed":
+            raise (ImageTooLargeError if outcome.too_large else InvalidImageError)(outcome.error)
+        assert outcome.latent is not None, f"{outcome.status} outcome without a latent"
+        if outcome.image_id not in self.index:
+            await asyncio.to_thread(self.index.add, [outcome.image_id], outcome.latent[None])
+            self._index_dirty = True
+        return Encoded(outcome.image_id, outcome.status == "cached", outcome.latent)
+
+    async def record(self, image_id: str | None = None, image_bytes: bytes | None = None) -> Record:
+        """The record of an image named by id, or by bytes (encoded first when not cached)."""
+        if image_bytes is not None:
+            encoded = await self.encode(image_bytes)
+            image_id = encoded.image_id
+        if not image_id:
+            raise InvalidRequestError("name the image: set image_id or image_bytes")
+        key = self._key(image_id)
+        found = await asyncio.to_thread(lookup, self.store, self.index, key)
+        if found.status is LookupStatus.FOUND:
+            assert found.record is not None
+            return found.record
+        raise ImageNotFoundError(image_id, evicted=found.status is LookupStatus.EVICTED)
+
+    def _key(self, image_id: str) -> RecordKey:
+        try:
+            return RecordKey(self.fingerprint, image_id)
+        except ValueError as e:
+            raise InvalidRequestError(f"{e}; image ids are the SHA-256 hex of the image bytes") from e
+
+    # ---- questions ----
+
+    def generation_options(
+        self, max_new_tokens: int = 0, temperature: float = 0.0, top_p: float = 0.0, seed: int | None = None
+    ) -> GenerationOptions:
+        """Options with the API's zero-means-default convention; InvalidRequestError if out of range."""
+        try:
+            return GenerationOptions(
+                max_new_tokens=max_new_tokens or self.config.default_max_new_tokens,
+                temperature=temperature,
+                top_p=top_p or 1.0,
+                seed=seed,
+            )
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from e
+
+    async def ask(
+        self,
+        question: str,
+        options: GenerationOptions,
+        image_id: str | None = None,
+        image_bytes: bytes | None = None,
+    ) -> AskCall:
+        """Resolve the image and queue the question; the returned call streams its tokens."""
+        started = time.perf_counter()
+        prompt = encode_questions(self.model, [question], options.max_new_tokens)[0]
+        record = await self.record(image_id, image_bytes)
+        check_records(self.model, [record])
+        encode_ms = (time.perf_counter() - started) * 1e3
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[StepEvent | BaseException | None] = asyncio.Queue()
+
+        def emit(item: StepEvent | BaseException | None) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(events.put_nowait, item)
+
+        job = AskJob(record, prompt, options, emit)
+        self.scheduler.submit(job)
+        return AskCall(record.image_id, job, events, started, Timings(encode_ms=encode_ms))
+
+    # ---- search ----
+
+    async def search(
+        self,
+        k: int,
+        image_id: str | None = None,
+        image_bytes: bytes | None = None,
+        latent: Sequence[float] | None = None,
+    ) -> list[SearchHit]:
+        """The k most similar indexed images (the query image itself first when it is indexed)."""
+        if not 1 <= k <= MAX_K:
+            raise InvalidRequestError(f"k must be in [1, {MAX_K}], got {k}")
+        dim = self.index.config.dim
+        if latent is not None:
+            query = np.asarray(latent, dtype=np.float32)
+            if query.shape != (dim,) or not np.isfinite(query).all() or not np.abs(query).sum():
+                raise InvalidRequestError(
+                    f"latent must be {dim} finite values, not all zero; got {query.size} values"
+                )
+        elif image_bytes is not None:
+            query = (await self.encode(image_bytes)).latent
+        elif image_id:
+            key = self._key(image_id)
+            if image_id not in self.index:
+                raise NotIndexedError(f"image {image_id} is not indexed; encode it first")
+            record = (await asyncio.to_thread(get_records, self.store, [key]))[0]
+            if record is None:
+                raise ImageNotFoundError(image_id, evicted=True)
+            query = record.latent.float().numpy()
+        else:
+            raise InvalidRequestError("set one query: image_id, image_bytes or latent")
+        hits = (await asyncio.to_thread(self.index.search, query, k))[0]
+        blobs = await asyncio.to_thread(self.store.get_many, [self._key(h.image_id) for h in hits])
+        return [
+            SearchHit(h.image_id, h.score, read_metadata(b)["source_uri"] if b is not None else "")
+            for h, b in zip(hits, blobs, strict=True)
+        ]
+
+    # ---- metadata and deletion ----
+
+    async def get_image(self, image_id: str) -> ImageInfo:
+        record = await self.record(image_id)
+        return ImageInfo(
+            image_id=record.image_id,
+            fingerprint=record.fingerprint,
+            source_uri=record.source_uri,
+            created_at=record.created_at,
+            voco_position=record.voco_position,
+            n_voco=record.n_voco,
+            latent_dim=record.latent.numel(),
+            kv_bytes=record.kv_nbytes,
+            indexed=record.image_id in self.index,
+        )
+
+    async def delete_image(self, image_id: str) -> bool:
+        deleted = await asyncio.to_thread(delete_record, self.store, self.index, self._key(image_id))
+        self._index_dirty = True
+        return deleted
+
+    # ---- the index ----
+
+    async def refresh_index(self) -> int:
+        """Index records that other processes (an ingest run) stored since; returns how many were added."""
+
+        def run() -> int:
+            missing = [i for i in self.store.iter_ids(self.fingerprint) if i not in self.index]
+            added = 0
+            for start in range(0, len(missing), 256):
+                chunk = missing[start : start + 256]
+                found = [r for r in get_records(self.store, [self._key(i) for i in chunk]) if r is not None]
+                if found:
+                    latents = np.stack([r.latent.float().numpy() for r in found])
+                    added += self.index.add([r.image_id for r in found], latents)
+            return added
+
+        added = await asyncio.to_thread(run)
+        if added:
+            logger.info("indexed %d records stored by other processes", added)
+            self._index_dirty = True
+        return added
+
+    async def save_index(self) -> None:
+        if self._index_dirty:
+            self._index_dirty = False
+            await asyncio.to_thread(self.index.save, self.config.index_dir)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.index_refresh_s)
+            try:
+                await self.refresh_index()
+                await self.save_index()
+            except Exception:  # the next round retries; a store outage must not end the loop
+                logger.exception("index refresh failed")
