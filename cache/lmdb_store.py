@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -37,12 +38,39 @@ class LmdbConfig:
             raise ValueError(f"map_size must be positive, got {self.map_size}")
 
 
+# LMDB allows one open environment per directory and process: stores of one directory share it (the
+# LLM worker and an in-process encoder both open the default store), and the last close closes it.
+_ENVS: dict[str, tuple[lmdb.Environment, int]] = {}
+_ENVS_LOCK = threading.Lock()
+
+
+def _open_env(config: LmdbConfig) -> lmdb.Environment:
+    path = os.path.realpath(config.path)
+    with _ENVS_LOCK:
+        env, users = _ENVS.get(path, (None, 0))
+        if env is None:
+            os.makedirs(path, exist_ok=True)
+            env = lmdb.open(path, map_size=config.map_size, sync=config.sync, max_dbs=0)
+            logger.info("opened LMDB store at %s", path)
+        _ENVS[path] = (env, users + 1)
+        return env
+
+
+def _close_env(path: str) -> None:
+    path = os.path.realpath(path)
+    with _ENVS_LOCK:
+        env, users = _ENVS.pop(path)
+        if users > 1:
+            _ENVS[path] = (env, users - 1)
+        else:
+            env.close()
+
+
 class LmdbStore(RecordStore):
     def __init__(self, config: LmdbConfig) -> None:
         self.config = config
-        os.makedirs(config.path, exist_ok=True)
-        self._env = lmdb.open(config.path, map_size=config.map_size, sync=config.sync, max_dbs=0)
-        logger.info("opened LMDB store at %s", config.path)
+        self._env = _open_env(config)
+        self._closed = False
 
     def _k(self, key: RecordKey) -> bytes:
         return key.to_str(self.config.key_prefix).encode()
@@ -94,4 +122,6 @@ class LmdbStore(RecordStore):
         yield from ids
 
     def close(self) -> None:
-        self._env.close()
+        if not self._closed:
+            self._closed = True
+            _close_env(self.config.path)

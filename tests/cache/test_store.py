@@ -150,3 +150,18 @@ def test_threads_share_one_store(store: RecordStore) -> None:
     for t, got in enumerate(results):
         assert got == [f"{t}-{i}".encode() for i in range(50)]
     assert store.count(FINGERPRINT) == 200
+
+
+def test_two_lmdb_stores_of_one_directory_share_it(tmp_path: Path) -> None:
+    """The worker and an in-process encoder open the same store; LMDB allows one env per process."""
+    first = open_store(str(tmp_path / "db"))
+    second = open_store(f"lmdb://{tmp_path / 'db'}")
+    first.put(key_of(1), b"one")
+    assert second.get(key_of(1)) == b"one"
+    first.close()
+    first.close()  # closing twice is harmless and does not close the other's environment
+    second.put(key_of(2), b"two")
+    assert second.get(key_of(2)) == b"two"
+    second.close()
+    with open_store(str(tmp_path / "db")) as third:  # reopened after the last close
+        assert third.get(key_of(2)) == b"two"
