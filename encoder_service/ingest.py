@@ -1,0 +1,166 @@
+"""Corpus ingestion on Ray Data: files -> bytes -> an actor pool of encoders -> the store and the index.
+
+    onetoken ingest ~/photos 'shots/*.jpg' paths.txt
+
+Resumable by construction: an image already in the store costs no model work (the encoder reads its
+latent back), so a rerun after a crash only encodes what is missing. A file that cannot be read or is
+not an image goes into the report with its reason and never stops the run.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cache.index import IndexConfig, load_or_rebuild
+from cache.store import open_store
+from encoder_service.config import EncoderConfig
+from encoder_service.encoder import Encoder
+from encoder_service.pool import actor_resources, init_ray
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestSummary:
+    encoded: int
+    cached: int
+    failed: int
+    seconds: float
+    report_path: str | None
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.encoded + self.cached) / self.seconds if self.seconds > 0 else 0.0
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
+    """Absolute paths of every file named by `inputs`, sorted and deduplicated.
+
+    Each input is a folder (walked recursively), a glob pattern (`**` allowed), a `.txt` file listing one
+    path per line (blank lines and `#` comments skipped; relative paths are relative to the list's
+    folder), or a file. Every file found is kept, image or not: the encoder judges, and the report says
+    why one failed. A named path that does not exist is kept too, so the report lists it.
+    """
+    found: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += [str(p) for p in path.rglob("*") if not p.is_dir()]
+        elif path.suffix == ".txt" and path.is_file():
+            lines = (line.strip() for line in path.read_text().splitlines())
+            found += [str(path.parent / line) for line in lines if line and not line.startswith("#")]
+        elif any(c in item for c in "*?[") and not path.exists():
+            found += [p for p in glob.glob(item, recursive=True) if not os.path.isdir(p)]
+        else:
+            found.append(item)
+    return sorted({os.path.abspath(p) for p in found})
+
+
+def read_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data stage: paths -> file bytes, or the reason a file could not be read."""
+    data, errors = [], []
+    for path in batch["path"]:
+        try:
+            with open(path, "rb") as f:
+                data.append(f.read())
+            errors.append("")
+        except OSError as e:
+            data.append(b"")
+            errors.append(f"unreadable: {e.strerror or e}")
+    return {
+        "path": batch["path"],
+        "data": np.array(data, dtype=object),
+        "error": np.array(errors, dtype=object),
+    }
+
+
+def ingest(
+    inputs: Sequence[str],
+    config: EncoderConfig,
+    index_dir: str | None = None,
+    index_spec: str = "Flat",
+    batch_size: int = 32,
+    report_path: str | None = None,
+    show_progress: bool = True,
+) -> IngestSummary:
+    """Encode every file named by `inputs` (see `expand_inputs`) into the store, and index the latents.
+
+    Ray Data pipeline: paths -> `read_files` tasks -> `Encoder` actors (`config.num_actors` of them, one
+    GPU each where the cluster has GPUs) in batches of `batch_size` -> rows streamed back to this process,
+    counted under a progress bar. With `index_dir`, the encoded and cached latents are added to the
+    `LatentIndex` there (loaded, or rebuilt from the store when missing or stale) and it is saved.
+    `report_path` gets one JSON line per failed file: path, image_id ("" if unread), status, reason.
+    Failed files never stop the run; a store outage (StoreUnavailableError) or a cluster failure does.
+    """
+    import ray
+
+    started = time.perf_counter()
+    paths = expand_inputs(inputs)
+    if not paths:
+        logger.warning("nothing to ingest: %s names no file", list(inputs))
+        return IngestSummary(0, 0, 0, time.perf_counter() - started, None)
+    init_ray(config.ray_address)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # ours counts images, not blocks
+    context.print_on_execution_start = False
+    results = (
+        ray.data.from_items([{"path": p} for p in paths])
+        .map_batches(read_files, batch_size=batch_size)
+        .map_batches(
+            Encoder,
+            fn_constructor_args=(config,),
+            batch_size=batch_size,
+            concurrency=config.num_actors,
+            **actor_resources(config),
+        )
+    )
+    counts = {"encoded": 0, "cached": 0, "failed": 0}
+    ids: list[str] = []
+    latents: list[np.ndarray] = []
+    fingerprint = ""
+    report = open(report_path, "w") if report_path else None  # closed in finally
+    bar = tqdm(total=len(paths), unit="img", desc="ingest", disable=not show_progress)
+    try:
+        for batch in results.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            for n, status in enumerate(batch["status"]):
+                counts[str(status)] += 1
+                if status == "failed":
+                    if report is not None:
+                        row = {"path": str(batch["path"][n]), "image_id": str(batch["image_id"][n])}
+                        row |= {"status": "failed", "reason": str(batch["reason"][n])}
+                        report.write(json.dumps(row) + "\n")
+                    continue
+                ids.append(str(batch["image_id"][n]))
+                latents.append(batch["latent"][n])
+            fingerprint = str(batch["fingerprint"][0])
+            bar.update(len(batch["status"]))
+            bar.set_postfix(encoded=counts["encoded"], cached=counts["cached"], failed=counts["failed"])
+    finally:
+        bar.close()
+        if report is not None:
+            report.close()
+    if index_dir is not None and ids:
+        index_latents(config, fingerprint, index_dir, index_spec, ids, np.stack(latents))
+    summary = IngestSummary(**counts, seconds=time.perf_counter() - started, report_path=report_path)
+    logger.info("ingest done: %s", summary)
+    return summary
+
+
+def index_latents(
+    config: EncoderConfig, fingerprint: str, index_dir: str, spec: str, ids: list[str], latents: np.ndarray
+) -> None:
+    """Add what was ingested to the persisted index (rebuilt from the store if missing or stale)."""
+    with open_store(config.store_url, key_prefix=config.key_prefix) as store:
+        index = load_or_rebuild(index_dir, store, fingerprint, IndexConfig(dim=latents.shape[1], spec=spec))
+    index.add(ids, latents)
+    index.save(index_dir)
