@@ -16,3 +16,9 @@ def redis_url() -> str:
     except redis.RedisError as e:
         redis_unreachable(f"no Redis answers at {REDIS_URL}: {e}")
     return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """Async tests (`pytest.mark.anyio`) run on asyncio, the loop the gRPC server uses."""
+    return "asyncio"

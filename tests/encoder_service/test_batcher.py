@@ -1,95 +1,150 @@
-"""The dynamic batcher: batches fill up to max_batch, identical requests share one computation,
-a full queue refuses, and a failing batch fails only its own waiters."""
+"""DynamicBatcher on a real event loop with an injected `run_batch` that records what it was given."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 
 from encoder_service.batcher import DynamicBatcher
 from encoder_service.encoder import EncodeOutcome
-from encoder_service.errors import QueueFullError
+from encoder_service.errors import EncoderUnavailableError, QueueFullError
+from htcvlm.record import image_id_of
+
+pytestmark = pytest.mark.anyio  # async tests run on asyncio (anyio's pytest plugin; see conftest)
 
 
 class FakeEncoder:
-    """Stands in for the model only: records what each batch held; images starting b'boom' fail it."""
+    """Stands in for the model: one latent per image, `gate` holds batches until a test opens it."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, poison: bytes = b"") -> None:
         self.batches: list[list[bytes]] = []
-        self.delay = delay
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.poison = poison
 
-    async def __call__(self, images, uris) -> list[EncodeOutcome]:
+    async def run_batch(self, images: Sequence[bytes], uris: Sequence[str]) -> list[EncodeOutcome]:
         self.batches.append(list(images))
-        await asyncio.sleep(self.delay)
-        if any(i.startswith(b"boom") for i in images):
-            raise RuntimeError("encoder exploded")
-        return [
-            EncodeOutcome(hashlib.sha256(i).hexdigest(), "encoded", np.full(4, len(i), np.float32))
-            for i in images
-        ]
+        await self.gate.wait()
+        if self.poison in images:
+            raise RuntimeError("encoder crashed on this batch")
+        return [EncodeOutcome(image_id_of(b), "encoded", np.full(4, len(b), np.float32)) for b in images]
 
 
-def run(coro):
-    return asyncio.run(coro)
+def image(n: int) -> bytes:
+    return f"image-{n:03d}".encode()
 
 
-def test_concurrent_requests_are_batched_up_to_max_batch():
-    async def main():
-        fake = FakeEncoder()
-        batcher = DynamicBatcher(fake, max_batch=4, max_wait_ms=20)
-        outcomes = await asyncio.gather(*(batcher.submit(bytes([i]) * 3) for i in range(10)))
-        await batcher.close()
-        return fake, batcher, outcomes
-
-    _, batcher, outcomes = run(main())
+async def test_concurrent_requests_share_batches_of_at_most_max_batch() -> None:
+    fake = FakeEncoder()
+    fake.gate.clear()  # the first batch blocks, so the rest queue up behind it
+    batcher = DynamicBatcher(fake.run_batch, max_batch=4, max_wait_ms=20, max_inflight=1)
+    waiters = [asyncio.create_task(batcher.submit(image(n), f"uri-{n}")) for n in range(10)]
+    while not fake.batches:
+        await asyncio.sleep(0.001)
+    fake.gate.set()
+    outcomes = await asyncio.gather(*waiters)
+    assert [o.image_id for o in outcomes] == [image_id_of(image(n)) for n in range(10)]
+    assert batcher.batch_sizes == [len(b) for b in fake.batches]
+    # all ten arrive before the first batch closes; the rest wait for the one in-flight slot
     assert batcher.batch_sizes == [4, 4, 2]
-    assert [o.image_id for o in outcomes] == [hashlib.sha256(bytes([i]) * 3).hexdigest() for i in range(10)]
+    assert sorted(b for batch in fake.batches for b in batch) == [image(n) for n in range(10)]
+    assert batcher.pending == 0
+    await batcher.close()
 
 
-def test_identical_concurrent_requests_share_one_computation():
-    async def main():
-        fake = FakeEncoder(delay=0.05)
-        batcher = DynamicBatcher(fake, max_batch=8, max_wait_ms=10)
-        outcomes = await asyncio.gather(*(batcher.submit(b"same image") for _ in range(5)))
-        await batcher.close()
-        return fake, outcomes
-
-    fake, outcomes = run(main())
-    assert fake.batches == [[b"same image"]]
-    assert len({o.image_id for o in outcomes}) == 1
+async def test_a_lone_request_leaves_after_max_wait() -> None:
+    fake = FakeEncoder()
+    batcher = DynamicBatcher(fake.run_batch, max_batch=8, max_wait_ms=5)
+    outcome = await asyncio.wait_for(batcher.submit(image(1)), 5)
+    assert outcome.status == "encoded" and batcher.batch_sizes == [1]
+    await batcher.close()
 
 
-def test_a_full_queue_refuses():
-    async def main():
-        fake = FakeEncoder(delay=0.2)
-        batcher = DynamicBatcher(fake, max_batch=1, max_wait_ms=0, max_queue=2)
-        first = asyncio.ensure_future(batcher.submit(b"a"))
-        await asyncio.sleep(0.05)  # "a" is running; two more may wait
-        waiting = [asyncio.ensure_future(batcher.submit(x)) for x in (b"b", b"c")]
-        await asyncio.sleep(0)
-        with pytest.raises(QueueFullError, match="retry with backoff"):
-            await batcher.submit(b"d")
-        done = await asyncio.gather(first, *waiting)
-        await batcher.close()
-        return done
+async def test_identical_concurrent_requests_share_one_computation() -> None:
+    fake = FakeEncoder()
+    fake.gate.clear()
+    batcher = DynamicBatcher(fake.run_batch, max_batch=8, max_wait_ms=5)
+    early = [asyncio.create_task(batcher.submit(image(7))) for _ in range(5)]
+    while not fake.batches:
+        await asyncio.sleep(0.001)
+    late = asyncio.create_task(batcher.submit(image(7)))  # arrives while the computation runs
+    await asyncio.sleep(0.01)
+    fake.gate.set()
+    outcomes = await asyncio.gather(*early, late)
+    assert fake.batches == [[image(7)]]
+    assert all(o is outcomes[0] for o in outcomes)
+    await batcher.close()
 
-    assert len(run(main())) == 3
+
+async def test_queue_full_past_max_queue_but_duplicates_still_join() -> None:
+    fake = FakeEncoder()
+    fake.gate.clear()
+    batcher = DynamicBatcher(fake.run_batch, max_batch=2, max_wait_ms=1, max_queue=3)
+    waiters = [asyncio.create_task(batcher.submit(image(n))) for n in range(3)]
+    await asyncio.sleep(0.01)
+    assert batcher.pending == 3
+    with pytest.raises(QueueFullError, match="max_queue=3"):
+        await batcher.submit(image(99))
+    duplicate = asyncio.create_task(batcher.submit(image(2)))  # shares a pending future: no new slot
+    fake.gate.set()
+    await asyncio.gather(*waiters, duplicate)
+    assert (await batcher.submit(image(99))).status == "encoded"  # room again once drained
+    await batcher.close()
 
 
-def test_a_failing_batch_fails_only_its_waiters():
-    async def main():
-        fake = FakeEncoder()
-        batcher = DynamicBatcher(fake, max_batch=2, max_wait_ms=20)
-        results = await asyncio.gather(
-            batcher.submit(b"boom!"), batcher.submit(b"x"), batcher.submit(b"y"), return_exceptions=True
-        )
-        later = await batcher.submit(b"z")  # the batcher goes on
-        await batcher.close()
-        return results, later
+async def test_a_failed_batch_fails_exactly_its_waiters() -> None:
+    poison = image(666)
+    fake = FakeEncoder(poison=poison)
+    fake.gate.clear()
+    batcher = DynamicBatcher(fake.run_batch, max_batch=2, max_wait_ms=1, max_inflight=1)
+    ok_first = [asyncio.create_task(batcher.submit(image(n))) for n in (1, 2)]
+    await asyncio.sleep(0.01)  # [1, 2] is running; the next two wait for the slot
+    doomed = [asyncio.create_task(batcher.submit(b)) for b in (poison, image(3))]
+    await asyncio.sleep(0.01)
+    ok_last = [asyncio.create_task(batcher.submit(image(n))) for n in (4, 5)]
+    fake.gate.set()
+    results = await asyncio.gather(*ok_first, *doomed, *ok_last, return_exceptions=True)
+    assert fake.batches == [[image(1), image(2)], [poison, image(3)], [image(4), image(5)]]
+    assert [type(r).__name__ for r in results] == [
+        "EncodeOutcome", "EncodeOutcome", "RuntimeError", "RuntimeError", "EncodeOutcome", "EncodeOutcome"
+    ]  # fmt: skip
+    assert (await batcher.submit(image(3))).status == "encoded"  # a retry of a failed image runs again
+    await batcher.close()
 
-    results, later = run(main())
-    assert isinstance(results[0], RuntimeError) and isinstance(results[1], RuntimeError)
-    assert isinstance(results[2], EncodeOutcome) and later.status == "encoded"
+
+async def test_a_cancelled_caller_does_not_cancel_the_shared_work() -> None:
+    fake = FakeEncoder()
+    fake.gate.clear()
+    batcher = DynamicBatcher(fake.run_batch, max_batch=4, max_wait_ms=1)
+    impatient = asyncio.create_task(batcher.submit(image(1)))
+    patient = asyncio.create_task(batcher.submit(image(1)))
+    await asyncio.sleep(0.01)
+    impatient.cancel()
+    fake.gate.set()
+    assert (await patient).status == "encoded"
+    assert impatient.cancelled()
+    await batcher.close()
+
+
+async def test_close_fails_pending_requests_and_refuses_new_ones() -> None:
+    fake = FakeEncoder()
+    fake.gate.clear()
+    batcher = DynamicBatcher(fake.run_batch, max_batch=1, max_wait_ms=1, max_inflight=1)
+    waiters = [asyncio.create_task(batcher.submit(image(n))) for n in range(3)]  # 1 running, 2 queued
+    await asyncio.sleep(0.01)
+    await batcher.close()
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert all(isinstance(r, EncoderUnavailableError) for r in results), results
+    with pytest.raises(EncoderUnavailableError, match="closed"):
+        await batcher.submit(image(9))
+
+
+async def test_large_images_are_hashed_off_the_loop() -> None:
+    fake = FakeEncoder()
+    batcher = DynamicBatcher(fake.run_batch, max_batch=2, max_wait_ms=1)
+    big = bytes(3 << 20)
+    assert (await batcher.submit(big)).image_id == image_id_of(big)
+    await batcher.close()

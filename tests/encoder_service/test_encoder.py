@@ -100,7 +100,8 @@ def test_encoder_over_redis(model_dir: Path, redis_url: str) -> None:
         assert [o.status for o in encoder.encode([png(12), png(11)])] == ["cached", "cached"]
         assert encoder.images_compressed == 2
         with open_store(redis_url, key_prefix=prefix) as store:
-            assert sorted(store.iter_ids(encoder.fingerprint)) == sorted(image_id_of(png(s)) for s in (11, 12))
+            stored = sorted(store.iter_ids(encoder.fingerprint))
+        assert stored == sorted(image_id_of(png(s)) for s in (11, 12))
     finally:
         encoder.close()
         purge_prefix(redis_url, prefix)
