@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from cache.errors import NotIndexedError
 from cache.index import IndexConfig, LatentIndex, load_or_rebuild
@@ -22,6 +21,7 @@ from cache.keys import RecordKey
 from cache.records import LookupStatus, delete_record, get_records, lookup
 from cache.serde import read_metadata
 from cache.store import RecordStore, open_store
+from encoder_service.encoder import pick_device
 from encoder_service.pool import EncoderPool, open_pool
 from htcvlm.checkpoint import load_pretrained
 from htcvlm.decode import GenerationOptions, StepEvent, check_records, encode_questions
@@ -95,12 +95,6 @@ class ImageInfo:
     latent_dim: int
     kv_bytes: int
     indexed: bool
-
-
-def pick_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 class OneTokenService:

@@ -1,7 +1,57 @@
-"""Test-wide settings: no hub access ever, and deterministic torch on few threads."""
+"""Test-wide settings (no hub access ever, deterministic torch on few threads) and session fixtures
+shared by the service tests: a small saved model and one local Ray cluster."""
 
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local test cluster: no token to share
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+QUESTION = "What shape is the object on the left?"
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random-weights model saved as a checkpoint (exactness does not depend on training)."""
+    from htcvlm.checkpoint import save_pretrained
+    from htcvlm.tokenizer import train_tokenizer
+    from tests.htcvlm.helpers import QUESTIONS, make_model
+
+    tokenizer = train_tokenizer([q.lower() for q in [*QUESTIONS, QUESTION]] * 4, vocab_size=300)
+    model = make_model(tokenizer, seed=3)
+    with torch.no_grad():  # answers run their full length: stronger comparisons
+        model.llm.lm_head.weight[tokenizer.eos_token_id] = 0.0
+    model.invalidate_fingerprint()
+    return save_pretrained(model, tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray for the whole session (it takes seconds to start): two CPUs, no dashboard."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The shared Redis at REDIS_URL; unreachable is a skip, or a failure under ONETOKEN_REQUIRE_REDIS=1."""
+    import redis
+
+    from tests.cache.helpers import REDIS_URL, redis_unreachable
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
+    except redis.RedisError as e:
+        redis_unreachable(f"no Redis answers at {REDIS_URL}: {e}")
+    return REDIS_URL

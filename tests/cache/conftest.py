@@ -13,23 +13,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from cache.lmdb_store import LmdbConfig, LmdbStore
 from cache.redis_store import RedisConfig, RedisStore
 from cache.retry import RetryPolicy
 from cache.store import RecordStore
 
-from .helpers import REDIS_URL, RedisServer, purge_prefix, redis_unreachable
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
-    except redis.RedisError as e:
-        redis_unreachable(f"no Redis answers at {REDIS_URL}: {e}")
-    return REDIS_URL
+from .helpers import RedisServer, purge_prefix, redis_unreachable
 
 
 @pytest.fixture
