@@ -1,0 +1,92 @@
+"""Encoder pools as the gRPC server uses them: in-process, and Ray actors on the session's local cluster
+(two CPUs: one encoder actor per test, killed at the end)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from encoder_service.pool import LocalEncoderPool, RayEncoderPool, actor_resources, open_pool
+from htcvlm.checkpoint import load_pretrained
+from htcvlm.record import image_id_of
+from tests.encoder_service.helpers import encoder_config, png
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_local_pool_batches_concurrent_requests(model_dir: Path, tmp_path: Path) -> None:
+    config = encoder_config(model_dir, str(tmp_path / "store"), backend="local", max_batch=4, max_wait_ms=20)
+    pool = await open_pool(config)
+    try:
+        assert isinstance(pool, LocalEncoderPool)
+        assert pool.fingerprint == load_pretrained(model_dir).fingerprint()
+        images = [png(n) for n in range(6)] + [png(0), b"junk"]
+        outcomes = await asyncio.gather(*(pool.encode(b, f"uri-{n}") for n, b in enumerate(images)))
+        assert [o.status for o in outcomes] == ["encoded"] * 7 + ["failed"]
+        assert outcomes[0] is outcomes[6]  # the duplicate shared the computation
+        assert all(size <= 4 for size in pool.batcher.batch_sizes) and sum(pool.batcher.batch_sizes) == 7
+        assert pool.encoder.images_compressed == 6
+        again = await asyncio.gather(*(pool.encode(b) for b in images[:6]))
+        assert {o.status for o in again} == {"cached"} and pool.encoder.images_compressed == 6
+    finally:
+        await pool.close()
+
+
+def test_actor_resources_follow_the_cluster(model_dir: Path, ray_cluster: None) -> None:
+    """The test cluster has no GPU: CPU actors. A configured GPU share is used as given."""
+    config = encoder_config(model_dir, "unused")
+    assert actor_resources(config) == {"num_gpus": 0.0, "num_cpus": 1}
+    assert actor_resources(encoder_config(model_dir, "unused", num_gpus_per_actor=0.5)) == {
+        "num_gpus": 0.5,
+        "num_cpus": 0,
+    }
+
+
+async def test_ray_pool_encodes_and_serves_cached_images(
+    model_dir: Path, tmp_path: Path, ray_cluster: None
+) -> None:
+    config = encoder_config(model_dir, str(tmp_path / "store"), num_actors=1, max_batch=8)
+    pool = await open_pool(config)
+    try:
+        assert isinstance(pool, RayEncoderPool)
+        assert pool.fingerprint == load_pretrained(model_dir).fingerprint()
+        images = [png(20 + n) for n in range(5)]
+        outcomes = await asyncio.gather(*(pool.encode(b) for b in [*images, b"\x89PNG broken"]))
+        assert [o.status for o in outcomes] == ["encoded"] * 5 + ["failed"]
+        assert [o.image_id for o in outcomes[:5]] == [image_id_of(b) for b in images]
+        assert all(o.latent is not None and o.latent.shape == (pool.latent_dim,) for o in outcomes[:5])
+        again = await asyncio.gather(*(pool.encode(b) for b in images))
+        assert {o.status for o in again} == {"cached"}
+        (stats,) = await pool.stats()
+        assert stats["images_compressed"] == 5 and stats["pid"] != os.getpid()  # model work in the actor
+    finally:
+        await pool.close()
+
+
+async def test_killed_actor_is_restarted_and_the_batch_retried(
+    model_dir: Path, tmp_path: Path, ray_cluster: None
+) -> None:
+    import ray
+
+    config = encoder_config(model_dir, str(tmp_path / "store"), num_actors=1, max_batch=8, max_wait_ms=1)
+    pool = await open_pool(config)
+    try:
+        assert isinstance(pool, RayEncoderPool)
+        (before,) = await pool.stats()
+        images = [png(40 + n) for n in range(8)]
+        waiters = [asyncio.create_task(pool.encode(b)) for b in images]
+        while not pool.batcher.batch_sizes:  # the batch has been sent to the actor ...
+            await asyncio.sleep(0.001)
+        ray.kill(pool.actors[0], no_restart=False)  # ... which dies before it can answer
+        outcomes = await asyncio.wait_for(asyncio.gather(*waiters), 120)
+        # the retry ran on the restarted actor (or found what the dead one had already stored)
+        assert {o.status for o in outcomes} <= {"encoded", "cached"}
+        assert [o.image_id for o in outcomes] == [image_id_of(b) for b in images]
+        (after,) = await pool.stats()
+        assert after["pid"] != before["pid"]  # a new process: the actor really was restarted
+        assert (await pool.encode(png(99))).status == "encoded"  # and it keeps serving
+    finally:
+        await pool.close()
