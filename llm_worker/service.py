@@ -19,6 +19,7 @@ from cache.errors import NotIndexedError
 from cache.index import IndexConfig, LatentIndex, load_or_rebuild
 from cache.keys import RecordKey
 from cache.records import LookupStatus, delete_record, get_records, lookup
+from cache.retry import RetryPolicy
 from cache.serde import read_metadata
 from cache.store import RecordStore, open_store
 from encoder_service.encoder import pick_device
@@ -130,7 +131,11 @@ class OneTokenService:
                 f"the encoders run model {encoders.fingerprint[:12]}…, the decoder "
                 f"{model.fingerprint()[:12]}…; point both at the same checkpoint"
             )
-        store = open_store(config.encoder.store_url, key_prefix=config.encoder.key_prefix)
+        store = open_store(
+            config.encoder.store_url,
+            key_prefix=config.encoder.key_prefix,
+            retry=RetryPolicy(total_s=config.store_retry_s),
+        )
         index_config = IndexConfig(dim=model.llm.config.hidden_size, spec=config.index_spec)
         index = await asyncio.to_thread(
             load_or_rebuild, config.index_dir, store, model.fingerprint(), index_config

@@ -1,0 +1,95 @@
+"""Failure paths through the real server: the store going down (UNAVAILABLE, then back), a full decode
+queue (RESOURCE_EXHAUSTED), and a record evicted from the store (NOT_FOUND that says to resend)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cache.keys import RecordKey
+from llm_worker.client import OneTokenClient
+from tests.cache.helpers import RedisServer
+from tests.conftest import QUESTION
+from tests.htcvlm.helpers import png_bytes as png
+
+from .conftest import ServerThread, worker_config
+
+
+def test_store_outage_is_unavailable_and_the_server_recovers(model_dir: Path, tmp_path: Path):
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    private = RedisServer(redis_dir)
+    private.start()
+    config = worker_config(model_dir, private.url, tmp_path / "index", "onetoken", store_retry_s=1.0)
+    server = ServerThread(config)
+    try:
+        with OneTokenClient(server.address) as client:
+            image_id = client.encode(png(1)).image_id
+            before = client.ask(QUESTION, image_id=image_id, max_new_tokens=4)
+            private.stop()  # graceful: the AOF is flushed
+            with pytest.raises(grpc.RpcError) as err:
+                client.ask(QUESTION, image_id=image_id, max_new_tokens=4)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "is the store running?" in err.value.details()
+            private.start()  # same port and directory: the record comes back from the AOF
+            after = client.ask(QUESTION, image_id=image_id, max_new_tokens=4)
+            assert list(after.token_ids) == list(before.token_ids)
+    finally:
+        server.stop()
+        private.kill()
+
+
+def test_full_decode_queue_is_resource_exhausted(model_dir: Path, tmp_path: Path):
+    config = worker_config(
+        model_dir,
+        str(tmp_path / "db"),
+        tmp_path / "index",
+        "onetoken",
+        max_decode_batch=1,
+        max_pending_asks=1,
+    )
+    server = ServerThread(config)
+    codes: list[grpc.StatusCode] = []
+    try:
+        with OneTokenClient(server.address) as client:
+            image_id = client.encode(png(2)).image_id
+
+            def ask() -> None:
+                with OneTokenClient(server.address) as c:
+                    try:
+                        c.ask(QUESTION, image_id=image_id, max_new_tokens=64)
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.RpcError as e:
+                        codes.append(e.code())
+
+            threads = [threading.Thread(target=ask) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert client.ask(QUESTION, image_id=image_id, max_new_tokens=2).usage.completion_tokens == 2
+    finally:
+        server.stop()
+
+
+def test_an_evicted_record_asks_for_the_bytes_again(model_dir: Path, tmp_path: Path):
+    config = worker_config(model_dir, str(tmp_path / "db"), tmp_path / "index", "onetoken")
+    server = ServerThread(config)
+    try:
+        with OneTokenClient(server.address) as client:
+            image_id = client.encode(png(3)).image_id
+            # what an LRU eviction does: the record leaves the store, the index still knows the image
+            server.service.store.delete(RecordKey(server.service.fingerprint, image_id))
+            with pytest.raises(grpc.RpcError) as err:
+                client.ask(QUESTION, image_id=image_id)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND and "evicted" in err.value.details()
+            reply = client.ask(QUESTION, image=png(3), max_new_tokens=3)  # the bytes re-encode it
+            assert reply.image_id == image_id and reply.usage.completion_tokens == 3
+            assert client.encode(png(3)).cached  # stored again
+    finally:
+        server.stop()
