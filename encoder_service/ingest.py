@@ -26,6 +26,7 @@ from cache.store import open_store
 from encoder_service.config import EncoderConfig
 from encoder_service.encoder import Encoder
 from encoder_service.pool import actor_resources, init_ray
+from htcvlm.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,9 @@ def ingest(
     if not paths:
         logger.warning("nothing to ingest: %s names no file", list(inputs))
         return IngestSummary(0, 0, 0, time.perf_counter() - started, None)
+    if config.ray_address is None and not Path(config.model_dir).is_dir():
+        # a local cluster reads the model from this machine: say so now, not in an actor's stack trace
+        raise CheckpointError(f"model directory {config.model_dir} does not exist; pass a checkpoint folder")
     init_ray(config.ray_address)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # ours counts images, not blocks
@@ -120,7 +124,7 @@ def ingest(
             Encoder,
             fn_constructor_args=(config,),
             batch_size=batch_size,
-            concurrency=config.num_actors,
+            compute=ray.data.ActorPoolStrategy(size=config.num_actors),
             **actor_resources(config),
         )
     )

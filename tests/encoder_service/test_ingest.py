@@ -14,6 +14,7 @@ from cache.records import get_records
 from cache.store import open_store
 from encoder_service.ingest import expand_inputs, ingest
 from htcvlm.checkpoint import load_pretrained
+from htcvlm.errors import CheckpointError
 from htcvlm.record import image_id_of
 from tests.encoder_service.helpers import encoder_config, png, truncated_png
 
@@ -81,3 +82,10 @@ def test_ingest_reports_bad_files_indexes_good_ones_and_resumes(
     assert (again.encoded, again.cached, again.failed) == (0, 3, 3)  # resumable: no model work
     assert len(report.read_text().splitlines()) == 3
     assert sorted(LatentIndex.load(index_dir, fingerprint, IndexConfig(dim=64)).image_ids()) == ids
+
+
+def test_ingest_fails_fast_without_a_model(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(png(1))
+    config = encoder_config(tmp_path / "no-model", str(tmp_path / "store"))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        ingest([str(tmp_path / "a.png")], config, show_progress=False)
