@@ -30,6 +30,7 @@ class EncoderConfig:
     device: str = "auto"  # auto: cuda when the process sees a GPU
     ray_address: str | None = None  # None: join a running local Ray or start one
     batch_timeout_s: float = 120.0  # one batch, retries on restarted actors included
+    store_retry_s: float = 10.0  # how long a store call retries before StoreUnavailableError
 
     def __post_init__(self) -> None:
         if self.backend not in get_args(Backend):
@@ -40,7 +41,7 @@ class EncoderConfig:
         for name in ("num_actors", "max_batch", "max_queue", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0 or self.batch_timeout_s <= 0:
-            raise ValueError(f"need max_wait_ms >= 0 and batch_timeout_s > 0, got {self}")
+        if self.max_wait_ms < 0 or self.batch_timeout_s <= 0 or self.store_retry_s < 0:
+            raise ValueError(f"need max_wait_ms >= 0, batch_timeout_s > 0 and store_retry_s >= 0, got {self}")
         if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
             raise ValueError(f"num_gpus_per_actor must be >= 0, got {self.num_gpus_per_actor}")

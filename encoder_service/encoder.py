@@ -21,6 +21,7 @@ import torch
 from cache.errors import CorruptRecordError, FingerprintMismatchError
 from cache.keys import RecordKey
 from cache.records import put_records
+from cache.retry import RetryPolicy
 from cache.serde import deserialize
 from cache.store import open_store
 from encoder_service.config import EncoderConfig
@@ -60,7 +61,9 @@ class Encoder:
     def __init__(self, config: EncoderConfig) -> None:
         self.config = config
         self.model = load_pretrained(config.model_dir, pick_device(config.device))
-        self.store = open_store(config.store_url, key_prefix=config.key_prefix)
+        self.store = open_store(
+            config.store_url, key_prefix=config.key_prefix, retry=RetryPolicy(total_s=config.store_retry_s)
+        )
         self.images_compressed = 0  # model work done, for tests and metrics
         logger.info("encoder ready: model %s on %s", self.fingerprint[:12], self.model.device)
 

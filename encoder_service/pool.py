@@ -138,10 +138,16 @@ class RayEncoderPool(EncoderPool):
             return await asyncio.wait_for(ref, timeout=self.config.batch_timeout_s)
         except (ray.exceptions.RayActorError, TimeoutError) as e:
             raise EncoderUnavailableError(
-                f"no encoder finished a batch of {len(images)} images within "
-                f"{self.config.batch_timeout_s:.0f} s (actor restarts and retries included): {e}; "
+                f"no encoder could finish a batch of {len(images)} images (limit "
+                f"{self.config.batch_timeout_s:.0f} s, actor restarts and retries included): {e!r}; "
                 "check the Ray cluster"
             ) from e
+        except ray.exceptions.RayTaskError as e:
+            # Encoder.encode raised (a store outage): hand on the error itself, with its own message,
+            # not Ray's wrapper around the actor's stack trace
+            if isinstance(e.cause, Exception):
+                raise e.cause from e
+            raise
         finally:
             self.busy[n] -= 1
 

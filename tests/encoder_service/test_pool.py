@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
+from cache.errors import StoreUnavailableError
+from encoder_service.errors import EncoderUnavailableError
 from encoder_service.pool import LocalEncoderPool, RayEncoderPool, actor_resources, open_pool
 from htcvlm.checkpoint import load_pretrained
 from htcvlm.record import image_id_of
+from tests.cache.helpers import RedisServer, redis_unreachable
 from tests.encoder_service.helpers import encoder_config, png
 
 pytestmark = pytest.mark.anyio
@@ -90,3 +94,30 @@ async def test_killed_actor_is_restarted_and_the_batch_retried(
         assert (await pool.encode(png(99))).status == "encoded"  # and it keeps serving
     finally:
         await pool.close()
+
+
+async def test_store_outage_reaches_the_caller_as_itself_and_the_pool_recovers(
+    model_dir: Path, tmp_path: Path, ray_cluster: None
+) -> None:
+    """A private redis-server (never the shared one) killed under a Ray pool: the caller gets
+    StoreUnavailableError with the store's own message (the handler maps it to UNAVAILABLE), not a Ray
+    wrapper or EncoderUnavailableError; once Redis is back (from its AOF), the same pool serves again."""
+    if shutil.which("redis-server") is None:
+        redis_unreachable("redis-server is not installed, so no private server can be started")
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    config = encoder_config(model_dir, server.url, num_actors=1, max_wait_ms=1, store_retry_s=0.5)
+    pool = await open_pool(config)
+    try:
+        assert (await pool.encode(png(60))).status == "encoded"
+        server.kill()
+        with pytest.raises(StoreUnavailableError) as caught:
+            await pool.encode(png(61))
+        assert "ray::" not in str(caught.value) and not isinstance(caught.value, EncoderUnavailableError)
+        server.start()
+        assert (await pool.encode(png(60))).status == "cached"
+        assert (await pool.encode(png(61))).status == "encoded"
+    finally:
+        await pool.close()
+        server.kill()
