@@ -190,7 +190,16 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local folders only
-    return args.func(args)
+    import grpc
+
+    try:
+        return args.func(args)
+    except grpc.RpcError as e:  # the client commands: the server's code and message, no traceback
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except OSError as e:  # an image file that cannot be read
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""The CLI as a user runs it: `onetoken serve` in a subprocess, then encode / ask / search against it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from llm_worker.client import OneTokenClient
+from tests.cache.helpers import free_port
+from tests.conftest import QUESTION
+from tests.htcvlm.helpers import png_bytes
+
+
+def onetoken(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "llm_worker.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def served(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A `onetoken serve` process configured by ONETOKEN_* variables, on a free port."""
+    work = tmp_path_factory.mktemp("cli")
+    port = free_port()
+    env = {
+        **os.environ,
+        "ONETOKEN_MODEL": str(model_dir),
+        "ONETOKEN_STORE": f"lmdb://{work / 'records'}",
+        "ONETOKEN_INDEX_DIR": str(work / "index"),
+        "ONETOKEN_ENCODER_BACKEND": "local",
+        "ONETOKEN_PORT": str(port),
+        "ONETOKEN_ADDRESS": f"127.0.0.1:{port}",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm_worker.cli", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    with OneTokenClient(f"127.0.0.1:{port}") as client:
+        try:
+            client.wait_ready(timeout_s=60)
+        except grpc.FutureTimeoutError:
+            proc.kill()
+            pytest.fail(f"onetoken serve did not come up: {proc.stdout.read().decode()[-2000:]}")
+    yield env, work, port
+    proc.terminate()  # SIGTERM: a graceful shutdown that saves the index
+    assert proc.wait(timeout=30) == 0
+
+
+def test_encode_ask_search_through_the_cli(served):
+    env, work, _ = served
+    image = work / "cat.png"
+    image.write_bytes(png_bytes(7))
+    encoded = onetoken("encode", str(image), env=env)
+    assert encoded.returncode == 0, encoded.stderr
+    image_id, status, path = encoded.stdout.split()
+    assert status == "encoded" and path == str(image) and len(image_id) == 64
+    again = onetoken("encode", str(image), env=env)
+    assert again.stdout.split()[1] == "cached"
+
+    asked = onetoken("ask", "--image-id", image_id, "--max-new-tokens", "4", QUESTION, env=env)
+    streamed = onetoken("ask", "--image", str(image), "--max-new-tokens", "4", "--stream", QUESTION, env=env)
+    assert asked.returncode == 0 and streamed.returncode == 0, asked.stderr + streamed.stderr
+    assert asked.stdout.strip() == streamed.stdout.strip()
+
+    found = onetoken("search", "--image", str(image), "-k", "1", env=env)
+    score, hit_id, uri = found.stdout.split()
+    assert hit_id == image_id and float(score) > 0.999 and uri == str(image)
+
+
+def test_a_bad_request_exits_nonzero_with_the_servers_message(served):
+    env, work, _ = served
+    bad = work / "notes.txt"
+    bad.write_text("not an image")
+    result = onetoken("encode", str(bad), env=env)
+    assert result.returncode != 0 and "not an image" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_reflection_lists_and_describes_the_api(served):
+    _, _, port = served
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = set(db.get_services())
+        assert {"onetoken.v1.OneToken", "grpc.health.v1.Health"} <= services
+        method = db.FindFileContainingSymbol("onetoken.v1.OneToken")
+        assert method.name == "onetoken/v1/onetoken.proto"
+    finally:
+        channel.close()
+
+
+def test_large_messages_pass_the_default_limit(served):
+    """32 MiB of bytes reach the handler (and are refused as not an image), not gRPC's 4 MiB default."""
+    _, _, port = served
+    with OneTokenClient(f"127.0.0.1:{port}") as client:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            client.encode(b"\0" * (32 * 1024 * 1024))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+        assert time.monotonic() - started < 30
