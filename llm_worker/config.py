@@ -23,7 +23,6 @@ class WorkerConfig:
     default_max_new_tokens: int = 32
     index_refresh_s: float = 30.0  # pick up records other processes (ingest) stored; 0 disables
     device: str = "auto"  # the decoding model's device: auto = cuda when available
-    store_retry_s: float = 10.0  # how long a store call retries before the call is UNAVAILABLE
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -31,8 +30,8 @@ class WorkerConfig:
         for name in ("max_message_mb", "max_decode_batch", "max_pending_asks", "default_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.index_refresh_s < 0 or self.store_retry_s < 0:
-            raise ValueError(f"index_refresh_s and store_retry_s must be >= 0, got {self}")
+        if self.index_refresh_s < 0:
+            raise ValueError(f"index_refresh_s must be >= 0, got {self.index_refresh_s}")
 
     @property
     def address(self) -> str:

@@ -134,7 +134,7 @@ class OneTokenService:
         store = open_store(
             config.encoder.store_url,
             key_prefix=config.encoder.key_prefix,
-            retry=RetryPolicy(total_s=config.store_retry_s),
+            retry=RetryPolicy(total_s=config.encoder.store_retry_s),
         )
         index_config = IndexConfig(dim=model.llm.config.hidden_size, spec=config.index_spec)
         index = await asyncio.to_thread(

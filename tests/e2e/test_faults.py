@@ -4,6 +4,7 @@ queue (RESOURCE_EXHAUSTED), and a record evicted from the store (NOT_FOUND that 
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -23,7 +24,8 @@ def test_store_outage_is_unavailable_and_the_server_recovers(model_dir: Path, tm
     redis_dir.mkdir()
     private = RedisServer(redis_dir)
     private.start()
-    config = worker_config(model_dir, private.url, tmp_path / "index", "onetoken", store_retry_s=1.0)
+    config = worker_config(model_dir, private.url, tmp_path / "index", "onetoken")
+    config = replace(config, encoder=replace(config.encoder, store_retry_s=1.0))
     server = ServerThread(config)
     try:
         with OneTokenClient(server.address) as client:
