@@ -105,6 +105,19 @@ class DynamicBatcher:
             self._slots = asyncio.Semaphore(self.max_inflight)
             self._arrived = asyncio.Event()
             self._loop_task = loop.create_task(self._run())
+            self._loop_task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """The batching loop only ends by `close()`; if a bug ends it, fail the waiters, don't hang them."""
+        if task.cancelled() or task.exception() is None:
+            return
+        logger.error("the encoder batching loop died: %r", task.exception())
+        self._loop_task = None  # the next submit starts a fresh loop
+        for image_id in list(self._waiting):
+            future = self._futures.pop(image_id)
+            if not future.done():
+                future.set_exception(EncoderUnavailableError(f"the batcher failed: {task.exception()!r}"))
+        self._waiting.clear()
 
     async def _run(self) -> None:
         assert self._slots is not None and self._arrived is not None
