@@ -1,0 +1,88 @@
+"""The CUDA paths (GPU hosts only; skipped without a GPU): exact cached decoding in fp32 on the GPU,
+the measured error of bf16 decoding, and rows joining a running batch on the GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from htcvlm.decode import DecodeBatch, GenerationOptions, decode, encode_questions
+
+from .helpers import QUESTIONS, make_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def setup(tokenizer):
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for the 1e-4 comparison
+    torch.backends.cudnn.allow_tf32 = False
+    model = make_model(tokenizer, seed=1).cuda()
+    with torch.no_grad():
+        model.llm.lm_head.weight[model.tokenizer.eos_token_id] = 0.0
+    model.invalidate_fingerprint()
+    pixels = torch.rand(len(QUESTIONS), 3, 64, 64, generator=torch.Generator().manual_seed(7)).cuda()
+    return model, pixels
+
+
+def full_logits(model, pixels, prompts):
+    width = max(len(p) for p in prompts)
+    padded = torch.tensor([p + [model.tokenizer.pad_token_id] * (width - len(p)) for p in prompts]).cuda()
+    full, _ = model(pixels, padded, [len(p) for p in prompts])
+    return full
+
+
+@torch.inference_mode()
+def test_fp32_decode_on_gpu_equals_the_full_pass(setup):
+    model, pixels = setup
+    records = model.compress_pixels(pixels, [f"{i:064x}" for i in range(len(QUESTIONS))])
+    assert records[0].keys.device.type == "cpu"  # records leave the GPU: they go to the store
+    prompts = [model.prompt_ids(q) for q in QUESTIONS]
+    full = full_logits(model, pixels, prompts)
+    batch = DecodeBatch(model, records, prompts)
+    for row, prompt in enumerate(prompts):
+        err = (batch.row_prompt_logits(row) - full[row, : len(prompt)]).abs().max().item()
+        assert err < 1e-4, f"row {row}: {err}"
+
+
+@torch.inference_mode()
+def test_bf16_decode_error_is_small_and_measured(setup):
+    model, pixels = setup
+    prompts = [model.prompt_ids(q) for q in QUESTIONS]
+    reference = full_logits(model, pixels, prompts).float()  # fp32 full pass
+    model = model.to(torch.bfloat16)
+    model.invalidate_fingerprint()
+    records = model.compress_pixels(pixels, [f"{i:064x}" for i in range(len(QUESTIONS))])
+    batch = DecodeBatch(model, records, prompts)
+    worst = 0.0
+    for row, prompt in enumerate(prompts):
+        got = batch.row_prompt_logits(row).float()
+        expected = reference[row, : len(prompt)]
+        worst = max(worst, ((got - expected).abs().max() / expected.abs().max()).item())
+    print(f"bf16 cached decode vs fp32 full pass: max logit error {worst:.2e} of the logit range")
+    assert worst < 5e-2
+
+
+@torch.inference_mode()
+def test_rows_joining_a_running_batch_on_gpu(setup):
+    model, pixels = setup
+    records = model.compress_pixels(pixels, [f"{i:064x}" for i in range(len(QUESTIONS))])
+    expected = [a.token_ids for a in decode(model, records, QUESTIONS, GenerationOptions(max_new_tokens=6))]
+    prompts = encode_questions(model, QUESTIONS, 6)
+    batch = DecodeBatch(model, records[:1], prompts[:1])
+    logits, rows, got = batch.last_logits(), [0], [[], [], []]
+    for step in range(12):
+        tokens = logits.argmax(dim=-1)
+        for i, row in enumerate(rows):
+            got[row].append(int(tokens[i]))
+        keep = [i for i, row in enumerate(rows) if len(got[row]) < 6]
+        if len(keep) < len(rows):
+            batch.select(keep)
+            tokens, rows = tokens[keep], [rows[i] for i in keep]
+        logits = batch.step(tokens) if rows else logits[:0]
+        if step in (0, 1):
+            joining = DecodeBatch(model, records[step + 1 : step + 2], prompts[step + 1 : step + 2])
+            batch.extend(joining)
+            logits = torch.cat([logits, joining.last_logits()])
+            rows.append(step + 1)
+    assert got == expected
