@@ -92,6 +92,9 @@ async def test_killed_actor_is_restarted_and_the_batch_retried(
         (after,) = await pool.stats()
         assert after["pid"] != before["pid"]  # a new process: the actor really was restarted
         assert (await pool.encode(png(99))).status == "encoded"  # and it keeps serving
+        ray.kill(pool.actors[0], no_restart=True)  # gone for good: the waiter learns it, no hang
+        with pytest.raises(EncoderUnavailableError, match="no encoder could finish a batch of 1 images"):
+            await pool.encode(png(100))
     finally:
         await pool.close()
 
