@@ -8,7 +8,7 @@ import torch
 
 from htcvlm.decode import DecodeBatch, GenerationOptions, decode, encode_questions
 
-from .helpers import QUESTIONS, make_model
+from .helpers import QUESTIONS, greedy_with_joins, make_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -69,20 +69,5 @@ def test_rows_joining_a_running_batch_on_gpu(setup):
     records = model.compress_pixels(pixels, [f"{i:064x}" for i in range(len(QUESTIONS))])
     expected = [a.token_ids for a in decode(model, records, QUESTIONS, GenerationOptions(max_new_tokens=6))]
     prompts = encode_questions(model, QUESTIONS, 6)
-    batch = DecodeBatch(model, records[:1], prompts[:1])
-    logits, rows, got = batch.last_logits(), [0], [[], [], []]
-    for step in range(12):
-        tokens = logits.argmax(dim=-1)
-        for i, row in enumerate(rows):
-            got[row].append(int(tokens[i]))
-        keep = [i for i, row in enumerate(rows) if len(got[row]) < 6]
-        if len(keep) < len(rows):
-            batch.select(keep)
-            tokens, rows = tokens[keep], [rows[i] for i in keep]
-        logits = batch.step(tokens) if rows else logits[:0]
-        if step in (0, 1):
-            joining = DecodeBatch(model, records[step + 1 : step + 2], prompts[step + 1 : step + 2])
-            batch.extend(joining)
-            logits = torch.cat([logits, joining.last_logits()])
-            rows.append(step + 1)
+    got = greedy_with_joins(model, records, prompts, 6, join_after={1: 0, 2: 1})
     assert got == expected

@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from htcvlm.decode import DecodeBatch, GenerationOptions, decode, decode_stream, encode_questions
+from htcvlm.decode import GenerationOptions, decode, decode_stream, encode_questions
 from htcvlm.errors import InvalidQuestionError, RecordMismatchError
 
-from .helpers import QUESTIONS, make_model, png_bytes
+from .helpers import QUESTIONS, greedy_with_joins, make_model, png_bytes
 
 
 @pytest.fixture(scope="module")
@@ -42,25 +42,7 @@ def test_rows_joining_and_leaving_a_running_batch_keep_their_answers(model, reco
     opts = GenerationOptions(max_new_tokens=8)
     expected = [a.token_ids for a in decode(model, records, QUESTIONS, opts)]
     prompts = encode_questions(model, QUESTIONS, opts.max_new_tokens)
-    got: list[list[int]] = [[], [], []]
-    with torch.inference_mode():
-        batch = DecodeBatch(model, records[:1], prompts[:1])
-        rows, logits = [0], batch.last_logits()
-        for step in range(16):
-            tokens = logits.argmax(dim=-1)
-            for i, row in enumerate(rows):
-                got[row].append(int(tokens[i]))
-            keep = [i for i, row in enumerate(rows) if len(got[row]) < 8]
-            if len(keep) < len(rows):
-                batch.select(keep)
-                tokens, rows = tokens[keep], [rows[i] for i in keep]
-            logits = batch.step(tokens) if rows else logits[:0]
-            if step in (2, 4):  # a new request joins after its own prefill
-                new = 1 if step == 2 else 2
-                joining = DecodeBatch(model, records[new : new + 1], prompts[new : new + 1])
-                batch.extend(joining)
-                logits = torch.cat([logits, joining.last_logits()])
-                rows.append(new)
+    got = greedy_with_joins(model, records, prompts, 8, join_after={1: 2, 2: 4})
     assert got == expected
 
 
