@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from cache.store import DEFAULT_STORE_URL
@@ -190,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local folders only
+    # transformers 5.2x renames past_key_values; the supported range spans both names (see pyproject)
+    warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
     import grpc
 
     try:

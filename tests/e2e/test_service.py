@@ -158,3 +158,18 @@ def test_deadline_stops_the_generation(server, client):
         client.stub.Ask(client.ask_request(QUESTION, image_id=image_id, max_new_tokens=200), timeout=0.05)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert_serving(client)
+
+
+def test_records_stored_by_another_process_become_searchable(server, client):
+    """An ingest run writes records beside a running worker; the worker's index refresh picks them up."""
+    from encoder_service.encoder import Encoder
+
+    other = Encoder(server.service.config.encoder)  # another writer of the same store
+    try:
+        (outcome,) = other.encode([png(70)], ["other://70"])
+    finally:
+        other.close()
+    assert outcome.image_id not in server.service.index
+    assert server.call(server.service.refresh_index()) == 1
+    hits = client.search(1, image_id=outcome.image_id).hits
+    assert hits[0].image_id == outcome.image_id and hits[0].source_uri == "other://70"
