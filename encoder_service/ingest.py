@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from cache.index import IndexConfig, load_or_rebuild
+from cache.errors import IndexCorruptError, IndexStaleError
+from cache.index import IndexConfig, LatentIndex, load_or_rebuild
 from cache.store import open_store
 from encoder_service.config import EncoderConfig
 from encoder_service.encoder import Encoder
@@ -129,42 +130,75 @@ def ingest(
         )
     )
     counts = {"encoded": 0, "cached": 0, "failed": 0}
-    ids: list[str] = []
-    latents: list[np.ndarray] = []
-    fingerprint = ""
+    sink = IndexSink(config, index_dir, index_spec) if index_dir is not None else None
     report = open(report_path, "w") if report_path else None  # closed in finally
     bar = tqdm(total=len(paths), unit="img", desc="ingest", disable=not show_progress)
     try:
         for batch in results.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            for n, status in enumerate(batch["status"]):
-                counts[str(status)] += 1
-                if status == "failed":
-                    if report is not None:
-                        row = {"path": str(batch["path"][n]), "image_id": str(batch["image_id"][n])}
-                        row |= {"status": "failed", "reason": str(batch["reason"][n])}
-                        report.write(json.dumps(row) + "\n")
-                    continue
-                ids.append(str(batch["image_id"][n]))
-                latents.append(batch["latent"][n])
-            fingerprint = str(batch["fingerprint"][0])
-            bar.update(len(batch["status"]))
+            statuses = [str(s) for s in batch["status"]]
+            for n, status in enumerate(statuses):
+                counts[status] += 1
+                if status == "failed" and report is not None:
+                    row = {"path": str(batch["path"][n]), "image_id": str(batch["image_id"][n])}
+                    row |= {"status": status, "reason": str(batch["reason"][n])}
+                    report.write(json.dumps(row) + "\n")
+            good = [n for n, status in enumerate(statuses) if status != "failed"]
+            if sink is not None and good:
+                sink.add(
+                    str(batch["fingerprint"][0]),
+                    [str(batch["image_id"][n]) for n in good],
+                    batch["latent"][good],
+                )
+            bar.update(len(statuses))
             bar.set_postfix(encoded=counts["encoded"], cached=counts["cached"], failed=counts["failed"])
     finally:
         bar.close()
         if report is not None:
             report.close()
-    if index_dir is not None and ids:
-        index_latents(config, fingerprint, index_dir, index_spec, ids, np.stack(latents))
+    if sink is not None:
+        sink.finish()
     summary = IngestSummary(**counts, seconds=time.perf_counter() - started, report_path=report_path)
     logger.info("ingest done: %s", summary)
     return summary
 
 
-def index_latents(
-    config: EncoderConfig, fingerprint: str, index_dir: str, spec: str, ids: list[str], latents: np.ndarray
-) -> None:
-    """Add what was ingested to the persisted index (rebuilt from the store if missing or stale)."""
-    with open_store(config.store_url, key_prefix=config.key_prefix) as store:
-        index = load_or_rebuild(index_dir, store, fingerprint, IndexConfig(dim=latents.shape[1], spec=spec))
-    index.add(ids, latents)
-    index.save(index_dir)
+class IndexSink:
+    """Adds ingested latents to the index in `index_dir` as they stream in, in bounded memory.
+
+    A saved index of this model and spec is loaded and topped up batch by batch (resumed runs add the
+    cached images too, so records a crashed run stored are indexed now). With no usable saved index
+    (missing, corrupt, another model or spec), nothing is held: `finish()` builds the index from the
+    store, which by then holds every ingested record, trained on a sample where the spec needs it.
+    """
+
+    def __init__(self, config: EncoderConfig, index_dir: str, spec: str) -> None:
+        self.config, self.index_dir, self.spec = config, index_dir, spec
+        self.index: LatentIndex | None = None
+        self.fingerprint = ""
+        self.dim = 0
+
+    def add(self, fingerprint: str, image_ids: list[str], latents: np.ndarray) -> None:
+        """`latents` (n, d) of `image_ids`, all encoded or cached by model `fingerprint`."""
+        if not self.fingerprint:
+            self.fingerprint, self.dim = fingerprint, latents.shape[1]
+            try:
+                index = LatentIndex.load(self.index_dir, fingerprint, IndexConfig(self.dim, self.spec))
+                self.index = index if index.is_trained else None
+            except (IndexCorruptError, IndexStaleError) as e:
+                logger.info(
+                    "no usable saved index in %s (%s): it is built from the store at the end",
+                    self.index_dir,
+                    e,
+                )
+        if self.index is not None:
+            self.index.add(image_ids, latents)
+
+    def finish(self) -> None:
+        """Save the topped-up index, or build one from the store (nothing ingested: nothing to do)."""
+        if not self.fingerprint:
+            return
+        if self.index is not None:
+            self.index.save(self.index_dir)
+            return
+        with open_store(self.config.store_url, key_prefix=self.config.key_prefix) as store:
+            load_or_rebuild(self.index_dir, store, self.fingerprint, IndexConfig(self.dim, self.spec))

@@ -83,6 +83,13 @@ def test_ingest_reports_bad_files_indexes_good_ones_and_resumes(
     assert len(report.read_text().splitlines()) == 3
     assert sorted(LatentIndex.load(index_dir, fingerprint, IndexConfig(dim=64)).image_ids()) == ids
 
+    # a new image on its own: the saved index is topped up, not rebuilt
+    (tmp_path / "new.png").write_bytes(png(9))
+    more = ingest([str(tmp_path / "new.png")], config, str(index_dir), show_progress=False)
+    assert (more.encoded, more.cached, more.failed, more.report_path) == (1, 0, 0, None)
+    index = LatentIndex.load(index_dir, fingerprint, IndexConfig(dim=64))
+    assert sorted(index.image_ids()) == sorted([*ids, image_id_of(png(9))])
+
 
 def test_ingest_fails_fast_without_a_model(tmp_path: Path) -> None:
     (tmp_path / "a.png").write_bytes(png(1))
