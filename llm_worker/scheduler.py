@@ -53,6 +53,7 @@ class DecodeScheduler:
         self._thread = threading.Thread(target=self._run, name="decode-scheduler", daemon=True)
         self.steps = 0  # forwards run, prefills excluded (for tests and metrics)
         self.max_rows_seen = 0  # the largest batch one forward has carried
+        self.active = 0  # rows being decoded now
 
     def start(self) -> None:
         self._thread.start()
@@ -120,6 +121,7 @@ class DecodeScheduler:
                         logits = torch.cat([logits, joined[1]])
                     jobs += new
                     rows += [RowState(j.options, len(j.prompt), self.model.device) for j in new]
+            self.active = len(jobs)
             if not jobs or batch is None:
                 continue
             keep, tokens = [], []
@@ -136,6 +138,7 @@ class DecodeScheduler:
                     tokens.append(event.token_id)
             if len(keep) < len(jobs):
                 jobs, rows = [jobs[i] for i in keep], [rows[i] for i in keep]
+                self.active = len(jobs)
                 if not jobs:
                     batch = None
                     continue
@@ -148,6 +151,7 @@ class DecodeScheduler:
                 for job in jobs:
                     job.emit(exc)
                 batch, jobs, rows = None, [], []
+                self.active = 0
             self.steps += 1
         for job in jobs:
             job.emit(None)

@@ -6,6 +6,7 @@ Runs once over the embedded LMDB store and once over the real Redis (the `server
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import pytest
@@ -173,3 +174,19 @@ def test_records_stored_by_another_process_become_searchable(server, client):
     assert server.call(server.service.refresh_index()) == 1
     hits = client.search(1, image_id=outcome.image_id).hits
     assert hits[0].image_id == outcome.image_id and hits[0].source_uri == "other://70"
+
+
+def test_a_cancelled_stream_stops_its_generation(server, client):
+    image_id = client.encode(png(61)).image_id
+    scheduler = server.service.scheduler
+    before = scheduler.steps
+    stream = client.ask_stream(QUESTION, image_id=image_id, max_new_tokens=150)
+    for _ in range(3):
+        next(stream)
+    stream.cancel()
+    deadline = time.monotonic() + 10
+    while scheduler.active and time.monotonic() < deadline:  # the row leaves at the next step
+        time.sleep(0.01)
+    assert scheduler.active == 0
+    assert scheduler.steps - before < 140  # far fewer than the 150 steps it asked for
+    assert_serving(client)
