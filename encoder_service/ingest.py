@@ -99,8 +99,8 @@ def ingest(
 
     Ray Data pipeline: paths -> `read_files` tasks -> `Encoder` actors (`config.num_actors` of them, one
     GPU each where the cluster has GPUs) in batches of `batch_size` -> rows streamed back to this process,
-    counted under a progress bar. With `index_dir`, the encoded and cached latents are added to the
-    `LatentIndex` there (loaded, or rebuilt from the store when missing or stale) and it is saved.
+    counted under a progress bar. With `index_dir`, the encoded and cached latents go into the
+    `LatentIndex` there (see `IndexSink`: a saved one is topped up, else one is built from the store).
     `report_path` gets one JSON line per failed file: path, image_id ("" if unread), status, reason.
     Failed files never stop the run; a store outage (StoreUnavailableError) or a cluster failure does.
     """
