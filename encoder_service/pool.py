@@ -72,7 +72,13 @@ def init_ray(address: str | None) -> None:
     if address is None:
         # A local cluster of this process only: no token to share, so no token auth.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        ignore_reinit_error=True,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
 
 
 def actor_resources(config: EncoderConfig) -> dict[str, float]:
