@@ -98,6 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         mgvq_steps=args.mgvq_steps,
+        vision_steps=args.vision_steps,
         easy_steps=args.easy_steps,
         warmup=args.warmup,
         eval_every=args.eval_every,
@@ -116,6 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         mgvq_from=Path(args.mgvq_from) if args.mgvq_from else None,
         device=args.device,
         llava=(Path(args.llava), Path(args.image_root)) if args.llava else None,
+        init_from=Path(args.init_from) if args.init_from else None,
         n_discrete=args.n_discrete,
         fusion=args.fusion,
     )
@@ -191,17 +193,20 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--out", required=True, help="checkpoint folder; rerun with it to resume")
     train.add_argument("--variant", choices=("hybrid", "continuous", "discrete", "upper"), default="hybrid")
     train.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    train.add_argument("--steps", type=int, default=4000)
-    train.add_argument("--batch-size", type=int, default=64)
+    # The defaults are the recipe of the shipped model (docs/TRAINING.md).
+    train.add_argument("--steps", type=int, default=2000, help="stage-2 steps")
+    train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--vision-steps", type=int, default=1000, help="stage 0: vision tower on scene labels")
     train.add_argument("--mgvq-steps", type=int, default=300)
     train.add_argument("--mgvq-from", help="copy stage-1 MGVQ weights from this checkpoint instead")
+    train.add_argument("--init-from", help="start stage 2 from this checkpoint's matching weights")
     train.add_argument("--llava", help="LLaVA-format JSON to train on instead of the procedural set")
     train.add_argument("--image-root", default=".", help="folder the LLaVA JSON's image paths are under")
     train.add_argument("--pool", type=int, default=20000, help="pre-rendered training samples")
     train.add_argument("--easy", type=int, default=5000, help="extra single-object samples (curriculum)")
-    train.add_argument("--easy-steps", type=int, default=400, help="first steps on single-object samples")
-    train.add_argument("--warmup", type=int, default=150)
+    train.add_argument("--easy-steps", type=int, default=300, help="first steps on single-object samples")
+    train.add_argument("--warmup", type=int, default=200)
     train.add_argument("--val-size", type=int, default=500, help="validation samples scored at each eval")
     train.add_argument("--n-discrete", type=int, default=4)
     train.add_argument("--fusion", choices=("pre", "post", "mean"), default="pre")

@@ -28,6 +28,7 @@ from htcvlm.config import HTCConfig
 from htcvlm.data.dataset import ProceduralVQA, Split, VQASample, draw_question
 from htcvlm.data.llava import LlavaVQA, read_llava
 from htcvlm.data.questions import QTYPES, answer_vocabulary
+from htcvlm.data.scenes import COLORS, GRID, SHAPES, SIZES, TEXTURES, Scene
 from htcvlm.images import to_pixels, to_rgb
 from htcvlm.mgvq import MGVQ
 from htcvlm.model import HTCVLM, new_model
@@ -51,6 +52,8 @@ class TrainConfig:
     easy_steps: int = 400  # curriculum: the first steps draw only the pool's single-object samples
     mgvq_steps: int = 600
     mgvq_lr: float = 2e-3
+    vision_steps: int = 0  # stage 0: the vision tower on per-cell scene labels (a stand-in for CLIP)
+    vision_lr: float = 2e-3
     eval_every: int = 500
     seed: int = 0
     bf16: bool = False  # autocast on GPU hosts
@@ -82,6 +85,7 @@ class VQATensors:
     questions: list[str]
     quantized: torch.Tensor | None = None  # (N, C, h, w): the frozen MGVQ's output, computed once
     n_easy: int = 0  # the last n_easy samples are single-object scenes (the curriculum's first phase)
+    cells: torch.Tensor | None = None  # (N, 9, 4) per grid cell: shape (0 empty), color, size, texture
 
     def __len__(self) -> int:
         return len(self.answers)
@@ -312,6 +316,96 @@ def procedural_tokenizer(vocab_size: int = 512, n_questions: int = 4000) -> PreT
     return train_tokenizer(texts, vocab_size)
 
 
+# Per-cell label columns of stage 0 and their class counts; shape 0 is an empty cell, where the other
+# columns are ignored (-1).
+CELL_CLASSES = {"shape": 1 + len(SHAPES), "color": len(COLORS), "size": len(SIZES), "texture": len(TEXTURES)}
+
+
+def cell_labels(scenes: Sequence[Scene | None]) -> torch.Tensor:
+    """(N, 9, 4) long: each grid cell's shape (0 = empty), color, size and texture index (-1 if empty)."""
+    labels = torch.full((len(scenes), GRID * GRID, 4), -1, dtype=torch.long)
+    labels[..., 0] = 0
+    colors = list(COLORS)
+    for i, scene in enumerate(scenes):
+        for o in scene.objects if scene is not None else ():
+            labels[i, o.cell] = torch.tensor(
+                [
+                    1 + SHAPES.index(o.shape),
+                    colors.index(o.color),
+                    SIZES.index(o.size),
+                    TEXTURES.index(o.texture),
+                ]
+            )
+    return labels
+
+
+class CellHeads(torch.nn.Module):
+    """Stage 0's heads, discarded after it: each cell's attributes from the patch tokens pooled over the
+    cell (local), and every cell's attributes from the mean of all patch tokens (global: the kind of
+    summary the voco token has to make)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.classes = list(CELL_CLASSES.values())
+        self.local = torch.nn.Linear(width, sum(self.classes))
+        self.glob = torch.nn.Sequential(
+            torch.nn.Linear(width, 4 * width),
+            torch.nn.GELU(),
+            torch.nn.Linear(4 * width, GRID * GRID * sum(self.classes)),
+        )
+
+    def loss(self, patches: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """patches (B, N, w) on a square grid; labels (B, 9, 4)."""
+        b, n, w = patches.shape
+        side = math.isqrt(n)
+        grid = patches.transpose(1, 2).reshape(b, w, side, side)  # (B, N, w) -> (B, w, side, side)
+        pooled = F.adaptive_avg_pool2d(grid, GRID).flatten(2).transpose(1, 2)  # (B, 9, w)
+        local = self.local(pooled)  # (B, 9, sum(classes))
+        glob = self.glob(patches.mean(dim=1)).view(b, GRID * GRID, -1)  # (B, 9 * sum) -> (B, 9, sum)
+        total = patches.new_zeros(())
+        for logits in (local, glob):
+            for col, part in enumerate(logits.split(self.classes, dim=-1)):
+                total = total + F.cross_entropy(
+                    part.flatten(0, 1), labels[..., col].flatten(), ignore_index=-1
+                )
+        return total
+
+
+def vision_patches(model: HTCVLM, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) in [0, 1] -> (B, N, d_vision): the tower's selected patch tokens, before P_v."""
+    normalized = (pixels - model.clip_mean) / model.clip_std
+    out = model.vision(pixel_values=normalized, output_hidden_states=True)
+    return out.hidden_states[model.config.vision.select_layer][:, 1:]  # drop CLS
+
+
+def train_vision(model: HTCVLM, data: VQATensors, cfg: TrainConfig, show_progress: bool = True) -> float:
+    """Stage 0: the vision tower on per-cell scene labels. The paper starts from a pretrained CLIP; the
+    tiny model's tower starts from scratch, and the answer loss alone teaches it shapes far too slowly.
+    Returns the final loss."""
+    if data.cells is None:
+        raise ValueError("stage 0 needs per-cell labels: procedural data only")
+    heads = CellHeads(model.config.vision.hidden_size).to(model.device)
+    params = list(model.vision.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    model.vision.train()
+    loss = torch.zeros(())
+    bar = tqdm(range(cfg.vision_steps), desc="stage 0 vision", disable=not show_progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg, cfg.vision_lr, cfg.vision_steps)
+        idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
+        pixels = data.pixels[idx].float().to(model.device) / 255.0
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = heads.loss(vision_patches(model, pixels), data.cells[idx].to(model.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return loss.item()
+
+
 # Single-object scenes admit every question type but relations.
 EASY_WEIGHTS = {q: 1.0 for q in QTYPES if q != "relation"}
 
@@ -328,6 +422,7 @@ def procedural_pool(model: HTCVLM, split: Split, size: int, easy: int = 0) -> VQ
         samples += [single[i] for i in range(easy)]
     pool = tensorize(model, samples)
     pool.n_easy = easy
+    pool.cells = cell_labels([s.scene for s in samples])
     return pool
 
 
@@ -342,6 +437,22 @@ def llava_pools(
     return tensorize(model, samples[:-val_size]), tensorize(model, samples[-val_size:])
 
 
+def init_weights(model: HTCVLM, path: Path) -> int:
+    """Copy every tensor of the checkpoint at `path` whose name and shape match `model`'s; returns how many.
+
+    The tokenizer must be the same (the procedural one is deterministic), or the embeddings mean nothing.
+    """
+    own = model.state_dict()
+    state = {
+        k: v
+        for k, v in load_file(str(path / "model.safetensors")).items()
+        if k in own and own[k].shape == v.shape
+    }
+    model.load_state_dict(state, strict=False)
+    model.invalidate_fingerprint()
+    return len(state)
+
+
 def run_training(
     out: Path,
     variant: Variant = "hybrid",
@@ -353,10 +464,13 @@ def run_training(
     mgvq_from: Path | None = None,
     device: str = "cpu",
     llava: tuple[Path, Path] | None = None,
+    init_from: Path | None = None,
     **config_overrides: object,
 ) -> HTCVLM:
     """The whole recipe: tokenizer, model, stage 1 (or MGVQ weights copied from `mgvq_from`), stage 2.
 
+    `init_from`: start stage 2 from another checkpoint's weights (every tensor whose name and shape
+    match, the MGVQ included, so stage 1 is skipped): a compressed variant from the upper-bound model.
     Resumable: a rerun with the same `out` continues stage 2 from its last saved state.
     """
     out.mkdir(parents=True, exist_ok=True)
@@ -371,7 +485,10 @@ def run_training(
         train_data = procedural_pool(model, "train", pool, easy)
         val_data = procedural_pool(model, "val", val_size)
     resuming = (out / "train_state.json").is_file()
-    if hasattr(model, "mgvq") and not resuming:
+    if init_from is not None and not resuming:
+        copied = init_weights(model, init_from)
+        logger.info("%d of %d tensors from %s", copied, len(model.state_dict()), init_from)
+    if hasattr(model, "mgvq") and not resuming and (init_from is None or mgvq_from is not None):
         if mgvq_from is not None:
             state = load_file(str(mgvq_from / "model.safetensors"))
             model.mgvq.load_state_dict(
@@ -381,9 +498,22 @@ def run_training(
         else:
             parts = train_mgvq(model, train_data.pixels, cfg)
             logger.info("stage 1 done: %s", parts)
+    if cfg.vision_steps and hasattr(model, "vision") and not resuming:
+        if train_data.cells is None:
+            logger.warning("no per-cell labels in this data: stage 0 (vision on scene labels) skipped")
+        else:
+            logger.info("stage 0 done: loss %.3f", train_vision(model, train_data, cfg))
     (out / "training.json").write_text(
         json.dumps(
-            {"variant": variant, "preset": preset, "pool": pool, "easy": easy, "train": asdict(cfg)},
+            {
+                "variant": variant,
+                "preset": preset,
+                "pool": pool,
+                "easy": easy,
+                "init_from": str(init_from) if init_from else None,
+                "overrides": {k: str(v) for k, v in config_overrides.items()},
+                "train": asdict(cfg),
+            },
             indent=2,
         )
     )

@@ -8,10 +8,22 @@ import math
 import pytest
 import torch
 
+from htcvlm.checkpoint import save_pretrained
 from htcvlm.cli import main
 from htcvlm.data.dataset import ProceduralVQA
+from htcvlm.data.scenes import COLORS, GRID, SHAPES
 from htcvlm.evaluate import retention, retention_table
-from htcvlm.train import TrainConfig, _load_state, _state_tensors, answer_loss, tensorize, train_vlm
+from htcvlm.train import (
+    TrainConfig,
+    _load_state,
+    _state_tensors,
+    answer_loss,
+    cell_labels,
+    init_weights,
+    tensorize,
+    train_vision,
+    train_vlm,
+)
 
 from .helpers import make_model
 
@@ -75,7 +87,7 @@ def test_retention():
 def test_cli_smoke_train_resume_eval_and_analyze(tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--pool", "24", "--easy", "8", "--val-size", "8", "--mgvq-steps", "2", "--batch-size", "4"]
-    common += ["--eval-every", "2"]
+    common += ["--eval-every", "2", "--vision-steps", "2"]
     assert main(["train", "--out", str(out), "--steps", "2", *common]) == 0
     assert json.loads((out / "train_state.json").read_text())["step"] == 2
     assert main(["train", "--out", str(out), "--steps", "4", *common]) == 0  # resumes at step 2
@@ -133,3 +145,43 @@ def test_cli_trains_on_llava_format_data(tmp_path):
     assert main(args) == 0
     log = json.loads((out / "train_state.json").read_text())["log"]
     assert log[-1]["step"] == 2 and 0.0 <= log[-1]["val_accuracy"] <= 1.0
+
+
+def test_cell_labels_name_each_cell():
+    data = ProceduralVQA("train", 4)
+    scenes = [data[i].scene for i in range(4)]
+    labels = cell_labels(scenes)
+    assert labels.shape == (4, GRID * GRID, 4)
+    for scene, row in zip(scenes, labels, strict=True):
+        occupied = {o.cell for o in scene.objects}
+        assert {c for c in range(GRID * GRID) if row[c, 0] > 0} == occupied
+        for o in scene.objects:
+            assert SHAPES[int(row[o.cell, 0]) - 1] == o.shape and list(COLORS)[row[o.cell, 1]] == o.color
+        assert (row[[c for c in range(GRID * GRID) if c not in occupied], 1:] == -1).all()
+
+
+def test_stage0_learns_cell_labels_and_touches_only_the_vision_tower(tokenizer):
+    data = ProceduralVQA("train", 32)
+    losses = []
+    for steps in (1, 60):
+        torch.manual_seed(0)
+        model = make_model(tokenizer, seed=0)
+        pool = tensorize(model, [data[i] for i in range(32)])
+        pool.cells = cell_labels([data[i].scene for i in range(32)])
+        llm_before = {k: v.clone() for k, v in model.llm.state_dict().items()}
+        vision_before = {k: v.clone() for k, v in model.vision.state_dict().items()}
+        cfg = TrainConfig(batch_size=16, vision_steps=steps, vision_lr=3e-3, warmup=5)
+        losses.append(train_vision(model, pool, cfg, show_progress=False))
+        assert all(torch.equal(v, model.llm.state_dict()[k]) for k, v in llm_before.items())
+        assert not all(torch.equal(v, model.vision.state_dict()[k]) for k, v in vision_before.items())
+    assert losses[1] < 0.6 * losses[0], losses
+
+
+def test_init_weights_copies_every_matching_tensor(tokenizer, tmp_path):
+    upper = make_model(tokenizer, seed=1)
+    save_pretrained(upper, tmp_path)
+    continuous = make_model(tokenizer, seed=2, channels="continuous")
+    copied = init_weights(continuous, tmp_path)
+    assert copied == len(continuous.state_dict())  # upper holds every continuous tensor
+    assert torch.equal(continuous.llm.lm_head.weight, upper.llm.lm_head.weight)
+    assert torch.equal(continuous.voco, upper.voco)
