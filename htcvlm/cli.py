@@ -1,12 +1,12 @@
-"""`onetoken` command line: model-core commands (`demo`, `info`).
+"""Model-core commands (info, train, eval, retrieval, analyze), carried by the `onetoken` CLI
+(`llm_worker.cli`) and runnable alone as `python -m htcvlm.cli` (for hosts without the service).
 
-Flags and ONETOKEN_* environment variables are read here and nowhere else.
+Flags and ONETOKEN_* environment variables are read here and in llm_worker.cli, nowhere else.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import os
 import sys
@@ -47,44 +47,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"cached per image  {_human(per_token * config.n_voco)} fp16 ({config.n_voco} voco token)")
     full = per_token * config.n_patches
     print(f"uncompressed      {_human(full)} fp16 for {config.n_patches} image tokens")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Compress a few generated images with a freshly initialised tiny model and answer one question each."""
-    from htcvlm.data.dataset import ProceduralVQA
-    from htcvlm.data.questions import answer_vocabulary, question_templates
-    from htcvlm.decode import GenerationOptions, decode
-    from htcvlm.model import new_model
-    from htcvlm.tokenizer import train_tokenizer
-
-    torch.manual_seed(args.seed)
-    corpus = [t for ts in question_templates().values() for t in ts] + list(answer_vocabulary())
-    tokenizer = train_tokenizer(corpus, vocab_size=512)
-    model = new_model(HTCConfig.from_name("tiny"), tokenizer).eval()
-    print(
-        "NOTE: this tiny model is UNTRAINED (random weights): its answers are noise. The trained\n"
-        "default model ships with the training issue; this run shows the pipeline: compress each\n"
-        "image once, then answer from the cached token.\n"
-    )
-    samples = [ProceduralVQA("test", args.images, image_size=64)[i] for i in range(args.images)]
-    blobs = []
-    for sample in samples:
-        buf = io.BytesIO()
-        sample.image.save(buf, format="PNG")
-        blobs.append(buf.getvalue())
-    records = model.compress(blobs, source_uris=[f"procedural://test/{i}" for i in range(len(blobs))])
-    answers = decode(model, records, [s.question for s in samples], GenerationOptions(max_new_tokens=8))
-    full_kv = records[0].kv_nbytes // model.config.n_voco * model.config.n_visual
-    for sample, blob, record, answer in zip(samples, blobs, records, answers, strict=True):
-        print(f"image {record.image_id[:16]}…  ({len(blob)} B PNG)")
-        print(f"  Q: {sample.question}")
-        print(f"  A: {answer.text!r}   (expected {sample.answer!r}; {len(answer.token_ids)} tokens)")
-        print(
-            f"  cached: {record.kv_nbytes + record.latent.numel() * 4} B "
-            f"(voco K/V {record.kv_nbytes} B fp32 + latent), against {full_kv} B for all "
-            f"{model.config.n_visual} visual tokens' K/V"
-        )
     return 0
 
 
@@ -175,10 +137,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onetoken", description=__doc__)
     parser.add_argument("--log-level", default=os.environ.get("ONETOKEN_LOG_LEVEL", "WARNING"))
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="compress generated images with the tiny model and ask about them")
-    demo.add_argument("--images", type=int, default=4)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=cmd_demo)
     add_model_commands(sub)
     return parser
 
