@@ -67,6 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         bf16=args.bf16,
         grad_checkpointing=args.grad_checkpointing,
+        freeze_vision=args.freeze_vision,
     )
     run_training(
         Path(args.out),
@@ -156,6 +157,9 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--vision-steps", type=int, default=1000, help="stage 0: vision tower on scene labels")
+    train.add_argument(
+        "--freeze-vision", action="store_true", help="stage 2 keeps the tower stage 0 trained (faster)"
+    )
     train.add_argument("--mgvq-steps", type=int, default=300)
     train.add_argument("--mgvq-from", help="copy stage-1 MGVQ weights from this checkpoint instead")
     train.add_argument("--init-from", help="start stage 2 from this checkpoint's matching weights")

@@ -83,11 +83,17 @@ class HTCVLM(nn.Module):
 
     # ---- the two channels and their fusion (Eq. 3-5) ----
 
-    def continuous_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """V of Eq. 3: (B, 3, S, S) in [0, 1] -> (B, N, d), penultimate-layer patch tokens projected."""
+    def vision_patches(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [0, 1] -> (B, N, d_vision): the tower's selected patch tokens, before P_v."""
         out = self.vision(pixel_values=(pixels - self.clip_mean) / self.clip_std, output_hidden_states=True)
-        patches = out.hidden_states[self.config.vision.select_layer][:, 1:]  # drop CLS: (B, N, d_vision)
-        return self.proj_v(patches)
+        return out.hidden_states[self.config.vision.select_layer][:, 1:]  # drop CLS
+
+    def continuous_tokens(self, pixels: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        """V of Eq. 3: (B, 3, S, S) in [0, 1] -> (B, N, d), the selected layer's patch tokens projected.
+
+        `patches` (B, N, d_vision) skips the tower: a trainer whose tower is frozen computes them once.
+        """
+        return self.proj_v(self.vision_patches(pixels) if patches is None else patches)
 
     def discrete_tokens(
         self, pixels: torch.Tensor, quantized: torch.Tensor | None = None
@@ -110,17 +116,17 @@ class HTCVLM(nn.Module):
         return self._visual(pixels)[0]
 
     def _visual(
-        self, pixels: torch.Tensor, quantized: torch.Tensor | None = None
+        self, pixels: torch.Tensor, quantized: torch.Tensor | None = None, patches: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         pixels = pixels.to(self.voco.dtype)
         zero = pixels.new_zeros(())
         if cfg.channels == "continuous":
-            return self.continuous_tokens(pixels), zero
+            return self.continuous_tokens(pixels, patches), zero
         v_d, vq_loss = self.discrete_tokens(pixels, quantized)
         if cfg.channels == "discrete":
             return v_d, vq_loss
-        v = self.continuous_tokens(pixels)
+        v = self.continuous_tokens(pixels, patches)
         if cfg.fusion == "pre":
             return torch.cat([v_d, v], dim=1), vq_loss  # Eq. 5: anchors first
         if cfg.fusion == "post":
@@ -133,10 +139,10 @@ class HTCVLM(nn.Module):
         return self.llm.get_input_embeddings()(input_ids)
 
     def prefix_embeds(
-        self, pixels: torch.Tensor, quantized: torch.Tensor | None = None
+        self, pixels: torch.Tensor, quantized: torch.Tensor | None = None, patches: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """[V_hy; voco] (B, n_visual + n_voco, d) and the VQ loss."""
-        v_hy, vq_loss = self._visual(pixels, quantized)
+        v_hy, vq_loss = self._visual(pixels, quantized, patches)
         voco = self.voco[None].expand(v_hy.shape[0], -1, -1)
         return torch.cat([v_hy, voco], dim=1), vq_loss
 
@@ -147,18 +153,20 @@ class HTCVLM(nn.Module):
         text_lengths: Sequence[int] | torch.Tensor | None = None,
         text_attends_visual: bool = False,
         quantized: torch.Tensor | None = None,
+        patches: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Full masked forward over X = [V_hy; voco; W] (Algorithm 1).
 
         input_ids (B, T) are right-padded to T; text_lengths gives each row's true length. Returns the
         logits of the text positions (B, T, vocab), row t predicting token t + 1, and the VQ loss.
-        `text_attends_visual=True` is the uncompressed upper bound (no bottleneck); `quantized` is a
-        precomputed MGVQ output (see discrete_tokens).
+        `text_attends_visual=True` is the uncompressed upper bound (no bottleneck); `quantized` and
+        `patches` are a precomputed MGVQ output and vision-tower output (see discrete_tokens and
+        continuous_tokens).
         """
         batch, n_text = input_ids.shape
         if text_lengths is None:
             text_lengths = [n_text] * batch
-        prefix, vq_loss = self.prefix_embeds(pixels, quantized)
+        prefix, vq_loss = self.prefix_embeds(pixels, quantized, patches)
         embeds = torch.cat([prefix, self.embed_text(input_ids)], dim=1)
         mask = hybrid_mask(
             self.config.n_visual,

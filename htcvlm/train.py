@@ -54,6 +54,7 @@ class TrainConfig:
     mgvq_lr: float = 2e-3
     vision_steps: int = 0  # stage 0: the vision tower on per-cell scene labels (a stand-in for CLIP)
     vision_lr: float = 2e-3
+    freeze_vision: bool = False  # stage 2 keeps the tower stage 0 trained, as LLaVA keeps CLIP frozen
     eval_every: int = 500
     seed: int = 0
     bf16: bool = False  # autocast on GPU hosts
@@ -86,6 +87,7 @@ class VQATensors:
     quantized: torch.Tensor | None = None  # (N, C, h, w): the frozen MGVQ's output, computed once
     n_easy: int = 0  # the last n_easy samples are single-object scenes (the curriculum's first phase)
     cells: torch.Tensor | None = None  # (N, 9, 4) per grid cell: shape (0 empty), color, size, texture
+    patches: torch.Tensor | None = None  # (N, n_patches, d_vision): a frozen tower's output, computed once
 
     def __len__(self) -> int:
         return len(self.answers)
@@ -98,6 +100,7 @@ class VQATensors:
             "text_lengths": self.lengths[idx],
             "answer_start": self.answer_start[idx],
             "quantized": None if self.quantized is None else self.quantized[idx],
+            "patches": None if self.patches is None else self.patches[idx],
         }
 
     @torch.no_grad()  # not inference_mode: these tensors are saved for backward as P_d's input
@@ -110,6 +113,15 @@ class VQATensors:
             for i in range(0, len(self), batch_size)
         ]
         self.quantized = torch.cat(chunks)
+
+    @torch.no_grad()
+    def encode_patches(self, model: HTCVLM, batch_size: int = 256) -> None:
+        """Run the (frozen) vision tower once over the pool, so training steps skip it."""
+        chunks = [
+            model.vision_patches(self.pixels[i : i + batch_size].float().to(model.device) / 255.0).cpu()
+            for i in range(0, len(self), batch_size)
+        ]
+        self.patches = torch.cat(chunks)
 
 
 def tensorize(model: HTCVLM, samples: Sequence[VQASample]) -> VQATensors:
@@ -208,9 +220,15 @@ def save_training_state(out: Path, model: HTCVLM, opt: torch.optim.Optimizer, st
     (out / "train_state.json").write_text(json.dumps({"step": step, "log": log, **meta}, indent=1))
 
 
-def stage2_parameters(model: HTCVLM) -> list[torch.nn.Parameter]:
-    """Everything but the MGVQ tokenizer, which stage 1 fitted and stage 2 keeps frozen."""
-    frozen = {id(p) for p in model.mgvq.parameters()} if hasattr(model, "mgvq") else set()
+def frozen_modules(model: HTCVLM, cfg: TrainConfig) -> list[torch.nn.Module]:
+    """What stage 2 keeps fixed: the MGVQ tokenizer (fitted by stage 1), and the vision tower if asked."""
+    names = ["mgvq"] + (["vision"] if cfg.freeze_vision else [])
+    return [getattr(model, n) for n in names if hasattr(model, n)]
+
+
+def stage2_parameters(model: HTCVLM, cfg: TrainConfig) -> list[torch.nn.Parameter]:
+    """Every parameter but those of the frozen modules."""
+    frozen = {id(p) for m in frozen_modules(model, cfg) for p in m.parameters()}
     return [p for p in model.parameters() if id(p) not in frozen]
 
 
@@ -229,9 +247,10 @@ def train_vlm(
     """
     from htcvlm.evaluate import accuracy  # evaluate imports train's data helpers
 
-    params = stage2_parameters(model)
-    for p in model.mgvq.parameters() if hasattr(model, "mgvq") else ():
-        p.requires_grad_(False)
+    params = stage2_parameters(model, cfg)
+    frozen = frozen_modules(model, cfg)
+    for module in frozen:
+        module.requires_grad_(False)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -248,13 +267,16 @@ def train_vlm(
         logger.info("resuming %s from step %d", out, start)
     if hasattr(model, "mgvq") and data.quantized is None:
         data.quantize(model)
+    if cfg.freeze_vision and hasattr(model, "vision") and data.patches is None:
+        model.vision.eval()
+        data.encode_patches(model)
     if cfg.grad_checkpointing:
         model.llm.gradient_checkpointing_enable()
     upper = variant == "upper"
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + start)
     model.train()
-    if hasattr(model, "mgvq"):
-        model.mgvq.eval()  # frozen: no GroupNorm statistics to update, but keep it deterministic
+    for module in frozen:
+        module.eval()  # no statistics to update, but keep them deterministic
     bar = tqdm(
         range(start, cfg.steps),
         desc=f"stage 2 {variant}",
@@ -286,8 +308,8 @@ def train_vlm(
             model.invalidate_fingerprint()
             acc = accuracy(model, val, upper=upper)["all"]
             model.train()
-            if hasattr(model, "mgvq"):
-                model.mgvq.eval()
+            for module in frozen:
+                module.eval()
             entry = {
                 "step": step + 1,
                 "loss": loss.item(),
@@ -354,16 +376,19 @@ class CellHeads(torch.nn.Module):
             torch.nn.Linear(4 * width, GRID * GRID * sum(self.classes)),
         )
 
-    def loss(self, patches: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """patches (B, N, w) on a square grid; labels (B, 9, 4)."""
+    def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        """patches (B, N, w) on a square grid -> {"local", "global"}: (B, 9, sum(classes)) logits."""
         b, n, w = patches.shape
         side = math.isqrt(n)
         grid = patches.transpose(1, 2).reshape(b, w, side, side)  # (B, N, w) -> (B, w, side, side)
         pooled = F.adaptive_avg_pool2d(grid, GRID).flatten(2).transpose(1, 2)  # (B, 9, w)
-        local = self.local(pooled)  # (B, 9, sum(classes))
         glob = self.glob(patches.mean(dim=1)).view(b, GRID * GRID, -1)  # (B, 9 * sum) -> (B, 9, sum)
+        return {"local": self.local(pooled), "global": glob}
+
+    def loss(self, patches: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """patches (B, N, w); labels (B, 9, 4)."""
         total = patches.new_zeros(())
-        for logits in (local, glob):
+        for logits in self(patches).values():
             for col, part in enumerate(logits.split(self.classes, dim=-1)):
                 total = total + F.cross_entropy(
                     part.flatten(0, 1), labels[..., col].flatten(), ignore_index=-1
@@ -371,17 +396,16 @@ class CellHeads(torch.nn.Module):
         return total
 
 
-def vision_patches(model: HTCVLM, pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S) in [0, 1] -> (B, N, d_vision): the tower's selected patch tokens, before P_v."""
-    normalized = (pixels - model.clip_mean) / model.clip_std
-    out = model.vision(pixel_values=normalized, output_hidden_states=True)
-    return out.hidden_states[model.config.vision.select_layer][:, 1:]  # drop CLS
-
-
-def train_vision(model: HTCVLM, data: VQATensors, cfg: TrainConfig, show_progress: bool = True) -> float:
+def train_vision(
+    model: HTCVLM,
+    data: VQATensors,
+    cfg: TrainConfig,
+    show_progress: bool = True,
+    val: VQATensors | None = None,
+) -> float:
     """Stage 0: the vision tower on per-cell scene labels. The paper starts from a pretrained CLIP; the
     tiny model's tower starts from scratch, and the answer loss alone teaches it shapes far too slowly.
-    Returns the final loss."""
+    Returns the final loss; logs the heads' accuracy on `val`."""
     if data.cells is None:
         raise ValueError("stage 0 needs per-cell labels: procedural data only")
     heads = CellHeads(model.config.vision.hidden_size).to(model.device)
@@ -397,13 +421,39 @@ def train_vision(model: HTCVLM, data: VQATensors, cfg: TrainConfig, show_progres
         idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
         pixels = data.pixels[idx].float().to(model.device) / 255.0
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = heads.loss(vision_patches(model, pixels), data.cells[idx].to(model.device))
+            loss = heads.loss(model.vision_patches(pixels), data.cells[idx].to(model.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.vision.eval()
+    if val is not None and val.cells is not None:
+        logger.info("stage 0 validation accuracy: %s", json.dumps(cell_accuracy(model, heads, val)))
     return loss.item()
+
+
+@torch.no_grad()
+def cell_accuracy(model: HTCVLM, heads: CellHeads, data: VQATensors) -> dict[str, dict[str, float]]:
+    """Per head and attribute, the share of occupied grid cells labelled right: how well the tower sees
+    what the questions ask about."""
+    assert data.cells is not None
+    labels = data.cells.to(model.device)
+    occupied = labels[..., 0] > 0
+    outputs = [
+        heads(model.vision_patches(data.pixels[i : i + 256].float().to(model.device) / 255.0))
+        for i in range(0, len(data), 256)
+    ]
+    result: dict[str, dict[str, float]] = {}
+    for head in ("local", "global"):
+        logits = torch.cat([o[head] for o in outputs])
+        result[head] = {}
+        for col, (name, part) in enumerate(
+            zip(CELL_CLASSES, logits.split(heads.classes, dim=-1), strict=True)
+        ):
+            right = (part.argmax(-1) == labels[..., col]) & occupied
+            result[head][name] = round(float(right.sum() / occupied.sum()), 4)
+    return result
 
 
 # Single-object scenes admit every question type but relations.
@@ -415,11 +465,10 @@ def procedural_pool(model: HTCVLM, split: Split, size: int, easy: int = 0) -> VQ
     every answer is a property of the image, which the vision tower learns long before it learns to
     bind a named object to its properties)."""
     image_size = model.config.image_size
-    data = ProceduralVQA(split, size, image_size=image_size)
-    samples = [data[i] for i in range(size)]
+    samples = ProceduralVQA(split, size, image_size=image_size).render_all()
     if easy:
         single = ProceduralVQA(split, easy, image_size, weights=EASY_WEIGHTS, seed=1, max_objects=1)
-        samples += [single[i] for i in range(easy)]
+        samples += single.render_all()
     pool = tensorize(model, samples)
     pool.n_easy = easy
     pool.cells = cell_labels([s.scene for s in samples])
@@ -502,7 +551,7 @@ def run_training(
         if train_data.cells is None:
             logger.warning("no per-cell labels in this data: stage 0 (vision on scene labels) skipped")
         else:
-            logger.info("stage 0 done: loss %.3f", train_vision(model, train_data, cfg))
+            logger.info("stage 0 done: loss %.3f", train_vision(model, train_data, cfg, val=val_data))
     (out / "training.json").write_text(
         json.dumps(
             {

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import multiprocessing
+import os
 import random
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
+# Below this many samples, starting worker processes costs more than rendering in this one.
+PARALLEL_MIN = 4096
 # A scene fits a given qtype often (relation, the rarest, in about half of the draws); this bound is only
 # reached by weights that ask for something no scene has.
 MAX_DRAWS = 1000
@@ -142,3 +148,25 @@ class ProceduralVQA:
             qtype=question.qtype,
             scene=scene,
         )
+
+    def render_all(self, workers: int | None = None) -> list[VQASample]:
+        """Every sample, rendered by `workers` processes (default: one per CPU, at most 16).
+
+        Each sample is a pure function of its index, so the result is the same for any worker count.
+        """
+        workers = min(os.cpu_count() or 1, 16) if workers is None else workers
+        if workers <= 1 or self.size < PARALLEL_MIN:
+            return _render_range(self, 0, self.size)
+        step = math.ceil(self.size / (4 * workers))  # a few chunks per worker evens out their speed
+        starts = range(0, self.size, step)
+        # spawn, not fork: the caller may hold torch's thread pools, which a forked child inherits broken
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            chunks = pool.map(
+                _render_range, [self] * len(starts), starts, [min(i + step, self.size) for i in starts]
+            )
+            return [sample for chunk in chunks for sample in chunk]
+
+
+def _render_range(data: ProceduralVQA, start: int, stop: int) -> list[VQASample]:
+    return [data[i] for i in range(start, stop)]

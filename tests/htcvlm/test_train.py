@@ -7,17 +7,21 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from htcvlm.checkpoint import save_pretrained
 from htcvlm.cli import main
+from htcvlm.data import dataset as dataset_module
 from htcvlm.data.dataset import ProceduralVQA
 from htcvlm.data.scenes import COLORS, GRID, SHAPES
 from htcvlm.evaluate import retention, retention_table
 from htcvlm.train import (
+    CellHeads,
     TrainConfig,
     _load_state,
     _state_tensors,
     answer_loss,
+    cell_accuracy,
     cell_labels,
     init_weights,
     tensorize,
@@ -185,3 +189,66 @@ def test_init_weights_copies_every_matching_tensor(tokenizer, tmp_path):
     assert copied == len(continuous.state_dict())  # upper holds every continuous tensor
     assert torch.equal(continuous.llm.lm_head.weight, upper.llm.lm_head.weight)
     assert torch.equal(continuous.voco, upper.voco)
+
+
+def test_the_vision_bypass_gives_the_same_logits(tokenizer):
+    model = make_model(tokenizer, seed=0).eval()
+    data = ProceduralVQA("train", 4)
+    batch = _inputs(tensorize(model, [data[i] for i in range(4)]))
+    with torch.no_grad():
+        direct = model(**batch)[0]
+        bypassed = model(**{**batch, "patches": model.vision_patches(batch["pixels"])})[0]
+    assert torch.equal(direct, bypassed)
+
+
+def test_a_frozen_tower_stays_put_and_the_rest_still_learns(tokenizer):
+    model = make_model(tokenizer, seed=0)
+    data = ProceduralVQA("train", 8)
+    pool = tensorize(model, [data[i] for i in range(8)])
+    vision_before = {k: v.clone() for k, v in model.vision.state_dict().items()}
+    cfg = TrainConfig(steps=60, batch_size=8, lr=3e-3, warmup=5, eval_every=1000, freeze_vision=True)
+    with torch.no_grad():
+        before = answer_loss(model(**_inputs(pool))[0], pool.ids, pool.lengths, pool.answer_start).item()
+    train_vlm(model, pool, cfg, "hybrid", show_progress=False)
+    assert pool.patches is not None and pool.patches.shape[:2] == (8, model.config.n_patches)
+    assert all(torch.equal(v, model.vision.state_dict()[k]) for k, v in vision_before.items())
+    pool.patches = None  # score through the tower itself: the cached features were its output
+    with torch.no_grad():
+        after = answer_loss(model(**_inputs(pool))[0], pool.ids, pool.lengths, pool.answer_start).item()
+    assert after < 0.5 * before, (before, after)
+
+
+def test_cell_accuracy_scores_occupied_cells_only(tokenizer, monkeypatch):
+    model = make_model(tokenizer, seed=0)
+    data = ProceduralVQA("train", 6)
+    pool = tensorize(model, [data[i] for i in range(6)])
+    pool.cells = cell_labels([data[i].scene for i in range(6)])
+    heads = CellHeads(model.config.vision.hidden_size)
+
+    def oracle(patches, wrong_empty=False):  # one-hot logits of the true labels (empty cells: class 0)
+        parts = [
+            F.one_hot(pool.cells[..., col].clamp(min=0), n).float() for col, n in enumerate(heads.classes)
+        ]
+        if wrong_empty:  # call every empty cell a circle and give it a color: must not count
+            parts[0] = torch.where(
+                pool.cells[..., :1] > 0, parts[0], F.one_hot(torch.tensor(1), parts[0].shape[-1])
+            )
+        logits = torch.cat(parts, dim=-1)
+        return {"local": logits, "global": logits}
+
+    monkeypatch.setattr(heads, "forward", oracle)
+    perfect = cell_accuracy(model, heads, pool)
+    assert perfect == {
+        h: dict.fromkeys(("shape", "color", "size", "texture"), 1.0) for h in ("local", "global")
+    }
+    monkeypatch.setattr(heads, "forward", lambda p: oracle(p, wrong_empty=True))
+    assert cell_accuracy(model, heads, pool) == perfect
+
+
+def test_parallel_rendering_gives_the_same_samples(monkeypatch):
+    monkeypatch.setattr(dataset_module, "PARALLEL_MIN", 0)
+    data = ProceduralVQA("val", 24)
+    alone, parallel = data.render_all(workers=1), data.render_all(workers=2)
+    for a, b in zip(alone, parallel, strict=True):
+        assert (a.question, a.answer, a.scene) == (b.question, b.answer, b.scene)
+        assert a.image.tobytes() == b.image.tobytes()
