@@ -156,17 +156,20 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--steps", type=int, default=2000, help="stage-2 steps")
     train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--vision-steps", type=int, default=1000, help="stage 0: vision tower on scene labels")
+    train.add_argument("--vision-steps", type=int, default=2000, help="stage 0: vision tower on scene labels")
     train.add_argument(
-        "--freeze-vision", action="store_true", help="stage 2 keeps the tower stage 0 trained (faster)"
+        "--freeze-vision",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stage 2 keeps the tower stage 0 trained, its features computed once (LLaVA keeps CLIP frozen)",
     )
     train.add_argument("--mgvq-steps", type=int, default=300)
     train.add_argument("--mgvq-from", help="copy stage-1 MGVQ weights from this checkpoint instead")
     train.add_argument("--init-from", help="start stage 2 from this checkpoint's matching weights")
     train.add_argument("--llava", help="LLaVA-format JSON to train on instead of the procedural set")
     train.add_argument("--image-root", default=".", help="folder the LLaVA JSON's image paths are under")
-    train.add_argument("--pool", type=int, default=20000, help="pre-rendered training samples")
-    train.add_argument("--easy", type=int, default=5000, help="extra single-object samples (curriculum)")
+    train.add_argument("--pool", type=int, default=100000, help="pre-rendered training samples")
+    train.add_argument("--easy", type=int, default=10000, help="extra single-object samples (curriculum)")
     train.add_argument("--easy-steps", type=int, default=300, help="first steps on single-object samples")
     train.add_argument("--warmup", type=int, default=200)
     train.add_argument("--val-size", type=int, default=500, help="validation samples scored at each eval")

@@ -11,8 +11,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -106,22 +106,31 @@ class VQATensors:
     @torch.no_grad()  # not inference_mode: these tensors are saved for backward as P_d's input
     def quantize(self, model: HTCVLM, batch_size: int = 256) -> None:
         """Run the (frozen) tokenizer once over the pool, so training steps skip it."""
-        chunks = [
-            model.mgvq.encode(
-                self.pixels[i : i + batch_size].float().to(model.device) / 255.0
-            ).quantized.cpu()
-            for i in range(0, len(self), batch_size)
-        ]
-        self.quantized = torch.cat(chunks)
+        self.quantized = _map_batches(
+            lambda x: model.mgvq.encode(x.to(model.device)).quantized, self.pixels, batch_size
+        )
 
     @torch.no_grad()
     def encode_patches(self, model: HTCVLM, batch_size: int = 256) -> None:
         """Run the (frozen) vision tower once over the pool, so training steps skip it."""
-        chunks = [
-            model.vision_patches(self.pixels[i : i + batch_size].float().to(model.device) / 255.0).cpu()
-            for i in range(0, len(self), batch_size)
-        ]
-        self.patches = torch.cat(chunks)
+        self.patches = _map_batches(
+            lambda x: model.vision_patches(x.to(model.device)), self.pixels, batch_size
+        )
+
+
+def _map_batches(
+    fn: Callable[[torch.Tensor], torch.Tensor], pixels_u8: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """fn over the pool's pixels in batches, into one preallocated CPU tensor: concatenating the chunks
+    would hold the result twice (7 GB for the patches of a 110k-sample pool)."""
+    out: torch.Tensor | None = None
+    for i in range(0, len(pixels_u8), batch_size):
+        part = fn(pixels_u8[i : i + batch_size].float() / 255.0).cpu()
+        if out is None:
+            out = part.new_empty((len(pixels_u8), *part.shape[1:]))
+        out[i : i + len(part)] = part
+    assert out is not None, "an empty pool"
+    return out
 
 
 def tensorize(model: HTCVLM, samples: Sequence[VQASample]) -> VQATensors:
@@ -507,8 +516,8 @@ def run_training(
     variant: Variant = "hybrid",
     preset: str = "tiny",
     cfg: TrainConfig = TrainConfig(),
-    pool: int = 20000,
-    easy: int = 5000,
+    pool: int = 100000,
+    easy: int = 10000,
     val_size: int = 500,
     mgvq_from: Path | None = None,
     device: str = "cpu",
@@ -547,11 +556,19 @@ def run_training(
         else:
             parts = train_mgvq(model, train_data.pixels, cfg)
             logger.info("stage 1 done: %s", parts)
+    tower_trained = config.vision.path is not None or init_from is not None
     if cfg.vision_steps and hasattr(model, "vision") and not resuming:
         if train_data.cells is None:
             logger.warning("no per-cell labels in this data: stage 0 (vision on scene labels) skipped")
         else:
             logger.info("stage 0 done: loss %.3f", train_vision(model, train_data, cfg, val=val_data))
+            tower_trained = True
+    if resuming and (out / "training.json").is_file():  # keep the first run's choice
+        recorded = json.loads((out / "training.json").read_text())["train"].get("freeze_vision", False)
+        cfg = replace(cfg, freeze_vision=recorded)
+    elif cfg.freeze_vision and hasattr(model, "vision") and not tower_trained:
+        logger.warning("the vision tower is untrained (no stage 0, no pretrained weights): stage 2 trains it")
+        cfg = replace(cfg, freeze_vision=False)
     (out / "training.json").write_text(
         json.dumps(
             {

@@ -97,6 +97,8 @@ def test_cli_smoke_train_resume_eval_and_analyze(tmp_path, capsys):
     assert main(["train", "--out", str(out), "--steps", "4", *common]) == 0  # resumes at step 2
     state = json.loads((out / "train_state.json").read_text())
     assert state["step"] == 4 and [e["step"] for e in state["log"]] == [2, 4]
+    # stage 0 trained the tower, so stage 2 kept it frozen (the default), and the resumed run too
+    assert json.loads((out / "training.json").read_text())["train"]["freeze_vision"] is True
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
     assert main(["eval", f"upper={out}", f"hybrid={out}", "--test-size", "12", "--out", str(tmp_path)]) == 0
     table = json.loads((tmp_path / "eval.json").read_text())["table"]
@@ -147,6 +149,8 @@ def test_cli_trains_on_llava_format_data(tmp_path):
         "2",
     ]
     assert main(args) == 0
+    # no cell labels, so no stage 0: a from-scratch tower is not frozen untrained, whatever the default
+    assert json.loads((out / "training.json").read_text())["train"]["freeze_vision"] is False
     log = json.loads((out / "train_state.json").read_text())["log"]
     assert log[-1]["step"] == 2 and 0.0 <= log[-1]["val_accuracy"] <= 1.0
 
