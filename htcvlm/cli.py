@@ -88,12 +88,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_spec(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not (sep and name and path):
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    if name == "lower":
+        raise argparse.ArgumentTypeError("'lower' is not passed: it is the 'upper' model under compression")
+    return name, path
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """Accuracy and retention per question type for the trained variants, as markdown and JSON."""
     from htcvlm.evaluate import run_eval
 
     torch.set_num_threads(args.threads)
-    models = dict(spec.split("=", 1) for spec in args.models)
+    models = dict(args.models)
     markdown, _ = run_eval(models, test_size=args.test_size, out=Path(args.out) if args.out else None)
     print(markdown)
     return 0
@@ -184,7 +193,12 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("eval", help="accuracy and retention table of trained variants")
-    evaluate.add_argument("models", nargs="+", help="NAME=DIR, e.g. upper=runs/upper hybrid=runs/hybrid")
+    evaluate.add_argument(
+        "models",
+        nargs="+",
+        type=_model_spec,
+        help="NAME=DIR, e.g. upper=runs/upper hybrid=runs/hybrid; 'upper' adds the bounds and retention",
+    )
     evaluate.add_argument("--test-size", type=int, default=1000)
     evaluate.add_argument("--out", help="folder for eval.md and eval.json")
     evaluate.add_argument("--threads", type=int, default=int(os.environ.get("ONETOKEN_THREADS", "2")))

@@ -86,10 +86,13 @@ def retention(result: float, lower: float, upper: float) -> float:
 def retention_table(results: Mapping[str, Mapping[str, float]]) -> tuple[str, dict]:
     """Markdown table and JSON of accuracy and retention per column (qtypes, kinds, all) per variant.
 
-    `results` maps variant name -> accuracy dict and must hold 'upper' and 'lower'.
+    `results` maps variant name -> accuracy dict. Retention needs both 'upper' and 'lower'; without
+    them the table gives accuracy alone.
     """
-    columns = [q for q in QTYPES if q in results["upper"]] + ["semantic", "detail", "all"]
-    upper, lower = results["upper"], results["lower"]
+    first = results.get("upper") or next(iter(results.values()))
+    columns = [q for q in QTYPES if q in first] + ["semantic", "detail", "all"]
+    bounded = "upper" in results and "lower" in results
+    nan = float("nan")
     table: dict[str, dict[str, dict[str, float]]] = {}
     lines = [
         "| variant | " + " | ".join(columns) + " | avg retention |",
@@ -100,29 +103,30 @@ def retention_table(results: Mapping[str, Mapping[str, float]]) -> tuple[str, di
         cells = []
         rets = []
         for col in columns:
-            r = retention(acc[col], lower[col], upper[col])
+            r = retention(acc[col], results["lower"][col], results["upper"][col]) if bounded else nan
             row[col] = {"accuracy": acc[col], "retention": r}
-            cells.append(
-                f"{100 * acc[col]:.1f}" + ("" if name in ("upper", "lower") else f" ({100 * r:.0f}%)")
-            )
+            shown = bounded and name not in ("upper", "lower")
+            cells.append(f"{100 * acc[col]:.1f}" + (f" ({100 * r:.0f}%)" if shown else ""))
             if col in QTYPES and r == r:
                 rets.append(r)
         avg = sum(rets) / len(rets) if rets else float("nan")
         row["avg_retention"] = {"retention": avg}
         table[name] = row
-        avg_cell = "—" if name in ("upper", "lower") else f"{100 * avg:.1f}%"
+        avg_cell = f"{100 * avg:.1f}%" if bounded and name not in ("upper", "lower") else "—"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {avg_cell} |")
     return "\n".join(lines), table
 
 
 def run_eval(models: Mapping[str, str], test_size: int = 1000, out: Path | None = None) -> tuple[str, dict]:
-    """Evaluate checkpoints by variant name on the procedural test split; 'upper' is required and also
-    gives the lower bound (its weights through the voco bottleneck)."""
+    """Evaluate checkpoints by variant name on the procedural test split. An 'upper' model also gives the
+    lower bound (its weights through the voco bottleneck) and with it each variant's retention."""
     from htcvlm.checkpoint import load_pretrained
     from htcvlm.train import procedural_pool
 
-    if "upper" not in models:
-        raise ValueError(f"the retention table needs an 'upper' model, got {sorted(models)}")
+    if "lower" in models:
+        raise ValueError(
+            "'lower' is not a model to pass: it is the 'upper' model's weights under compression"
+        )
     results: dict[str, dict[str, float]] = {}
     for name, path in models.items():
         model = load_pretrained(path)

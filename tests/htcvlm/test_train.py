@@ -103,6 +103,12 @@ def test_cli_smoke_train_resume_eval_and_analyze(tmp_path, capsys):
     assert main(["eval", f"upper={out}", f"hybrid={out}", "--test-size", "12", "--out", str(tmp_path)]) == 0
     table = json.loads((tmp_path / "eval.json").read_text())["table"]
     assert set(table) == {"upper", "lower", "hybrid"}
+    assert main(["eval", f"hybrid={out}", "--test-size", "12"]) == 0  # no upper: accuracy alone
+    assert "| hybrid |" in capsys.readouterr().out
+    for spec, says in (("hybrid", "NAME=DIR"), ("=x", "NAME=DIR"), (f"lower={out}", "under compression")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["eval", spec])
+        assert exit_.value.code == 2 and says in capsys.readouterr().err
     png = tmp_path / "attention.png"
     assert main(["analyze", "attention", "--model", str(out), "--images", "4", "--out", str(png)]) == 0
     assert png.stat().st_size > 0
