@@ -51,8 +51,10 @@ def main() -> None:
     r = recipe()
     n, k = args.sample, args.steps
 
-    tokenizer_s = timed(procedural_tokenizer)
-    model = new_model(variant_config(HTCConfig.from_name(r.preset), r.variant), procedural_tokenizer())
+    start = time.perf_counter()
+    tokenizer = procedural_tokenizer()
+    tokenizer_s = time.perf_counter() - start
+    model = new_model(variant_config(HTCConfig.from_name(r.preset), r.variant), tokenizer)
     cfg = TrainConfig(
         steps=k, batch_size=r.batch_size, mgvq_steps=k, vision_steps=k, warmup=1, easy_steps=0,
         freeze_vision=r.freeze_vision, eval_every=10**9,
@@ -70,7 +72,6 @@ def main() -> None:
     per["quantize"] = timed(lambda: pool.quantize(model)) / n
     per["stage0_step"] = timed(lambda: train_vision(model, pool, cfg, show_progress=False)) / k
     if r.freeze_vision:
-        model.vision.eval()
         per["patches"] = timed(lambda: pool.encode_patches(model)) / n
     per["stage2_step"] = timed(lambda: train_vlm(model, pool, cfg, r.variant, show_progress=False)) / k
     val = procedural_pool(model, "val", r.val_size)

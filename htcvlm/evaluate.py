@@ -92,7 +92,6 @@ def retention_table(results: Mapping[str, Mapping[str, float]]) -> tuple[str, di
     first = results.get("upper") or next(iter(results.values()))
     columns = [q for q in QTYPES if q in first] + ["semantic", "detail", "all"]
     bounded = "upper" in results and "lower" in results
-    nan = float("nan")
     table: dict[str, dict[str, dict[str, float]]] = {}
     lines = [
         "| variant | " + " | ".join(columns) + " | avg retention |",
@@ -102,17 +101,17 @@ def retention_table(results: Mapping[str, Mapping[str, float]]) -> tuple[str, di
         row: dict[str, dict[str, float]] = {}
         cells = []
         rets = []
+        shown = bounded and name not in ("upper", "lower")  # a bound's retention says nothing
         for col in columns:
-            r = retention(acc[col], results["lower"][col], results["upper"][col]) if bounded else nan
+            r = retention(acc[col], results["lower"][col], results["upper"][col]) if bounded else float("nan")
             row[col] = {"accuracy": acc[col], "retention": r}
-            shown = bounded and name not in ("upper", "lower")
             cells.append(f"{100 * acc[col]:.1f}" + (f" ({100 * r:.0f}%)" if shown else ""))
             if col in QTYPES and r == r:
                 rets.append(r)
         avg = sum(rets) / len(rets) if rets else float("nan")
         row["avg_retention"] = {"retention": avg}
         table[name] = row
-        avg_cell = f"{100 * avg:.1f}%" if bounded and name not in ("upper", "lower") else "—"
+        avg_cell = f"{100 * avg:.1f}%" if shown else "—"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {avg_cell} |")
     return "\n".join(lines), table
 

@@ -274,18 +274,17 @@ def train_vlm(
         _load_state(opt, load_file(str(out / "optimizer.safetensors")), state)
         start, log = state["step"], state["log"]
         logger.info("resuming %s from step %d", out, start)
+    model.train()
+    for module in frozen:
+        module.eval()  # no statistics to update, but keep them deterministic
     if hasattr(model, "mgvq") and data.quantized is None:
         data.quantize(model)
     if cfg.freeze_vision and hasattr(model, "vision") and data.patches is None:
-        model.vision.eval()
         data.encode_patches(model)
     if cfg.grad_checkpointing:
         model.llm.gradient_checkpointing_enable()
     upper = variant == "upper"
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + start)
-    model.train()
-    for module in frozen:
-        module.eval()  # no statistics to update, but keep them deterministic
     bar = tqdm(
         range(start, cfg.steps),
         desc=f"stage 2 {variant}",
@@ -449,13 +448,9 @@ def cell_accuracy(model: HTCVLM, heads: CellHeads, data: VQATensors) -> dict[str
     assert data.cells is not None
     labels = data.cells.to(model.device)
     occupied = labels[..., 0] > 0
-    outputs = [
-        heads(model.vision_patches(data.pixels[i : i + 256].float().to(model.device) / 255.0))
-        for i in range(0, len(data), 256)
-    ]
+    patches = _map_batches(lambda x: model.vision_patches(x.to(model.device)), data.pixels, 256)
     result: dict[str, dict[str, float]] = {}
-    for head in ("local", "global"):
-        logits = torch.cat([o[head] for o in outputs])
+    for head, logits in heads(patches.to(model.device)).items():
         result[head] = {}
         for col, (name, part) in enumerate(
             zip(CELL_CLASSES, logits.split(heads.classes, dim=-1), strict=True)
