@@ -76,6 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg=cfg,
         pool=args.pool,
         easy=args.easy,
+        questions=args.questions,
         val_size=args.val_size,
         mgvq_from=Path(args.mgvq_from) if args.mgvq_from else None,
         device=args.device,
@@ -162,7 +163,12 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--variant", choices=("hybrid", "continuous", "discrete", "upper"), default="hybrid")
     train.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     # The defaults are the recipe of the shipped model (docs/TRAINING.md).
-    train.add_argument("--steps", type=int, default=2000, help="stage-2 steps")
+    train.add_argument(
+        "--steps",
+        type=int,
+        default=2000,
+        help="stage-2 steps (0: stop after stages 1 and 0, a start for --init-from)",
+    )
     train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--lr", type=float, default=1e-3)
     train.add_argument("--vision-steps", type=int, default=2000, help="stage 0: vision tower on scene labels")
@@ -180,6 +186,9 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--pool", type=int, default=100000, help="pre-rendered training samples")
     train.add_argument("--easy", type=int, default=10000, help="extra single-object samples (curriculum)")
     train.add_argument("--easy-steps", type=int, default=300, help="first steps on single-object samples")
+    train.add_argument(
+        "--questions", type=int, default=1, help="questions per training image, packed into one pass"
+    )
     train.add_argument("--warmup", type=int, default=200)
     train.add_argument("--val-size", type=int, default=500, help="validation samples scored at each eval")
     train.add_argument("--n-discrete", type=int, default=4)

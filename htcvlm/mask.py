@@ -44,6 +44,27 @@ def to_additive(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> to
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
+def text_segments(
+    text_lengths: list[int] | torch.Tensor, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment index and offset in it of every text column, for texts of one or more packed segments.
+
+    text_lengths (B,) gives each row's true length (one segment); (B, K) the lengths of K question segments
+    packed one after another (0 for a row with fewer). Returns (B, T) segment index (-1 on padding) and
+    (B, T) offset of the column in its segment; T is the longest row.
+    """
+    lengths = torch.as_tensor(text_lengths, device=device)
+    if lengths.ndim == 1:
+        lengths = lengths[:, None]
+    ends = lengths.cumsum(dim=1)  # (B, K)
+    n_text = int(ends[:, -1].max()) if ends.numel() else 0
+    col = torch.arange(n_text, device=lengths.device)
+    seg = (col[None, :, None] >= ends[:, None, :]).sum(dim=-1)  # (B, T): segments ended before the column
+    starts = ends - lengths
+    offset = col[None] - starts.gather(1, seg.clamp(max=lengths.shape[1] - 1))
+    return torch.where(seg < lengths.shape[1], seg, -1), offset
+
+
 def hybrid_mask(
     n_visual: int,
     n_voco: int,
@@ -55,15 +76,16 @@ def hybrid_mask(
 ) -> torch.Tensor:
     """Additive 4D mask (B, 1, L, L) for a batch of right-padded texts of the given true lengths.
 
-    L = n_visual + n_voco + max(text_lengths). Padding keys are blocked for every query; padding query
-    rows still see V_hy/voco, so no row is fully blocked (a fully blocked softmax row gives NaN).
+    text_lengths (B,), or (B, K) for K question segments per row (see text_segments): each segment sees the
+    prefix as one question would and, causally, itself, never the other segments, so one pass trains K
+    questions about one compressed image. L = n_visual + n_voco + the longest row. Padding keys are
+    blocked for every query; padding query rows still see voco, so no row is fully blocked (a fully
+    blocked softmax row gives NaN).
     """
-    lengths = torch.as_tensor(text_lengths, device=device)
-    n_text = int(lengths.max()) if lengths.numel() else 0
+    seg, _ = text_segments(text_lengths, device)
     prefix = n_visual + n_voco
-    allowed = allowed_hybrid(n_visual, n_voco, n_text, visual_attention, text_attends_visual, device)
-    # (B, L): key j of row b is real text, or part of the prefix
-    col = torch.arange(prefix + n_text, device=device)
-    real_key = (col < prefix) | ((col - prefix) < lengths[:, None])
-    batched = allowed[None] & real_key[:, None, :]  # (B, L, L)
-    return to_additive(batched, dtype)[:, None]  # (B, 1, L, L)
+    allowed = allowed_hybrid(n_visual, n_voco, seg.shape[1], visual_attention, text_attends_visual, device)
+    allowed = allowed[None].repeat(seg.shape[0], 1, 1)  # (B, L, L)
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] >= 0)  # (B, T, T) query, key
+    allowed[:, prefix:, prefix:] &= same
+    return to_additive(allowed, dtype)[:, None]  # (B, 1, L, L)

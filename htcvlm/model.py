@@ -20,7 +20,7 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from htcvlm.components import build_llm, build_vision
 from htcvlm.config import HTCConfig
 from htcvlm.images import DEFAULT_MAX_PIXELS, pixels_from_bytes
-from htcvlm.mask import hybrid_mask
+from htcvlm.mask import hybrid_mask, text_segments
 from htcvlm.mgvq import MGVQ
 from htcvlm.record import Record, image_id_of
 
@@ -157,9 +157,11 @@ class HTCVLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Full masked forward over X = [V_hy; voco; W] (Algorithm 1).
 
-        input_ids (B, T) are right-padded to T; text_lengths gives each row's true length. Returns the
-        logits of the text positions (B, T, vocab), row t predicting token t + 1, and the VQ loss.
-        `text_attends_visual=True` is the uncompressed upper bound (no bottleneck); `quantized` and
+        input_ids (B, T) are right-padded to T; text_lengths gives each row's true length, or (B, K) the
+        lengths of K question segments packed in the row (training several questions per compressed
+        image: each segment sees the prefix and itself, at the positions one question alone would have).
+        Returns the logits of the text positions (B, T, vocab), row t predicting token t + 1, and the VQ
+        loss. `text_attends_visual=True` is the uncompressed upper bound (no bottleneck); `quantized` and
         `patches` are a precomputed MGVQ output and vision-tower output (see discrete_tokens and
         continuous_tokens).
         """
@@ -168,16 +170,19 @@ class HTCVLM(nn.Module):
             text_lengths = [n_text] * batch
         prefix, vq_loss = self.prefix_embeds(pixels, quantized, patches)
         embeds = torch.cat([prefix, self.embed_text(input_ids)], dim=1)
+        lengths = torch.as_tensor(text_lengths, device=embeds.device)
         mask = hybrid_mask(
             self.config.n_visual,
             self.config.n_voco,
-            torch.as_tensor(text_lengths, device=embeds.device),
+            lengths,
             self.config.visual_attention,
             text_attends_visual,
             dtype=embeds.dtype,
             device=embeds.device,
         )
-        positions = torch.arange(embeds.shape[1], device=embeds.device)[None].expand(batch, -1)
+        _, offset = text_segments(lengths)  # (B, T): each segment starts where one question alone would
+        prefix_positions = torch.arange(prefix.shape[1], device=embeds.device)[None].expand(batch, -1)
+        positions = torch.cat([prefix_positions, prefix.shape[1] + offset], dim=1)
         out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
         return out.logits[:, prefix.shape[1] :], vq_loss
 

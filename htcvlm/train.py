@@ -7,6 +7,7 @@ model's weights evaluated through the voco bottleneck (see evaluate.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -61,8 +62,8 @@ class TrainConfig:
     grad_checkpointing: bool = False  # trade compute for memory on GPU hosts
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}")
 
 
 def variant_config(base: HTCConfig, variant: Variant) -> HTCConfig:
@@ -75,12 +76,17 @@ def variant_config(base: HTCConfig, variant: Variant) -> HTCConfig:
 
 @dataclass
 class VQATensors:
-    """A pre-rendered pool: images as uint8 and prompt+answer token ids, right-padded."""
+    """A pre-rendered pool: images as uint8 and token ids of their questions and answers, right-padded.
+
+    Row i holds image i's question segments (prompt, answer, EOS) packed one after another: one for
+    evaluation pools, several for training (see `hybrid_mask`); questions/answers/qtypes are the first.
+    """
 
     pixels: torch.Tensor  # (N, 3, S, S) uint8
-    ids: torch.Tensor  # (N, T) long: prompt then answer then EOS, then padding
+    ids: torch.Tensor  # (N, T) long: the segments, then padding
     lengths: torch.Tensor  # (N,) true lengths
-    answer_start: torch.Tensor  # (N,) index of the first answer token
+    segments: torch.Tensor  # (N, K) long: each segment's length (0 where a row has fewer)
+    scored: torch.Tensor  # (N, T) bool: answer tokens and EOS, the positions Eq. 9 scores
     qtypes: list[str]
     answers: list[str]
     questions: list[str]
@@ -97,8 +103,8 @@ class VQATensors:
         return {
             "pixels": self.pixels[idx].float() / 255.0,
             "input_ids": self.ids[idx, :width],
-            "text_lengths": self.lengths[idx],
-            "answer_start": self.answer_start[idx],
+            "text_lengths": self.segments[idx],
+            "scored": self.scored[idx, :width],
             "quantized": None if self.quantized is None else self.quantized[idx],
             "patches": None if self.patches is None else self.patches[idx],
         }
@@ -136,23 +142,34 @@ def _map_batches(
 def tensorize(model: HTCVLM, samples: Sequence[VQASample]) -> VQATensors:
     size = model.config.image_size
     pixels = torch.empty(len(samples), 3, size, size, dtype=torch.uint8)
-    rows = []
+    # a pool asks a few hundred distinct texts many times over: tokenize each once
+    prompt_ids = functools.cache(model.prompt_ids)
+    answer_ids = functools.cache(model.answer_ids)
+    rows: list[list[tuple[list[int], list[int]]]] = []  # per sample, (prompt, answer) per segment
     for i, s in enumerate(samples):
         if s.image.size == (size, size):
             pixels[i] = torch.from_numpy(np.array(s.image.convert("RGB"))).permute(2, 0, 1)  # HWC -> CHW
         else:  # the same padding and resizing as compress() applies to image files
             pixels[i] = (to_pixels(to_rgb(s.image), size) * 255).round().to(torch.uint8)
-        prompt = model.prompt_ids(s.question)
-        rows.append((prompt + model.answer_ids(s.answer), len(prompt)))
-    width = max(len(r) for r, _ in rows)
+        rows.append([(prompt_ids(q), answer_ids(a)) for q, a in [(s.question, s.answer), *s.more]])
+    k = max(len(r) for r in rows)
+    segments = torch.tensor([[len(p) + len(a) for p, a in r] + [0] * (k - len(r)) for r in rows])
+    lengths = segments.sum(dim=1)
+    width = int(lengths.max())
     ids = torch.full((len(rows), width), model.tokenizer.pad_token_id, dtype=torch.long)
-    for i, (r, _) in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r)
+    scored = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        at = 0
+        for prompt, answer in r:
+            ids[i, at : at + len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+            scored[i, at + len(prompt) : at + len(prompt) + len(answer)] = True
+            at += len(prompt) + len(answer)
     return VQATensors(
         pixels=pixels,
         ids=ids,
-        lengths=torch.tensor([len(r) for r, _ in rows]),
-        answer_start=torch.tensor([p for _, p in rows]),
+        lengths=lengths,
+        segments=segments,
+        scored=scored,
         qtypes=[s.qtype for s in samples],
         answers=[s.answer for s in samples],
         questions=[s.question for s in samples],
@@ -167,15 +184,13 @@ def lr_at(step: int, cfg: TrainConfig, base_lr: float, total: int) -> float:
     return base_lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def answer_loss(
-    logits: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor, answer_start: torch.Tensor
-) -> torch.Tensor:
-    """Eq. 9: cross-entropy on the answer tokens (and EOS) only; logits row t predicts token t + 1."""
+def answer_loss(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Eq. 9: cross-entropy on the answer tokens (and EOS) only, the positions `scored` (B, T) marks;
+    logits row t predicts token t + 1."""
     targets = ids[:, 1:]
-    pos = torch.arange(1, ids.shape[1], device=ids.device)[None]
-    scored = (pos >= answer_start[:, None]) & (pos < lengths[:, None])  # (B, T-1)
+    weights = scored[:, 1:].flatten().to(logits.dtype)
     losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
-    return (losses * scored.flatten()).sum() / scored.sum()
+    return (losses * weights).sum() / weights.sum()
 
 
 def train_mgvq(
@@ -301,10 +316,10 @@ def train_vlm(
         else:
             idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
         b = {k: v.to(model.device) if v is not None else None for k, v in data.batch(idx).items()}
-        ans = b.pop("answer_start")
+        scored = b.pop("scored")
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             logits, _ = model(**b, text_attends_visual=upper)
-            loss = answer_loss(logits, b["input_ids"], b["text_lengths"], ans)
+            loss = answer_loss(logits, b["input_ids"], scored)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -464,14 +479,17 @@ def cell_accuracy(model: HTCVLM, heads: CellHeads, data: VQATensors) -> dict[str
 EASY_WEIGHTS = {q: 1.0 for q in QTYPES if q != "relation"}
 
 
-def procedural_pool(model: HTCVLM, split: Split, size: int, easy: int = 0) -> VQATensors:
+def procedural_pool(model: HTCVLM, split: Split, size: int, easy: int = 0, questions: int = 1) -> VQATensors:
     """`size` samples of the split, plus `easy` single-object ones (a curriculum: with one object in view
     every answer is a property of the image, which the vision tower learns long before it learns to
-    bind a named object to its properties)."""
+    bind a named object to its properties). `questions`: up to this many questions per image, packed
+    into one training row (the first is the one a one-question pool asks)."""
     image_size = model.config.image_size
-    samples = ProceduralVQA(split, size, image_size=image_size).render_all()
+    samples = ProceduralVQA(split, size, image_size=image_size, questions=questions).render_all()
     if easy:
-        single = ProceduralVQA(split, easy, image_size, weights=EASY_WEIGHTS, seed=1, max_objects=1)
+        single = ProceduralVQA(
+            split, easy, image_size, weights=EASY_WEIGHTS, seed=1, max_objects=1, questions=questions
+        )
         samples += single.render_all()
     pool = tensorize(model, samples)
     pool.n_easy = easy
@@ -513,6 +531,7 @@ def run_training(
     cfg: TrainConfig = TrainConfig(),
     pool: int = 100000,
     easy: int = 10000,
+    questions: int = 1,
     val_size: int = 500,
     mgvq_from: Path | None = None,
     device: str = "cpu",
@@ -523,7 +542,8 @@ def run_training(
     """The whole recipe: tokenizer, model, stage 1 (or MGVQ weights copied from `mgvq_from`), stage 2.
 
     `init_from`: start stage 2 from another checkpoint's weights (every tensor whose name and shape
-    match, the MGVQ included, so stage 1 is skipped): a compressed variant from the upper-bound model.
+    match, the MGVQ included, so stage 1 is skipped): a compressed variant from the upper-bound model,
+    or every variant from one run with `steps=0`, which stops after stages 1 and 0.
     Resumable: a rerun with the same `out` continues stage 2 from its last saved state.
     """
     out.mkdir(parents=True, exist_ok=True)
@@ -535,7 +555,7 @@ def run_training(
     if llava is not None:
         train_data, val_data = llava_pools(model, *llava, val_size)
     else:
-        train_data = procedural_pool(model, "train", pool, easy)
+        train_data = procedural_pool(model, "train", pool, easy, questions)
         val_data = procedural_pool(model, "val", val_size)
     resuming = (out / "train_state.json").is_file()
     if init_from is not None and not resuming:
@@ -571,6 +591,7 @@ def run_training(
                 "preset": preset,
                 "pool": pool,
                 "easy": easy,
+                "questions": questions,
                 "init_from": str(init_from) if init_from else None,
                 "overrides": {k: str(v) for k, v in config_overrides.items()},
                 "train": asdict(cfg),
@@ -578,5 +599,10 @@ def run_training(
             indent=2,
         )
     )
+    if cfg.steps == 0:  # stages 1 and 0 only: a start for several variants' stage 2 (`init_from`)
+        model.eval()
+        model.invalidate_fingerprint()
+        save_pretrained(model, out)
+        return model
     train_vlm(model, train_data, cfg, variant, out=out, val=val_data)
     return model

@@ -6,7 +6,14 @@
 - llava: `read_llava()` and `LlavaVQA` for LLaVA-format JSON with images on disk
 """
 
-from htcvlm.data.dataset import SPLITS, ProceduralVQA, VQASample, draw_question, sample_seed
+from htcvlm.data.dataset import (
+    SPLITS,
+    ProceduralVQA,
+    VQASample,
+    draw_question,
+    draw_questions,
+    sample_seed,
+)
 from htcvlm.data.llava import (
     LlavaData,
     LlavaError,
@@ -46,6 +53,7 @@ __all__ = [
     "answers_for",
     "ask",
     "draw_question",
+    "draw_questions",
     "object_mask",
     "question_templates",
     "read_llava",

@@ -35,11 +35,13 @@ PARALLEL_MIN = 4096
 # A scene fits a given qtype often (relation, the rarest, in about half of the draws); this bound is only
 # reached by weights that ask for something no scene has.
 MAX_DRAWS = 1000
+# Draws per further question about one scene before giving up on it (a one-object scene admits few).
+MORE_DRAWS = 20
 
 
 @dataclass(frozen=True, eq=False)
 class VQASample:
-    """One image with one question and its answer; what both the procedural set and the LLaVA reader give.
+    """One image with a question and its answer; what both the procedural set and the LLaVA reader give.
 
     kind and qtype say what the question probes; LLaVA data carry no such labels (kind None, qtype "llava").
     scene is the procedural scene the image was rendered from, None for real images.
@@ -51,6 +53,8 @@ class VQASample:
     kind: Kind | None
     qtype: str
     scene: Scene | None = None
+    # further (question, answer) pairs about the same image: a trainer packs them into one pass
+    more: tuple[tuple[str, str], ...] = ()
 
 
 def sample_seed(split: Split, index: int, seed: int = 0) -> int:
@@ -88,14 +92,42 @@ def draw_question(
     The qtype is drawn first, by weight, then scenes until one admits a question of that type, so the
     qtype mix follows the weights exactly in expectation.
     """
+    scene, questions = draw_questions(split, index, 1, weights, seed, max_objects)
+    return scene, questions[0]
+
+
+def draw_questions(
+    split: Split,
+    index: int,
+    n: int,
+    weights: Mapping[str, float] | None = None,
+    seed: int = 0,
+    max_objects: int = MAX_OBJECTS,
+) -> tuple[Scene, list[Question]]:
+    """Sample `index`'s scene with up to `n` distinct questions about it. The first is draw_question's (the
+    scene and it do not depend on n); the others are drawn after it from the same generator, qtype by
+    weight, so a scene that admits fewer distinct questions (one object, no relations) gives fewer.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
     rng = random.Random(sample_seed(split, index, seed))
-    qtype: QType = rng.choices(QTYPES, weights=_weight_list(weights))[0]
+    weight_list = _weight_list(weights)
+    qtype: QType = rng.choices(QTYPES, weights=weight_list)[0]
     for _ in range(MAX_DRAWS):
         scene = sample_scene(rng, rng.randint(1, max_objects))
         question = ask(scene, qtype, rng)
         if question is not None:
-            return scene, question
-    raise RuntimeError(f"no scene admitted a {qtype!r} question in {MAX_DRAWS} draws (sample {index})")
+            break
+    else:
+        raise RuntimeError(f"no scene admitted a {qtype!r} question in {MAX_DRAWS} draws (sample {index})")
+    questions = [question]
+    for _ in range(MORE_DRAWS * (n - 1)):
+        if len(questions) == n:
+            break
+        more = ask(scene, rng.choices(QTYPES, weights=weight_list)[0], rng)
+        if more is not None and all(more.text != q.text for q in questions):
+            questions.append(more)
+    return scene, questions
 
 
 class ProceduralVQA:
@@ -104,6 +136,8 @@ class ProceduralVQA:
     weights: relative frequency per qtype (default: all equal); qtypes left out are never asked.
     seed: shifts the whole dataset; the default 0 is the canonical train/val/test.
     max_objects: at most this many objects per scene (fewer make an easier curriculum set).
+    questions: up to this many distinct questions per image, the first as `questions=1` gives it and the
+        others in `VQASample.more` (for training several questions per compressed image).
     """
 
     def __init__(
@@ -114,6 +148,7 @@ class ProceduralVQA:
         weights: Mapping[str, float] | None = None,
         seed: int = 0,
         max_objects: int = MAX_OBJECTS,
+        questions: int = 1,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -128,6 +163,9 @@ class ProceduralVQA:
         if not 1 <= max_objects <= MAX_OBJECTS:
             raise ValueError(f"max_objects must be in [1, {MAX_OBJECTS}], got {max_objects}")
         self.max_objects = max_objects
+        if questions < 1:
+            raise ValueError(f"questions must be >= 1, got {questions}")
+        self.questions = questions
 
     def __len__(self) -> int:
         return self.size
@@ -139,7 +177,11 @@ class ProceduralVQA:
         return draw_question(self.split, index, self.weights, self.seed, self.max_objects)
 
     def __getitem__(self, index: int) -> VQASample:
-        scene, question = self.draw(index)
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} samples")
+        scene, (question, *more) = draw_questions(
+            self.split, index, self.questions, self.weights, self.seed, self.max_objects
+        )
         return VQASample(
             image=render(scene, self.image_size),
             question=question.text,
@@ -147,6 +189,7 @@ class ProceduralVQA:
             kind=KIND_OF[question.qtype],
             qtype=question.qtype,
             scene=scene,
+            more=tuple((q.text, q.answer) for q in more),
         )
 
     def render_all(self, workers: int | None = None) -> list[VQASample]:

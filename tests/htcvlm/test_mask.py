@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from htcvlm.mask import allowed_hybrid, hybrid_mask, to_additive
+from htcvlm.mask import allowed_hybrid, hybrid_mask, text_segments, to_additive
 
 NV, NC, NT = 3, 2, 3
 VIS, VOCO, TEXT = range(0, 3), range(3, 5), range(5, 8)
@@ -55,3 +55,28 @@ def test_additive_form_and_padding():
     # a padding query row still sees voco, so softmax never gets an all-blocked row
     assert (mask[1, 0, 7, 3:5] == 0).all()
     assert torch.equal(to_additive(allowed_hybrid(NV, NC, NT)), hybrid_mask(NV, NC, [NT])[0, 0])
+
+
+def test_packed_segments_see_the_prefix_and_themselves_only():
+    # row 0: segments of 2 and 2 tokens then a padding column, X = [V (3); voco (2); s0 (2); s1 (2); pad]
+    mask = hybrid_mask(NV, NC, torch.tensor([[2, 2], [5, 0]]))
+    allowed = mask[0, 0] == 0
+    assert mask.shape == (2, 1, 10, 10)
+    s0, s1 = range(5, 7), range(7, 9)
+    for rows in (s0, s1):
+        assert allowed[rows, 3:5].all() and not allowed[rows, :3].any()  # voco, never V
+    assert torch.equal(allowed[5:7, 5:7], torch.ones(2, 2, dtype=torch.bool).tril())
+    assert torch.equal(allowed[7:9, 7:9], torch.ones(2, 2, dtype=torch.bool).tril())
+    assert not allowed[7:9, 5:7].any(), "a segment never sees the one before it"
+    assert not allowed[:, 9].any(), "padding keys are blocked"
+    assert allowed[9, 3:5].all(), "a padding row still sees voco"
+    upper = hybrid_mask(NV, NC, torch.tensor([[2, 2]]), text_attends_visual=True)[0, 0] == 0
+    assert upper[5:9, :3].all() and not upper[7:9, 5:7].any()
+    # one segment per row is the plain mask
+    assert torch.equal(hybrid_mask(NV, NC, torch.tensor([[3], [1]])), hybrid_mask(NV, NC, [3, 1]))
+
+
+def test_text_segments_give_each_column_its_segment_and_offset():
+    seg, offset = text_segments(torch.tensor([[2, 3], [4, 0]]))
+    assert seg.tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 0, -1]]
+    assert offset[0].tolist() == [0, 1, 0, 1, 2] and offset[1, :4].tolist() == [0, 1, 2, 3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -34,15 +35,15 @@ from .helpers import make_model
 
 def test_loss_counts_answer_tokens_only():
     ids = torch.tensor([[5, 6, 7, 8, 9, 0]])  # prompt 5 6 7, answer 8 9, one pad
-    lengths, start = torch.tensor([5]), torch.tensor([3])
+    scored = torch.tensor([[False, False, False, True, True, False]])
     logits = torch.randn(1, 6, 12)
-    base = answer_loss(logits, ids, lengths, start)
+    base = answer_loss(logits, ids, scored)
     changed = logits.clone()
     changed[0, :2] = torch.randn(2, 12)  # rows predicting prompt tokens 6 and 7
     changed[0, 5] = torch.randn(12)  # the pad row
-    assert torch.equal(answer_loss(changed, ids, lengths, start), base)
+    assert torch.equal(answer_loss(changed, ids, scored), base)
     changed[0, 3] = torch.randn(12)  # the row predicting answer token 9
-    assert not torch.equal(answer_loss(changed, ids, lengths, start), base)
+    assert not torch.equal(answer_loss(changed, ids, scored), base)
 
 
 def test_a_small_model_fits_a_small_set(tokenizer):
@@ -51,17 +52,53 @@ def test_a_small_model_fits_a_small_set(tokenizer):
     pool = tensorize(model, [data[i] for i in range(8)])
     cfg = TrainConfig(steps=80, batch_size=8, lr=3e-3, warmup=5, eval_every=1000)
     with torch.no_grad():
-        before = answer_loss(model(**_inputs(pool))[0], pool.ids, pool.lengths, pool.answer_start).item()
+        before = _loss(model, pool).item()
     train_vlm(model, pool, cfg, "hybrid", show_progress=False)
     with torch.no_grad():
-        after = answer_loss(model(**_inputs(pool))[0], pool.ids, pool.lengths, pool.answer_start).item()
+        after = _loss(model, pool).item()
     assert after < 0.2 * before, (before, after)
 
 
 def _inputs(pool):
     batch = pool.batch(torch.arange(len(pool)))
-    batch.pop("answer_start")
+    batch.pop("scored")
     return batch
+
+
+def _loss(model, pool):
+    return answer_loss(model(**_inputs(pool))[0], pool.ids, pool.scored)
+
+
+def test_packed_questions_score_as_each_question_alone(tokenizer):
+    """K questions packed after one image give each question the logits it has alone (its own positions,
+    the voco token, itself), and the packed loss is the answer tokens' mean over all of them."""
+    model = make_model(tokenizer, seed=0).eval()
+    data = ProceduralVQA("train", 3, questions=3)
+    samples = [data[i] for i in range(3)]
+    assert all(len(s.more) == 2 for s in samples)
+    packed = tensorize(model, samples)
+    assert packed.segments.shape == (3, 3) and torch.equal(packed.lengths, packed.segments.sum(1))
+    for upper in (False, True):
+        with torch.no_grad():
+            logits = model(**_inputs(packed), text_attends_visual=upper)[0]
+        for k in range(3):
+            alone = tensorize(
+                model,
+                [
+                    dataclasses.replace(s, question=s.more[k - 1][0], answer=s.more[k - 1][1], more=())
+                    if k
+                    else dataclasses.replace(s, more=())
+                    for s in samples
+                ],
+            )
+            with torch.no_grad():
+                single = model(**_inputs(alone), text_attends_visual=upper)[0]
+            for i in range(3):
+                start = int(packed.segments[i, :k].sum())
+                n = int(alone.lengths[i])
+                assert torch.equal(packed.ids[i, start : start + n], alone.ids[i, :n])
+                assert torch.equal(packed.scored[i, start : start + n], alone.scored[i, :n])
+                torch.testing.assert_close(logits[i, start : start + n], single[i, :n], atol=1e-5, rtol=1e-5)
 
 
 def test_optimizer_state_round_trips_without_pickle(tokenizer):
@@ -116,6 +153,29 @@ def test_cli_smoke_train_resume_eval_and_analyze(tmp_path, capsys):
     assert main(["retrieval", "--model", str(out), "--procedural", "10"]) == 0
     printed = capsys.readouterr().out
     assert "scikit-image photos (26)" in printed and "recall@10" in printed
+
+
+def test_cli_prepares_stages_0_and_1_once_for_variants_trained_from_it(tmp_path):
+    """`--steps 0` stops after the tokenizer and the tower; variants start stage 2 from it with several
+    questions packed per image, and keep its frozen tower and MGVQ."""
+    from safetensors.torch import load_file
+
+    prep, run = tmp_path / "prep", tmp_path / "run"
+    common = ["--pool", "24", "--easy", "8", "--val-size", "8", "--batch-size", "4", "--eval-every", "2"]
+    assert (
+        main(
+            ["train", "--out", str(prep), "--steps", "0", "--mgvq-steps", "2", "--vision-steps", "2", *common]
+        )
+        == 0
+    )
+    assert (prep / "model.safetensors").is_file() and not (prep / "train_state.json").exists()
+    args = ["--init-from", str(prep), "--vision-steps", "0", "--questions", "3", "--steps", "2", *common]
+    assert main(["train", "--out", str(run), "--variant", "continuous", *args]) == 0
+    recorded = json.loads((run / "training.json").read_text())
+    assert recorded["questions"] == 3 and recorded["train"]["freeze_vision"] is True
+    before, after = load_file(str(prep / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("vision."))
+    assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith("llm."))
 
 
 def test_cli_trains_on_llava_format_data(tmp_path):
@@ -218,13 +278,13 @@ def test_a_frozen_tower_stays_put_and_the_rest_still_learns(tokenizer):
     vision_before = {k: v.clone() for k, v in model.vision.state_dict().items()}
     cfg = TrainConfig(steps=60, batch_size=8, lr=3e-3, warmup=5, eval_every=1000, freeze_vision=True)
     with torch.no_grad():
-        before = answer_loss(model(**_inputs(pool))[0], pool.ids, pool.lengths, pool.answer_start).item()
+        before = _loss(model, pool).item()
     train_vlm(model, pool, cfg, "hybrid", show_progress=False)
     assert pool.patches is not None and pool.patches.shape[:2] == (8, model.config.n_patches)
     assert all(torch.equal(v, model.vision.state_dict()[k]) for k, v in vision_before.items())
     pool.patches = None  # score through the tower itself: the cached features were its output
     with torch.no_grad():
-        after = answer_loss(model(**_inputs(pool))[0], pool.ids, pool.lengths, pool.answer_start).item()
+        after = _loss(model, pool).item()
     assert after < 0.5 * before, (before, after)
 
 

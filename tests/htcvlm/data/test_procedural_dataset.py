@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from htcvlm.data.dataset import SPLITS, ProceduralVQA, VQASample, draw_question, sample_seed
+from htcvlm.data.dataset import SPLITS, ProceduralVQA, VQASample, draw_question, draw_questions, sample_seed
 from htcvlm.data.questions import KIND_OF, QTYPES
 
 
@@ -98,3 +98,22 @@ def test_sample_fields_agree() -> None:
         assert sample.scene == scene and sample.question == question.text and sample.answer == question.answer
         assert sample.kind == KIND_OF[sample.qtype]
         assert sample.image.size == (48, 48) and sample.image.mode == "RGB"
+
+
+def test_more_questions_keep_the_first_and_ask_distinct_right_ones() -> None:
+    from .test_procedural_questions import solve
+
+    one, four = ProceduralVQA("train", 200), ProceduralVQA("train", 200, questions=4)
+    counts = Counter()
+    for i in range(200):
+        scene, questions = draw_questions("train", i, 4)
+        assert (scene, questions[0]) == draw_question("train", i), "n must not change the first question"
+        assert len({q.text for q in questions}) == len(questions) <= 4
+        assert all(solve(scene, q.text) == q.answer for q in questions)
+        a, b = one[i], four[i]
+        assert (a.question, a.answer, a.scene, a.more) == (b.question, b.answer, b.scene, ())
+        assert b.more == tuple((q.text, q.answer) for q in questions[1:])
+        counts[len(questions)] += 1
+    assert counts[4] > 190, counts  # only a scene that admits fewer than 4 questions gives fewer
+    with pytest.raises(ValueError, match="questions"):
+        ProceduralVQA("train", 3, questions=0)
