@@ -64,7 +64,7 @@ def main() -> None:
 
     def render() -> None:
         nonlocal pool
-        pool = procedural_pool(model, "train", n)
+        pool = procedural_pool(model, "train", n, questions=r.questions)
 
     per["render"] = timed(render) / n
     assert pool is not None
@@ -85,7 +85,7 @@ def main() -> None:
         "MGVQ codes of the pool": per["quantize"] * samples,
         f"stage 0: {r.vision_steps} vision steps": per["stage0_step"] * r.vision_steps,
         "tower features of the pool": per.get("patches", 0.0) * samples,
-        f"stage 2: {r.steps} steps": per["stage2_step"] * r.steps,
+        f"stage 2: {r.steps} steps, {r.questions} questions an image": per["stage2_step"] * r.steps,
         f"{r.steps // r.eval_every} validations": per["val_eval"] * (r.steps // r.eval_every),
     }
     print(f"onetoken train defaults on {args.threads} threads (measured on {n} samples, {k} steps a stage)")

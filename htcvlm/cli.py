@@ -187,7 +187,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--easy", type=int, default=10000, help="extra single-object samples (curriculum)")
     train.add_argument("--easy-steps", type=int, default=300, help="first steps on single-object samples")
     train.add_argument(
-        "--questions", type=int, default=1, help="questions per training image, packed into one pass"
+        "--questions", type=int, default=4, help="questions per training image, packed into one pass"
     )
     train.add_argument("--warmup", type=int, default=200)
     train.add_argument("--val-size", type=int, default=500, help="validation samples scored at each eval")

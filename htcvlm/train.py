@@ -531,7 +531,7 @@ def run_training(
     cfg: TrainConfig = TrainConfig(),
     pool: int = 100000,
     easy: int = 10000,
-    questions: int = 1,
+    questions: int = 4,
     val_size: int = 500,
     mgvq_from: Path | None = None,
     device: str = "cpu",
