@@ -89,6 +89,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _model_spec(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not (sep and name and path):
@@ -187,7 +194,10 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--easy", type=int, default=10000, help="extra single-object samples (curriculum)")
     train.add_argument("--easy-steps", type=int, default=300, help="first steps on single-object samples")
     train.add_argument(
-        "--questions", type=int, default=4, help="questions per training image, packed into one pass"
+        "--questions",
+        type=_positive,
+        default=4,
+        help="questions per procedural training image, packed into one pass after its prefix",
     )
     train.add_argument("--warmup", type=int, default=200)
     train.add_argument("--val-size", type=int, default=500, help="validation samples scored at each eval")

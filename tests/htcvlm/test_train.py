@@ -173,6 +173,9 @@ def test_cli_prepares_stages_0_and_1_once_for_variants_trained_from_it(tmp_path)
     assert main(["train", "--out", str(run), "--variant", "continuous", *args]) == 0
     recorded = json.loads((run / "training.json").read_text())
     assert recorded["questions"] == 3 and recorded["train"]["freeze_vision"] is True
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--out", str(tmp_path / "bad"), "--questions", "0"])
+    assert exit_.value.code == 2
     before, after = load_file(str(prep / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("vision."))
     assert any(not torch.equal(after[k], before[k]) for k in after if k.startswith("llm."))
