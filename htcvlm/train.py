@@ -84,7 +84,6 @@ class VQATensors:
 
     pixels: torch.Tensor  # (N, 3, S, S) uint8
     ids: torch.Tensor  # (N, T) long: the segments, then padding
-    lengths: torch.Tensor  # (N,) true lengths
     segments: torch.Tensor  # (N, K) long: each segment's length (0 where a row has fewer)
     scored: torch.Tensor  # (N, T) bool: answer tokens and EOS, the positions Eq. 9 scores
     qtypes: list[str]
@@ -98,12 +97,18 @@ class VQATensors:
     def __len__(self) -> int:
         return len(self.answers)
 
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(N,) each row's true length."""
+        return self.segments.sum(dim=1)
+
     def batch(self, idx: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        width = int(self.lengths[idx].max())
+        segments = self.segments[idx]
+        width = int(segments.sum(dim=1).max())
         return {
             "pixels": self.pixels[idx].float() / 255.0,
             "input_ids": self.ids[idx, :width],
-            "text_lengths": self.segments[idx],
+            "text_lengths": segments,
             "scored": self.scored[idx, :width],
             "quantized": None if self.quantized is None else self.quantized[idx],
             "patches": None if self.patches is None else self.patches[idx],
@@ -154,20 +159,19 @@ def tensorize(model: HTCVLM, samples: Sequence[VQASample]) -> VQATensors:
         rows.append([(prompt_ids(q), answer_ids(a)) for q, a in [(s.question, s.answer), *s.more]])
     k = max(len(r) for r in rows)
     segments = torch.tensor([[len(p) + len(a) for p, a in r] + [0] * (k - len(r)) for r in rows])
-    lengths = segments.sum(dim=1)
-    width = int(lengths.max())
+    width = int(segments.sum(dim=1).max())
     ids = torch.full((len(rows), width), model.tokenizer.pad_token_id, dtype=torch.long)
     scored = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, r in enumerate(rows):
         at = 0
         for prompt, answer in r:
-            ids[i, at : at + len(prompt) + len(answer)] = torch.tensor(prompt + answer)
-            scored[i, at + len(prompt) : at + len(prompt) + len(answer)] = True
-            at += len(prompt) + len(answer)
+            end = at + len(prompt) + len(answer)
+            ids[i, at:end] = torch.tensor(prompt + answer)
+            scored[i, at + len(prompt) : end] = True
+            at = end
     return VQATensors(
         pixels=pixels,
         ids=ids,
-        lengths=lengths,
         segments=segments,
         scored=scored,
         qtypes=[s.qtype for s in samples],

@@ -172,16 +172,16 @@ class ProceduralVQA:
 
     def draw(self, index: int) -> tuple[Scene, Question]:
         """Sample index's scene and question without the image."""
+        scene, questions = self._draw(index, 1)
+        return scene, questions[0]
+
+    def _draw(self, index: int, n: int) -> tuple[Scene, list[Question]]:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} samples")
-        return draw_question(self.split, index, self.weights, self.seed, self.max_objects)
+        return draw_questions(self.split, index, n, self.weights, self.seed, self.max_objects)
 
     def __getitem__(self, index: int) -> VQASample:
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self.size} samples")
-        scene, (question, *more) = draw_questions(
-            self.split, index, self.questions, self.weights, self.seed, self.max_objects
-        )
+        scene, (question, *more) = self._draw(index, self.questions)
         return VQASample(
             image=render(scene, self.image_size),
             question=question.text,
