@@ -81,18 +81,41 @@ def check_records(model: HTCVLM, records: Sequence[Record]) -> None:
             )
 
 
+def context_room(model: HTCVLM) -> int:
+    """Tokens the model's context holds after the image: the prompt and the answer share them."""
+    return model.llm.config.max_position_embeddings - model.config.voco_position - model.config.n_voco
+
+
 def encode_questions(model: HTCVLM, questions: Sequence[str], max_new_tokens: int) -> list[list[int]]:
-    """Questions -> prompt token ids, or `InvalidQuestionError` for empty or over-long ones."""
-    limit = model.llm.config.max_position_embeddings - model.config.voco_position - model.config.n_voco
+    """Questions -> prompt token ids, or `InvalidQuestionError` for empty or over-long ones.
+
+    A question too long for the context by its characters alone is refused before it is tokenized: a
+    token covers at most `model.max_token_chars` characters, so tokenizing a 40 MB question (seconds of
+    CPU, gigabytes of memory) can never be needed to know that it does not fit.
+    """
+    room = context_room(model)
+    if max_new_tokens >= room:
+        raise InvalidQuestionError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a question: the model's context holds "
+            f"{room} tokens after the image; ask for fewer new tokens"
+        )
+    most_chars = (room - max_new_tokens) * model.max_token_chars
     prompts = []
     for i, question in enumerate(questions):
+        name = "the question" if len(questions) == 1 else f"question {i}"
         if not question or not question.strip():
-            raise InvalidQuestionError(f"question {i} is empty; ask something about the image")
-        ids = model.prompt_ids(question)
-        if len(ids) + max_new_tokens > limit:
+            raise InvalidQuestionError(f"{name} is empty; ask something about the image")
+        if len(question) > most_chars:
             raise InvalidQuestionError(
-                f"question {i} is {len(ids)} tokens; with max_new_tokens={max_new_tokens} the model's "
-                f"context leaves room for {limit - max_new_tokens}; shorten the question"
+                f"{name} is {len(question)} characters; with max_new_tokens={max_new_tokens} the model's "
+                f"context leaves room for {room - max_new_tokens} tokens (at most {most_chars} characters); "
+                "shorten the question or lower max_new_tokens"
+            )
+        ids = model.prompt_ids(question)
+        if len(ids) + max_new_tokens > room:
+            raise InvalidQuestionError(
+                f"{name} is {len(ids)} tokens; with max_new_tokens={max_new_tokens} the model's context "
+                f"leaves room for {room - max_new_tokens}; shorten the question or lower max_new_tokens"
             )
         prompts.append(ids)
     return prompts
@@ -133,7 +156,7 @@ class DecodeBatch:
             input_ids=ids,
             attention_mask=to_additive(allowed, dtype)[:, None],  # (B, 1, T, n_voco + T)
             position_ids=positions,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
         )
         self.prompt_logits = out.logits  # (B, T, vocab), left-padded
@@ -153,7 +176,7 @@ class DecodeBatch:
             input_ids=tokens[:, None],
             attention_mask=to_additive(self.key_valid, self.model.dtype)[:, None, None],  # (B, 1, 1, K)
             position_ids=self.next_positions[:, None],
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
         )
         self.next_positions = self.next_positions + 1
@@ -209,7 +232,11 @@ def sample_next(logits: torch.Tensor, options: GenerationOptions, generator: tor
     """One token from a (vocab,) logit row: argmax when greedy, else temperature + top-p sampling."""
     if options.temperature == 0.0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / options.temperature, dim=-1)
+    # Shifted so the top logit is 0 before dividing: every accepted temperature, however small, gives
+    # finite probabilities (a vanishing one collapses onto the top token: greedy, ties drawn at random).
+    # fp64 keeps a tiny temperature from being a subnormal that a flush-to-zero CPU turns into 0.
+    scaled = (logits.double() - logits.max().double()) / options.temperature
+    probs = torch.softmax(scaled, dim=-1)
     if options.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)

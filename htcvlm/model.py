@@ -7,6 +7,7 @@ masked pass over [V_hy; voco; W], used for training and as the reference that de
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -220,7 +221,7 @@ class HTCVLM(nn.Module):
             inputs_embeds=prefix,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
         voco = slice(cfg.voco_position, cfg.voco_position + cfg.n_voco)
@@ -269,6 +270,12 @@ class HTCVLM(nn.Module):
     def prompt_ids(self, question: str) -> list[int]:
         """The token ids of a question as the model sees it after the voco token."""
         return self.tokenizer(f"Question: {question.strip()}\nAnswer:", add_special_tokens=False).input_ids
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (special tokens included): a text of n characters
+        is at least n / max_token_chars tokens, which bounds a question's length before tokenizing it."""
+        return max(len(token) for token in self.tokenizer.get_vocab())
 
     def answer_ids(self, answer: str) -> list[int]:
         """Training target for an answer: ' answer' then EOS."""

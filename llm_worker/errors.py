@@ -4,6 +4,7 @@
   INVALID_ARGUMENT. Model-core errors (`InvalidImageError`, `InvalidQuestionError`) map there too.
 - `ImageNotFoundError`: no record of the image for this model; NOT_FOUND. `evicted` says whether the image
   was encoded once and its record has since been dropped by the store (send the bytes again).
+- `DecoderUnavailableError`: the decoding loop stopped (shutdown) before the Ask finished; UNAVAILABLE.
 - `DecodeQueueFullError`: more Asks are waiting for a decode slot than the worker admits;
   RESOURCE_EXHAUSTED (the client backs off and retries).
 """
@@ -39,3 +40,7 @@ class ImageNotFoundError(WorkerError, KeyError):
 
 class DecodeQueueFullError(WorkerError):
     """The decode queue is full."""
+
+
+class DecoderUnavailableError(WorkerError):
+    """The decoding loop stopped before a question was answered."""

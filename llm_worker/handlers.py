@@ -21,7 +21,12 @@ from cache.errors import (
 )
 from encoder_service.errors import EncoderUnavailableError, QueueFullError
 from htcvlm.errors import InvalidImageError, InvalidQuestionError, RecordMismatchError
-from llm_worker.errors import DecodeQueueFullError, ImageNotFoundError, InvalidRequestError
+from llm_worker.errors import (
+    DecodeQueueFullError,
+    DecoderUnavailableError,
+    ImageNotFoundError,
+    InvalidRequestError,
+)
 from llm_worker.service import AskCall, OneTokenService, Timings
 from onetoken.v1 import onetoken_pb2 as pb
 from onetoken.v1 import onetoken_pb2_grpc as pb_grpc
@@ -45,6 +50,7 @@ STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (StoreFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (StoreUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (EncoderUnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (DecoderUnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
 
 

@@ -7,7 +7,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from htcvlm.decode import GenerationOptions, decode, decode_stream, encode_questions
+from htcvlm.decode import (
+    GenerationOptions,
+    context_room,
+    decode,
+    decode_stream,
+    encode_questions,
+    sample_next,
+)
 from htcvlm.errors import InvalidQuestionError, RecordMismatchError
 
 from .helpers import QUESTIONS, greedy_with_joins, make_model, png_bytes
@@ -97,8 +104,10 @@ def test_eos_stops_a_row_and_is_not_part_of_the_answer(tokenizer):
 
 @pytest.mark.parametrize("question", ["", "   ", "\n\t"])
 def test_empty_question(model, records, question):
-    with pytest.raises(InvalidQuestionError, match="empty"):
+    with pytest.raises(InvalidQuestionError, match=r"^the question is empty"):
         decode(model, records[:1], [question])
+    with pytest.raises(InvalidQuestionError, match=r"^question 1 is empty"):
+        decode(model, records[:2], ["what?", question])
 
 
 def test_question_over_the_context_limit(model, records):
@@ -106,6 +115,52 @@ def test_question_over_the_context_limit(model, records):
     with pytest.raises(InvalidQuestionError, match="shorten"):
         decode(model, records[:1], [long_question])
     assert decode(model, records[:1], ["why?"], GenerationOptions(max_new_tokens=2))  # still serves
+
+
+def test_a_question_too_long_by_its_characters_is_never_tokenized(model, monkeypatch):
+    """A 40 MB question would take seconds and gigabytes to tokenize; its length alone refuses it."""
+    room = context_room(model) - 8
+    fits = "a" * room  # at least room / max_token_chars tokens: the character bound lets it through
+    assert len(encode_questions(model, [fits[: room // 4]], 8)[0]) <= room
+
+    def no_tokenizing(question):
+        raise AssertionError("tokenized a question that its length alone refuses")
+
+    monkeypatch.setattr(model, "prompt_ids", no_tokenizing)
+    huge = "x" * (room * model.max_token_chars + 1)
+    with pytest.raises(InvalidQuestionError, match=f"is {len(huge)} characters.*shorten the question"):
+        encode_questions(model, [huge], 8)
+
+
+def test_max_new_tokens_over_the_context_blames_max_new_tokens(model):
+    room = context_room(model)
+    with pytest.raises(
+        InvalidQuestionError, match=f"max_new_tokens=4096 leaves no room.*holds {room} tokens"
+    ):
+        encode_questions(model, ["Color?"], 4096)
+    with pytest.raises(InvalidQuestionError, match="shorten the question or lower max_new_tokens"):
+        encode_questions(model, ["why " * 20], room - 5)
+
+
+def test_a_vanishing_temperature_samples_the_top_token():
+    """softmax(logits / 1e-40) overflowed to NaN and killed the decoding thread; now it is greedy."""
+    logits = torch.tensor([1.0, 3.0, 2.5, -1e4, float("-inf")])
+    for temperature in (1e-40, 1e-30, 1e-8):
+        for top_p in (1.0, 0.5):
+            options = GenerationOptions(temperature=temperature, top_p=top_p)
+            draws = {sample_next(logits, options, torch.Generator().manual_seed(s)) for s in range(20)}
+            assert draws == {1}, (temperature, top_p, draws)
+    tie = torch.tensor([2.0, 2.0, -3.0])  # a tie stays a fair draw between the tied tokens
+    draws = [
+        sample_next(tie, GenerationOptions(temperature=1e-40), torch.Generator().manual_seed(s))
+        for s in range(40)
+    ]
+    assert set(draws) == {0, 1}
+    hot = {
+        sample_next(logits, GenerationOptions(temperature=100.0), torch.Generator().manual_seed(s))
+        for s in range(60)
+    }
+    assert len(hot) >= 3  # the largest accepted temperature still samples broadly
 
 
 def test_record_of_another_model(model, records, tokenizer):
@@ -122,7 +177,18 @@ def test_record_of_another_geometry(model, records, tokenizer):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}]
+    "kwargs",
+    [
+        {"max_new_tokens": 0},
+        {"max_new_tokens": 4097},
+        {"temperature": -1.0},
+        {"temperature": 100.5},
+        {"temperature": float("nan")},
+        {"temperature": float("inf")},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_p": float("nan")},
+    ],
 )
 def test_bad_generation_options(kwargs):
     with pytest.raises(ValueError):

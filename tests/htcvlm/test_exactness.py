@@ -81,7 +81,7 @@ def reference_generate(model, pixels: torch.Tensor, prompt: list[int], max_new_t
         n_prefix = prefix.shape[1]
         cache = DynamicCache()
         mask = hybrid_mask(cfg.n_visual, cfg.n_voco, [0], cfg.visual_attention)
-        model.llm(inputs_embeds=prefix, attention_mask=mask, past_key_values=cache, use_cache=True)
+        model.llm(inputs_embeds=prefix, attention_mask=mask, cache=cache, use_cache=True)
         # The cached positions need ids only as placeholders: generate() skips what the cache holds.
         ids = torch.tensor([[model.tokenizer.pad_token_id] * n_prefix + prompt])
         attn = torch.ones_like(ids)
@@ -90,7 +90,7 @@ def reference_generate(model, pixels: torch.Tensor, prompt: list[int], max_new_t
             input_ids=ids,
             attention_mask=attn,
             position_ids=torch.arange(ids.shape[1])[None],  # the full pass's positions, not mask-derived
-            past_key_values=cache,
+            cache=cache,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=model.tokenizer.eos_token_id,

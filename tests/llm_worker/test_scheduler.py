@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from htcvlm.decode import GenerationOptions, decode, encode_questions
+from htcvlm.decode import GenerationOptions, RowState, decode, encode_questions
 from htcvlm.tokenizer import train_tokenizer
-from llm_worker.errors import DecodeQueueFullError
+from llm_worker.errors import DecodeQueueFullError, DecoderUnavailableError
 from llm_worker.scheduler import AskJob, DecodeScheduler
 from tests.htcvlm.helpers import QUESTIONS, make_model, png_bytes
 
@@ -119,3 +119,86 @@ def test_a_failing_prefill_fails_only_its_own_job(model, records):
         assert good_c.done.wait(10) and good_c.error is None and len(good_c.tokens) == 3
     finally:
         scheduler.stop()
+
+
+def test_a_row_that_fails_fails_alone_and_the_loop_goes_on(model, records, monkeypatch):
+    """Any exception while serving one row fails that row's caller; the others and later jobs go on."""
+    original = RowState.advance
+
+    def advance(self, row, logits, tokenizer):
+        if self.options.max_new_tokens == 7 and self.generated == 2:  # the marked row, mid-answer
+            raise RuntimeError("injected failure in one row's step")
+        return original(self, row, logits, tokenizer)
+
+    monkeypatch.setattr(RowState, "advance", advance)
+    scheduler = DecodeScheduler(model, max_batch=4)
+    scheduler.start()
+    try:
+        bad_job, bad = job(model, records[0], QUESTIONS[0], max_new_tokens=7)
+        good_job, good = job(model, records[1], QUESTIONS[1], max_new_tokens=12)
+        scheduler.submit(good_job)
+        scheduler.submit(bad_job)
+        assert bad.done.wait(10) and isinstance(bad.error, RuntimeError) and len(bad.tokens) == 2
+        assert good.done.wait(10) and good.error is None and len(good.tokens) == 12
+        later_job, later = job(model, records[2], QUESTIONS[2], max_new_tokens=3)
+        scheduler.submit(later_job)
+        assert later.done.wait(10) and later.error is None and len(later.tokens) == 3
+        assert scheduler.alive
+    finally:
+        scheduler.stop()
+
+
+def test_a_failing_callback_does_not_stop_the_loop(model, records):
+    scheduler = DecodeScheduler(model, max_batch=4)
+    scheduler.start()
+    try:
+        broken, _ = job(model, records[0], QUESTIONS[0])
+
+        def closed_loop(item):
+            raise RuntimeError("Event loop is closed")
+
+        broken.emit = closed_loop
+        scheduler.submit(broken)
+        good_job, good = job(model, records[1], QUESTIONS[1], max_new_tokens=3)
+        scheduler.submit(good_job)
+        assert good.done.wait(10) and good.error is None and len(good.tokens) == 3
+        assert scheduler.alive
+    finally:
+        scheduler.stop()
+
+
+def test_stopping_fails_running_and_waiting_jobs_instead_of_leaving_them_hanging(model, records):
+    scheduler = DecodeScheduler(model, max_batch=1)
+    running_job, running = job(model, records[0], QUESTIONS[0], max_new_tokens=200)
+    waiting_job, waiting = job(model, records[1], QUESTIONS[1])
+    scheduler.start()
+    scheduler.submit(running_job)
+    poll_until(lambda: scheduler.active == 1)
+    scheduler.submit(waiting_job)  # max_batch=1: it waits in the queue
+    scheduler.stop()
+    assert not scheduler.alive
+    for collector in (running, waiting):
+        assert collector.done.wait(10) and isinstance(collector.error, DecoderUnavailableError)
+
+
+def test_a_dead_loop_is_reported_and_can_be_started_again(model, records):
+    scheduler = DecodeScheduler(model, max_batch=2)
+    assert not scheduler.alive
+    scheduler.start()
+    assert scheduler.alive
+    scheduler.stop()
+    assert not scheduler.alive
+    scheduler.start()  # a fresh thread
+    try:
+        again, collector = job(model, records[0], QUESTIONS[0], max_new_tokens=2)
+        scheduler.submit(again)
+        assert collector.done.wait(10) and collector.error is None and len(collector.tokens) == 2
+    finally:
+        scheduler.stop()
+
+
+def poll_until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.005)
