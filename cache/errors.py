@@ -51,6 +51,9 @@ class IdCollisionError(CacheError):
 class NotIndexedError(CacheError, KeyError):
     """A search by image id names an image the index does not hold."""
 
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
 
 class IndexOperationError(CacheError):
     """The configured FAISS index type does not support the requested operation."""

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cache.errors import CorruptRecordError
 from cache.index import LatentIndex
 from cache.keys import RecordKey
 from cache.serde import KvDtype, deserialize, serialize
@@ -46,12 +47,19 @@ def put_records(store: RecordStore, records: Sequence[Record], kv_dtype: KvDtype
 
 
 def get_records(store: RecordStore, keys: Sequence[RecordKey]) -> list[Record | None]:
-    """The records under `keys` (None for a miss). Raises CorruptRecordError for unusable bytes and
-    FingerprintMismatchError if a blob under a key of one model holds another model's record."""
-    return [
-        None if blob is None else deserialize(blob, fingerprint=k.fingerprint, image_id=k.image_id)
-        for k, blob in zip(keys, store.get_many(keys), strict=True)
-    ]
+    """The records under `keys` (None for a miss). Raises CorruptRecordError, naming the image, for
+    unusable bytes and FingerprintMismatchError if a blob under a key of one model holds another
+    model's record."""
+    blobs = store.get_many(keys)
+    return [None if blob is None else read_record(blob, k) for k, blob in zip(keys, blobs, strict=True)]
+
+
+def read_record(blob: bytes, key: RecordKey) -> Record:
+    """Verify and decode the blob stored under `key`; a CorruptRecordError names the image."""
+    try:
+        return deserialize(blob, fingerprint=key.fingerprint, image_id=key.image_id)
+    except CorruptRecordError as e:
+        raise CorruptRecordError(f"the stored record of image {key.image_id} is damaged: {e}") from e
 
 
 def get_record(store: RecordStore, key: RecordKey) -> Record | None:

@@ -39,6 +39,19 @@ FORMAT_VERSION = "1"
 _TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _INT8_MAX = 127
 _MAX_HEADER_BYTES = 1 << 20  # a real header is < 2 KiB; a bigger length field means corruption
+# The longest source URI a record keeps (UTF-8 bytes): twice Linux's PATH_MAX, beyond any URL a browser
+# or server accepts. The service refuses longer ones where requests come in; serialize() refuses them too,
+# so every blob written stays far below the header limit its reader enforces.
+MAX_SOURCE_URI_BYTES = 8192
+
+
+def check_source_uri(source_uri: str) -> None:
+    """Raise ValueError, saying the limit, for a source URI a record cannot keep."""
+    size = len(source_uri.encode())
+    if size > MAX_SOURCE_URI_BYTES:
+        raise ValueError(
+            f"source_uri is {size} bytes, over the limit of {MAX_SOURCE_URI_BYTES}; send a shorter one"
+        )
 
 
 def _check_kv_dtype(kv_dtype: str) -> None:
@@ -75,8 +88,11 @@ def _payload_sha256(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) 
 
 
 def serialize(record: Record, kv_dtype: KvDtype = "fp16") -> bytes:
-    """Encode `record` with its key/value state stored as `kv_dtype`."""
+    """Encode `record` with its key/value state stored as `kv_dtype`.
+
+    Raises ValueError for what no reader could take back (a source URI over MAX_SOURCE_URI_BYTES)."""
     _check_kv_dtype(kv_dtype)
+    check_source_uri(record.source_uri)
     tensors: dict[str, torch.Tensor] = {"latent": record.latent.detach().cpu().contiguous()}
     for name, kv in (("keys", record.keys), ("values", record.values)):
         kv = kv.detach().cpu()
@@ -97,7 +113,11 @@ def serialize(record: Record, kv_dtype: KvDtype = "fp16") -> bytes:
         "source_uri": record.source_uri,
     }
     metadata["payload_sha256"] = _payload_sha256(metadata, tensors)
-    return save_safetensors(tensors, metadata=metadata)
+    blob = save_safetensors(tensors, metadata=metadata)
+    (header_bytes,) = struct.unpack("<Q", blob[:8])
+    if header_bytes > _MAX_HEADER_BYTES:  # whatever field grew it: never write what read_metadata refuses
+        raise ValueError(f"record header is {header_bytes} bytes, over the reader's {_MAX_HEADER_BYTES}")
+    return blob
 
 
 def read_metadata(blob: bytes) -> dict[str, str]:

@@ -22,11 +22,11 @@ from cache.errors import CorruptRecordError, FingerprintMismatchError
 from cache.keys import RecordKey
 from cache.records import put_records
 from cache.retry import RetryPolicy
-from cache.serde import deserialize
+from cache.serde import check_source_uri, deserialize
 from cache.store import open_store
 from encoder_service.config import EncoderConfig
 from htcvlm.checkpoint import load_pretrained
-from htcvlm.errors import ImageTooLargeError, InvalidImageError
+from htcvlm.errors import ImageTooLargeError
 from htcvlm.images import pixels_from_bytes
 from htcvlm.record import image_id_of
 
@@ -100,7 +100,8 @@ class Encoder:
         """One outcome per image, in the order given.
 
         - already stored for this model: "cached", latent read back from the record, no model work;
-        - not a usable image: "failed" with the `InvalidImageError` message (the rest of the batch goes on);
+        - not a usable image, or a source URI over MAX_SOURCE_URI_BYTES: "failed" with the reason (the
+          rest of the batch goes on);
         - otherwise "encoded": compressed in one batched pass and written to the store in one batch.
         Identical images in one call are compressed once. `StoreUnavailableError` propagates.
         """
@@ -119,11 +120,12 @@ class Encoder:
                 continue
             n = first[image_id]
             try:
+                check_source_uri(uris[n])
                 pixels.append(
                     pixels_from_bytes(images[n], self.model.config.image_size, self.config.max_pixels)
                 )
                 todo.append(image_id)
-            except InvalidImageError as e:
+            except ValueError as e:  # InvalidImageError, or a source URI no record can keep
                 outcomes[image_id] = EncodeOutcome(
                     image_id, "failed", None, str(e), isinstance(e, ImageTooLargeError)
                 )

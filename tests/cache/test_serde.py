@@ -9,6 +9,7 @@ import torch
 from cache.errors import CorruptRecordError, FingerprintMismatchError
 from cache.serde import (
     KV_DTYPES,
+    MAX_SOURCE_URI_BYTES,
     dequantize_int8,
     deserialize,
     quantize_int8,
@@ -163,3 +164,15 @@ def test_reading_never_unpickles(monkeypatch: pytest.MonkeyPatch) -> None:
     for module, name in ((pickle, "loads"), (pickle, "load"), (torch, "load")):
         monkeypatch.setattr(module, name, forbidden)
     assert deserialize(blob).keys.dtype == torch.bfloat16
+
+
+def test_what_is_written_can_always_be_read_back() -> None:
+    """A 1 MiB source URI was written and then refused by the reader's header limit: DATA_LOSS forever.
+    The serializer now refuses it, and the longest URI it keeps reads back."""
+    longest = "s3://bucket/" + "é" * ((MAX_SOURCE_URI_BYTES - 12) // 2)  # multi-byte: bytes, not characters
+    assert len(longest.encode()) == MAX_SOURCE_URI_BYTES
+    record = dataclasses.replace(make_record(), source_uri=longest)
+    assert deserialize(serialize(record), fingerprint=FINGERPRINT).source_uri == longest
+    for too_long in (longest + "x", "x" * (1 << 20)):
+        with pytest.raises(ValueError, match=f"over the limit of {MAX_SOURCE_URI_BYTES}"):
+            serialize(dataclasses.replace(record, source_uri=too_long))

@@ -67,7 +67,7 @@ def test_bad_bytes_fail_alone_and_duplicates_compress_once(encoder: Encoder) -> 
     assert "not an image" in outcomes[1].error and outcomes[1].latent is None
     assert "truncated" in outcomes[2].error
     assert "empty image" in outcomes[4].error
-    assert outcomes[5].too_large and "over the limit of 3600" in outcomes[5].error
+    assert outcomes[5].too_large and "over the limit of 3,600" in outcomes[5].error
     assert not any(o.too_large for n, o in enumerate(outcomes) if n != 5)
     assert outcomes[0].image_id == outcomes[3].image_id
     assert encoder.images_compressed == 2  # png(5) once, png(8) once
