@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 import warnings
+import zlib
 
 import numpy as np
 import torch
@@ -14,8 +16,17 @@ from htcvlm.errors import ImageTooLargeError, InvalidImageError
 
 logger = logging.getLogger(__name__)
 
-# 64 megapixels: far above any camera photo a VLM needs, far below what exhausts a worker's memory.
+# The largest image decoded by default: 64,000,000 pixels (8000 x 8000, or a 64 MP camera photo), far
+# above the 336 px a VLM sees and far below what exhausts a worker's memory (192 MB decoded as RGB).
 DEFAULT_MAX_PIXELS = 64_000_000
+# Pillow refuses to open anything larger than this itself (its own decompression-bomb error), so no
+# configured limit can go above it.
+PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+# Adam7 interlacing: (first column, first row, column step, row step) of each of the seven passes
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
 
 def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -32,19 +43,73 @@ def load_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
                 raise InvalidImageError(f"zero-size image ({width}x{height})")
             if width * height > max_pixels:
                 raise ImageTooLargeError(
-                    f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}; "
-                    "downscale it before sending"
+                    f"image is {width}x{height} = {width * height:,} pixels, over the limit of "
+                    f"{max_pixels:,}; downscale it before sending"
                 )
+            if img.format == "PNG" and (missing := png_data_missing(data)):
+                # Pillow zero-fills the rows a PNG's data stream ends without: refuse before allocating
+                raise InvalidImageError(f"truncated image: {missing}")
             img.load()  # decodes fully: truncated or corrupt data fails here, not later in the model
     except InvalidImageError:
         raise
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image rejected as a decompression bomb: {exc}") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own ceiling, far above ours
+        raise ImageTooLargeError(
+            f"image is over the limit of {max_pixels:,} pixels; downscale it before sending"
+        ) from exc
     except UnidentifiedImageError as exc:
         raise InvalidImageError("not an image: the bytes match no known image format") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL's ways of saying "corrupt"
         raise InvalidImageError(f"corrupt or truncated image: {exc}") from exc
     return to_rgb(img)
+
+
+def png_data_missing(data: bytes) -> str | None:
+    """Why a PNG's image data is incomplete, or None when its IDAT stream inflates to every row and ends.
+
+    Pillow treats a zlib stream that ends early as the end of the image and zero-fills the rows it never
+    got, so a 180-byte file whose header claims 8000 x 8000 would decode as 192 MB of zeros. Inflating
+    the stream (in bounded pieces, nothing kept) to count its bytes is cheap next to decoding it. Chunks
+    after the image data (IEND included) may be missing: every pixel is there.
+    """
+    if not data.startswith(_PNG_SIGNATURE):
+        return None
+    pos, need, got = len(_PNG_SIGNATURE), 0, 0
+    inflate = zlib.decompressobj()
+    while pos + 8 <= len(data) and got <= need and not inflate.eof:
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
+        pos += 12 + length  # length, type, body, CRC
+        if kind == b"IHDR" and len(body) >= 13:
+            need = _png_raw_bytes(*struct.unpack(">IIBBBBB", body[:13]))
+        elif kind == b"IDAT":
+            try:
+                # past `need` the rest is surplus Pillow ignores: stop rather than inflate a bomb's tail
+                while body and got <= need and not inflate.eof:
+                    got += len(inflate.decompress(body, 1 << 20))  # at most 1 MiB held at a time
+                    body = inflate.unconsumed_tail
+            except zlib.error:
+                return None  # corrupt, not short: Pillow's decoder reports it
+        elif kind == b"IEND":
+            break
+    if got < need:
+        return f"its pixel data ends after {got:,} of {need:,} bytes"
+    if got == need and not inflate.eof:
+        return "its compressed pixel data is cut before its end"
+    return None
+
+
+def _png_raw_bytes(
+    width: int, height: int, depth: int, colour: int, _compression: int, _filter: int, interlace: int
+) -> int:
+    """Bytes of filtered scanlines a PNG of this header inflates to (a filter byte starts each row)."""
+    bits = _PNG_CHANNELS.get(colour, 4) * depth
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    total = 0
+    for x0, y0, dx, dy in passes:
+        columns, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)  # ceil; <= 0 for an empty pass
+        if columns > 0 and rows > 0:
+            total += rows * (1 + -(-columns * bits // 8))
+    return total
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
