@@ -23,6 +23,7 @@ class WorkerConfig:
     default_max_new_tokens: int = 32
     index_refresh_s: float = 30.0  # pick up records other processes (ingest) stored; 0 disables
     device: str = "auto"  # the decoding model's device: auto = cuda when available
+    health_check_s: float = 5.0  # how often health (decoding loop, store) is checked for the health service
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -32,6 +33,8 @@ class WorkerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.index_refresh_s < 0:
             raise ValueError(f"index_refresh_s must be >= 0, got {self.index_refresh_s}")
+        if self.health_check_s <= 0:
+            raise ValueError(f"health_check_s must be > 0, got {self.health_check_s}")
 
     @property
     def address(self) -> str:

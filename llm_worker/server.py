@@ -33,6 +33,7 @@ class RunningServer:
     service: OneTokenService
     health: health.aio.HealthServicer
     port: int
+    watcher: asyncio.Task[None]
 
     @property
     def address(self) -> str:
@@ -40,9 +41,33 @@ class RunningServer:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking calls, let running ones finish for `grace` seconds, then release everything."""
+        self.watcher.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.service.close()
+
+
+async def watch_health(service: OneTokenService, servicer: health.aio.HealthServicer) -> None:
+    """Keep the health service true: NOT_SERVING (for "" and the API) while the decoding loop is down or
+    the store fails its retries, SERVING again once both work, so a probe restarts only a worker that
+    cannot answer."""
+    serving = True
+    while True:
+        await asyncio.sleep(service.config.health_check_s)
+        try:
+            problem = await service.health()
+        except Exception as e:  # a failing check is itself a reason not to serve; the next one retries
+            problem = f"the health check failed: {e}"
+        if (problem is None) == serving:
+            continue
+        serving = problem is None
+        if serving:
+            logger.warning("healthy again: SERVING")
+        else:
+            logger.error("NOT_SERVING: %s", problem)
+        statuses = health_pb2.HealthCheckResponse
+        for name in ("", SERVICE_NAME):
+            await servicer.set(name, statuses.SERVING if serving else statuses.NOT_SERVING)
 
 
 async def start(config: WorkerConfig, service: OneTokenService | None = None) -> RunningServer:
@@ -65,8 +90,9 @@ async def start(config: WorkerConfig, service: OneTokenService | None = None) ->
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    watcher = asyncio.get_running_loop().create_task(watch_health(service, health_servicer))
     logger.info("OneToken serving on %s:%d", config.host, port)
-    return RunningServer(server, service, health_servicer, port)
+    return RunningServer(server, service, health_servicer, port, watcher)
 
 
 async def serve(config: WorkerConfig, ready: asyncio.Event | None = None) -> None:

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cache.errors import NotIndexedError
+from cache.errors import CorruptRecordError, NotIndexedError
 from cache.index import IndexConfig, LatentIndex, load_or_rebuild
 from cache.keys import RecordKey
 from cache.records import LookupStatus, delete_record, get_records, lookup
 from cache.retry import RetryPolicy
-from cache.serde import read_metadata
+from cache.serde import check_source_uri, read_metadata
 from cache.store import RecordStore, open_store
 from encoder_service.encoder import pick_device
 from encoder_service.pool import EncoderPool, open_pool
@@ -116,6 +116,7 @@ class OneTokenService:
         self.scheduler = DecodeScheduler(model, config.max_decode_batch, config.max_pending_asks)
         self.scheduler.start()
         self._index_dirty = False
+        self.damaged_hits = 0  # search hits dropped because their record is damaged (logged with ids)
         self._refresher: asyncio.Task[None] | None = None
         if config.index_refresh_s > 0:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
@@ -157,6 +158,10 @@ class OneTokenService:
         """Compress an image once (a cached one costs no model work) and index its latent."""
         if not image:
             raise InvalidImageError("empty image: 0 bytes received")
+        try:
+            check_source_uri(source_uri)
+        except ValueError as e:
+            raise InvalidRequestError(str(e)) from e
         outcome = await self.encoders.encode(image, source_uri)
         if outcome.status == "failed":
             raise (ImageTooLargeError if outcome.too_large else InvalidImageError)(outcome.error)
@@ -169,20 +174,24 @@ class OneTokenService:
     async def record(self, image_id: str | None = None, image_bytes: bytes | None = None) -> Record:
         """The record of an image named by id, or by bytes (encoded first when not cached)."""
         if image_bytes is not None:
-            encoded = await self.encode(image_bytes)
-            image_id = encoded.image_id
-        if not image_id:
+            image_id = (await self.encode(image_bytes)).image_id
+        elif not image_id:
             raise InvalidRequestError("name the image: set image_id or image_bytes")
-        key = self._key(image_id)
+        return await self._stored(self._key(image_id))
+
+    async def _stored(self, key: RecordKey) -> Record:
         found = await asyncio.to_thread(lookup, self.store, self.index, key)
         if found.status is LookupStatus.FOUND:
             assert found.record is not None
             return found.record
-        raise ImageNotFoundError(image_id, evicted=found.status is LookupStatus.EVICTED)
+        raise ImageNotFoundError(key.image_id, evicted=found.status is LookupStatus.EVICTED)
 
     def _key(self, image_id: str) -> RecordKey:
+        """The key of an image id as clients send it: hex in either case (ids are stored lower-case)."""
+        if not image_id:
+            raise InvalidRequestError("set image_id: the SHA-256 hex of the image bytes")
         try:
-            return RecordKey(self.fingerprint, image_id)
+            return RecordKey(self.fingerprint, image_id.lower())
         except ValueError as e:
             raise InvalidRequestError(f"{e}; image ids are the SHA-256 hex of the image bytes") from e
 
@@ -211,7 +220,10 @@ class OneTokenService:
     ) -> AskCall:
         """Resolve the image and queue the question; the returned call streams its tokens."""
         started = time.perf_counter()
-        prompt = encode_questions(self.model, [question], options.max_new_tokens)[0]
+        # off the event loop: tokenizing takes CPU time that other calls must not wait behind
+        prompt = (await asyncio.to_thread(encode_questions, self.model, [question], options.max_new_tokens))[
+            0
+        ]
         record = await self.record(image_id, image_bytes)
         check_records(self.model, [record])
         encode_ms = (time.perf_counter() - started) * 1e3
@@ -241,33 +253,43 @@ class OneTokenService:
         dim = self.index.config.dim
         if latent is not None:
             query = np.asarray(latent, dtype=np.float32)
-            if query.shape != (dim,) or not np.isfinite(query).all() or not np.abs(query).sum():
+            # the index normalizes the query: its norm must be finite (3e38 in every place overflows) and > 0
+            with np.errstate(over="ignore"):  # an overflow is exactly what is refused below
+                norm = np.linalg.norm(query) if query.shape == (dim,) else 0.0
+            if not (np.isfinite(query).all() and np.isfinite(norm) and norm > 0):
                 raise InvalidRequestError(
-                    f"latent must be {dim} finite values, not all zero; got {query.size} values"
+                    f"latent must be {dim} finite values with a finite, non-zero norm; got {query.size} "
+                    f"values of norm {norm:g}"
                 )
         elif image_bytes is not None:
             query = (await self.encode(image_bytes)).latent
         elif image_id:
             key = self._key(image_id)
-            if image_id not in self.index:
-                raise NotIndexedError(f"image {image_id} is not indexed; encode it first")
+            if key.image_id not in self.index:
+                raise NotIndexedError(f"image {key.image_id} is not indexed; encode it first")
             record = (await asyncio.to_thread(get_records, self.store, [key]))[0]
             if record is None:
-                raise ImageNotFoundError(image_id, evicted=True)
+                raise ImageNotFoundError(key.image_id, evicted=True)
             query = record.latent.float().numpy()
         else:
             raise InvalidRequestError("set one query: image_id, image_bytes or latent")
         hits = (await asyncio.to_thread(self.index.search, query, k))[0]
         blobs = await asyncio.to_thread(self.store.get_many, [self._key(h.image_id) for h in hits])
-        return [
-            SearchHit(h.image_id, h.score, read_metadata(b)["source_uri"] if b is not None else "")
-            for h, b in zip(hits, blobs, strict=True)
-        ]
+        found = []
+        for hit, blob in zip(hits, blobs, strict=True):
+            try:
+                source_uri = read_metadata(blob)["source_uri"] if blob is not None else ""
+            except CorruptRecordError as e:  # one damaged record must not fail every search near it
+                self.damaged_hits += 1
+                logger.warning("search dropped image %s: its stored record is damaged (%s)", hit.image_id, e)
+                continue
+            found.append(SearchHit(hit.image_id, hit.score, source_uri))
+        return found
 
     # ---- metadata and deletion ----
 
     async def get_image(self, image_id: str) -> ImageInfo:
-        record = await self.record(image_id)
+        record = await self._stored(self._key(image_id))
         return ImageInfo(
             image_id=record.image_id,
             fingerprint=record.fingerprint,
@@ -281,9 +303,26 @@ class OneTokenService:
         )
 
     async def delete_image(self, image_id: str) -> bool:
+        """Remove an image's record and index entry; False (not an error) if it was not there."""
         deleted = await asyncio.to_thread(delete_record, self.store, self.index, self._key(image_id))
         self._index_dirty = True
         return deleted
+
+    # ---- health ----
+
+    async def health(self) -> str | None:
+        """None while the worker can answer; else why it cannot. A dead decoding loop is restarted here
+        (the next check sees it back); the store is probed with one read, after its bounded retries."""
+        if not self.scheduler.alive:
+            logger.error("the decoding loop is not running; restarting it")
+            self.scheduler.start()
+            return "the decoding loop was not running (restarted)"
+        probe = RecordKey(self.fingerprint, "0" * 64)
+        try:
+            await asyncio.to_thread(self.store.contains, probe)
+        except Exception as e:  # any failure to read means the worker cannot answer
+            return f"the store does not answer: {e}"
+        return None
 
     # ---- the index ----
 

@@ -1,14 +1,17 @@
 """Failure paths through the real server: the store going down (UNAVAILABLE, then back), a full decode
-queue (RESOURCE_EXHAUSTED), and a record evicted from the store (NOT_FOUND that says to resend)."""
+queue (RESOURCE_EXHAUSTED), a record evicted from the store (NOT_FOUND that says to resend), and the
+health service following the decoding loop and the store down and back."""
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cache.keys import RecordKey
 from llm_worker.client import OneTokenClient
@@ -95,3 +98,81 @@ def test_an_evicted_record_asks_for_the_bytes_again(model_dir: Path, tmp_path: P
             assert client.encode(png(3)).cached  # stored again
     finally:
         server.stop()
+
+
+class HealthWatch:
+    """The statuses the standard health service streams for one service name, collected in a thread."""
+
+    def __init__(self, address: str, service: str) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.calls = health_pb2_grpc.HealthStub(self.channel).Watch(
+            health_pb2.HealthCheckRequest(service=service), timeout=120
+        )
+        self.seen: list[str] = []
+        self.thread = threading.Thread(target=self._collect, daemon=True)
+        self.thread.start()
+
+    def _collect(self) -> None:
+        try:
+            for reply in self.calls:
+                self.seen.append(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+        except grpc.RpcError:
+            pass  # cancelled by close()
+
+    def wait_for(self, *statuses: str, timeout_s: float = 30.0) -> None:
+        """Until the statuses seen so far end with `statuses`, in that order."""
+        deadline = time.monotonic() + timeout_s
+        while self.seen[-len(statuses) :] != list(statuses):
+            assert time.monotonic() < deadline, f"health went {self.seen}, waiting for {statuses}"
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.calls.cancel()
+        self.channel.close()
+
+
+def test_health_is_not_serving_while_the_decoding_loop_is_down(model_dir: Path, tmp_path: Path):
+    config = worker_config(
+        model_dir, str(tmp_path / "db"), tmp_path / "index", "onetoken", health_check_s=0.2
+    )
+    server = ServerThread(config)
+    watches = [HealthWatch(server.address, name) for name in ("", "onetoken.v1.OneToken")]
+    try:
+        for watch in watches:
+            watch.wait_for("SERVING")
+        server.service.scheduler.stop()  # what a dying loop looks like from outside
+        for watch in watches:  # reported, restarted, then healthy again
+            watch.wait_for("SERVING", "NOT_SERVING", "SERVING")
+        with OneTokenClient(server.address) as client:
+            assert client.ask(QUESTION, image=png(4), max_new_tokens=2).usage.completion_tokens == 2
+    finally:
+        for watch in watches:
+            watch.close()
+        server.stop()
+
+
+def test_health_follows_the_store_down_and_back(model_dir: Path, tmp_path: Path):
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    private = RedisServer(redis_dir)
+    private.start()
+    config = worker_config(model_dir, private.url, tmp_path / "index", "onetoken", health_check_s=0.2)
+    config = replace(config, encoder=replace(config.encoder, store_retry_s=0.5))
+    server = ServerThread(config)
+    watches = [HealthWatch(server.address, name) for name in ("", "onetoken.v1.OneToken")]
+    try:
+        for watch in watches:
+            watch.wait_for("SERVING")
+        private.stop()
+        for watch in watches:
+            watch.wait_for("SERVING", "NOT_SERVING")
+        private.start()
+        for watch in watches:
+            watch.wait_for("SERVING", "NOT_SERVING", "SERVING")
+        with OneTokenClient(server.address) as client:
+            assert client.ask(QUESTION, image=png(5), max_new_tokens=2).usage.completion_tokens == 2
+    finally:
+        for watch in watches:
+            watch.close()
+        server.stop()
+        private.kill()

@@ -115,7 +115,7 @@ def code_of(call) -> tuple[grpc.StatusCode, str]:
     "name, call, code, hint",
     [
         ("not an image", lambda c: c.encode(b"hello, not a png"), "INVALID_ARGUMENT", "not an image"),
-        ("truncated", lambda c: c.encode(png(5)[:100]), "INVALID_ARGUMENT", "corrupt or truncated"),
+        ("truncated", lambda c: c.encode(png(5)[:100]), "INVALID_ARGUMENT", "truncated"),
         ("empty image", lambda c: c.encode(b""), "INVALID_ARGUMENT", "0 bytes"),
         ("empty question", lambda c: c.ask("  ", image=png(0)), "INVALID_ARGUMENT", "empty"),
         ("long question", lambda c: c.ask("why " * 400, image=png(0)), "INVALID_ARGUMENT", "shorten"),

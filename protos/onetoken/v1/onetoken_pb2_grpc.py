@@ -105,7 +105,7 @@ class OneTokenServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteImage(self, request, context):
-        """Remove an image's record and its index entry.
+        """Remove an image's record and its index entry. Idempotent: an unknown id is OK with deleted = false.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
