@@ -17,7 +17,8 @@ from cache.serde import KV_DTYPES, roundtrip, serialize
 from htcvlm.checkpoint import load_pretrained
 from htcvlm.config import HTCConfig
 from htcvlm.data.dataset import ProceduralVQA
-from htcvlm.decode import DecodeBatch, GenerationOptions, decode
+from htcvlm.decode import DecodeBatch, decode
+from htcvlm.generation import GenerationOptions
 from htcvlm.model import new_model
 from htcvlm.tokenizer import train_tokenizer
 from htcvlm.train import tensorize

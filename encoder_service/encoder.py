@@ -44,13 +44,6 @@ class EncodeOutcome:
     too_large: bool = False  # failed because of the pixel limit
 
 
-def pick_device(device: str) -> str:
-    """ "auto" -> "cuda" where this process sees a GPU, else "cpu"; anything else is used as given."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 class Encoder:
     """Loads the model once (`load_pretrained`) and opens the store; `encode` does the rest.
 
@@ -60,7 +53,7 @@ class Encoder:
 
     def __init__(self, config: EncoderConfig) -> None:
         self.config = config
-        self.model = load_pretrained(config.model_dir, pick_device(config.device))
+        self.model = load_pretrained(config.model_dir, config.device)
         self.store = open_store(
             config.store_url, key_prefix=config.key_prefix, retry=RetryPolicy(total_s=config.store_retry_s)
         )

@@ -59,6 +59,9 @@ def from_components(config: HTCConfig) -> HTCVLM:
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> HTCVLM:
+    """Load a OneToken checkpoint onto `device` ("auto": cuda where this process sees a GPU, else cpu)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"model directory {folder} does not exist")

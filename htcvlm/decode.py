@@ -12,36 +12,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import DynamicCache
 
 from htcvlm.errors import InvalidQuestionError, RecordMismatchError
+from htcvlm.generation import FinishReason, GenerationOptions, RowState, StepEvent, sample_tokens
 from htcvlm.mask import to_additive
 from htcvlm.model import HTCVLM
 from htcvlm.record import Record
 
 logger = logging.getLogger(__name__)
-
-FinishReason = Literal["eos", "length"]
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    max_new_tokens: int = 32
-    temperature: float = 0.0  # 0 is greedy decoding
-    top_p: float = 1.0  # nucleus sampling mass; 1 keeps the whole distribution
-    seed: int | None = None  # sampling seed; None draws from torch's global generator
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_new_tokens <= 4096:
-            raise ValueError(f"max_new_tokens must be in [1, 4096], got {self.max_new_tokens}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass
@@ -50,17 +32,6 @@ class Answer:
     token_ids: list[int]
     prompt_tokens: int
     finish_reason: FinishReason
-
-
-@dataclass
-class StepEvent:
-    """One decoding step for one row: the token and the text it completes (may be '' mid-character)."""
-
-    row: int
-    token_id: int
-    text: str
-    finished: FinishReason | None = None
-    prompt_tokens: int = 0  # the row's question length in tokens (for usage accounting)
 
 
 def check_records(model: HTCVLM, records: Sequence[Record]) -> None:
@@ -228,67 +199,101 @@ class DecodeBatch:
         self.prompt_lengths = torch.cat([self.prompt_lengths, other.prompt_lengths])
 
 
-def sample_next(logits: torch.Tensor, options: GenerationOptions, generator: torch.Generator | None) -> int:
-    """One token from a (vocab,) logit row: argmax when greedy, else temperature + top-p sampling."""
-    if options.temperature == 0.0:
-        return int(logits.argmax())
-    # Shifted so the top logit is 0 before dividing: every accepted temperature, however small, gives
-    # finite probabilities (a vanishing one collapses onto the top token: greedy, ties drawn at random).
-    # fp64 keeps a tiny temperature from being a subnormal that a flush-to-zero CPU turns into 0.
-    scaled = (logits.double() - logits.max().double()) / options.temperature
-    probs = torch.softmax(scaled, dim=-1)
-    if options.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop = sorted_probs.cumsum(0) - sorted_probs >= options.top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+class RowFailedError(RuntimeError):
+    """A row that cannot go on (its logits are not finite, or its step raised); the others go on."""
 
 
-@dataclass
-class _RowText:
-    """Incremental detokenization: byte-level tokens can split a character, so text is held back
-    until it decodes cleanly."""
+class RunningBatch:
+    """The rows decoding together. Rows join (`admit`) and leave (finished, or `drop`) between steps; a
+    `step` samples every row's token in one tensor pass, emits one event per row and runs one forward
+    for the rows that go on. decode(), the worker's scheduler and the tests all decode through it.
 
-    ids: list[int] = field(default_factory=list)
-    emitted: int = 0
+    Rows are named by ids that `admit` hands out (in admission order, from 0); events carry them.
+    """
 
-    def push(self, tokenizer: PreTrainedTokenizerBase, token_id: int | None, final: bool) -> str:
-        """The new text after `token_id` (None: no token, as for EOS); `final` flushes what was held."""
-        if token_id is not None:
-            self.ids.append(token_id)
-        text = tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd") and not final:
-            return ""
-        delta, self.emitted = text[self.emitted :], len(text)
-        return delta
+    def __init__(self, model: HTCVLM) -> None:
+        self.model = model
+        self._batch: DecodeBatch | None = None
+        self._logits = torch.empty(0)  # (B, vocab): the next-token logits of the rows, in row order
+        self._ids: list[int] = []
+        self._rows: list[RowState] = []
+        self._next_id = 0
 
+    def __len__(self) -> int:
+        return len(self._ids)
 
-class RowState:
-    """One row's generation: its options and sampler, how far it has got, and its streamed text."""
+    @property
+    def ids(self) -> list[int]:
+        return list(self._ids)
 
-    def __init__(self, options: GenerationOptions, prompt_tokens: int, device: torch.device) -> None:
-        self.options = options
-        self.prompt_tokens = prompt_tokens
-        self.generated = 0
-        self.generator = (
-            torch.Generator(device=device).manual_seed(options.seed) if options.seed is not None else None
-        )
-        self._text = _RowText()
+    def admit(
+        self,
+        records: Sequence[Record],
+        prompts: Sequence[Sequence[int]],
+        options: Sequence[GenerationOptions],
+    ) -> list[int]:
+        """Prefill new rows together and join them; returns their ids. On failure nothing changes."""
+        if not len(records) == len(prompts) == len(options):
+            raise ValueError(f"got {len(records)} records, {len(prompts)} prompts, {len(options)} options")
+        rows = [RowState(o, len(p)) for o, p in zip(options, prompts, strict=True)]
+        joined = DecodeBatch(self.model, records, prompts)
+        logits = joined.last_logits()
+        if self._batch is None:
+            self._batch = joined
+        else:
+            logits = torch.cat([self._logits, logits])
+            self._batch.extend(joined)
+        ids = list(range(self._next_id, self._next_id + len(rows)))
+        self._next_id += len(rows)
+        self._logits, self._ids, self._rows = logits, self._ids + ids, self._rows + rows
+        return ids
 
-    def advance(self, row: int, logits: torch.Tensor, tokenizer: PreTrainedTokenizerBase) -> StepEvent:
-        """Sample this row's next token from its (vocab,) logits; the event says if the row finished."""
-        token = sample_next(logits, self.options, self.generator)
-        self.generated += 1
-        finished: FinishReason | None = None
-        if token == tokenizer.eos_token_id:
-            finished = "eos"
-        elif self.generated >= self.options.max_new_tokens:
-            finished = "length"
-        is_eos = token == tokenizer.eos_token_id
-        text = self._text.push(tokenizer, None if is_eos else token, final=finished is not None)
-        return StepEvent(row, token, text, finished, self.prompt_tokens)
+    def step(self) -> tuple[list[StepEvent], dict[int, Exception]]:
+        """One token for every row: its event, and the rows that failed (by id, with why). Finished and
+        failed rows leave; the rest go through one forward together."""
+        tokenizer = self.model.tokenizer
+        tokens, unusable = sample_tokens(self._logits, self._rows)
+        failed: dict[int, Exception] = {
+            self._ids[i]: RowFailedError(f"row {self._ids[i]} has no finite logits to sample from")
+            for i in unusable
+        }
+        events, keep = [], []
+        for i, (row_id, state) in enumerate(zip(self._ids, self._rows, strict=True)):
+            if row_id in failed:
+                continue
+            try:
+                event = state.advance(row_id, tokens[i], tokenizer)
+            except Exception as exc:  # this row's failure is its own
+                failed[row_id] = exc
+                continue
+            events.append(event)
+            if event.finished is None:
+                keep.append(i)
+        self._keep(keep)
+        if self._batch is not None:
+            step_tokens = torch.tensor([tokens[i] for i in keep], device=self.model.device)
+            self._logits = self._batch.step(step_tokens)
+        return events, failed
+
+    def drop(self, ids: Sequence[int]) -> None:
+        """Remove rows (cancelled ones) before the next step."""
+        gone = set(ids)
+        self._keep([i for i, row_id in enumerate(self._ids) if row_id not in gone])
+
+    def clear(self) -> None:
+        self._batch, self._logits, self._ids, self._rows = None, torch.empty(0), [], []
+
+    def _keep(self, keep: list[int]) -> None:
+        if len(keep) == len(self._ids):
+            return
+        if not keep:
+            self.clear()
+            return
+        assert self._batch is not None
+        self._batch.select(keep)
+        self._logits = self._logits[keep]
+        self._ids = [self._ids[i] for i in keep]
+        self._rows = [self._rows[i] for i in keep]
 
 
 @torch.inference_mode()
@@ -296,39 +301,31 @@ def decode_stream(
     model: HTCVLM,
     records: Sequence[Record],
     questions: Sequence[str],
-    options: GenerationOptions | Sequence[GenerationOptions] = GenerationOptions(),
+    options: GenerationOptions | Sequence[GenerationOptions] | None = None,
 ) -> Iterator[list[StepEvent]]:
-    """Yield, per decoding step, one `StepEvent` for each row still generating."""
+    """Yield, per decoding step, one `StepEvent` for each row still generating (`row` is its index).
+    `options`: one for every row, one per row, or None for the defaults.
+
+    Raises RowFailedError (or what a row's step raised) if any row cannot go on."""
+    options = options or GenerationOptions()
     per_row = [options] * len(questions) if isinstance(options, GenerationOptions) else list(options)
     if len(per_row) != len(questions) or len(records) != len(questions):
         raise ValueError(f"got {len(records)} records, {len(questions)} questions, {len(per_row)} options")
     longest = max(o.max_new_tokens for o in per_row)
-    prompts = encode_questions(model, questions, longest)
-    batch = DecodeBatch(model, records, prompts)
-    pad = model.tokenizer.pad_token_id
-    rows = [RowState(o, len(p), model.device) for o, p in zip(per_row, prompts, strict=True)]
-    active = [True] * len(rows)
-    logits = batch.last_logits()
-    while any(active):
-        events, tokens = [], []
-        for row, state in enumerate(rows):
-            if not active[row]:
-                tokens.append(pad)  # finished rows ride along; their outputs are ignored
-                continue
-            event = state.advance(row, logits[row], model.tokenizer)
-            events.append(event)
-            active[row] = event.finished is None
-            tokens.append(event.token_id)
+    running = RunningBatch(model)
+    running.admit(records, encode_questions(model, questions, longest), per_row)
+    while len(running):
+        events, failed = running.step()
+        if failed:
+            raise next(iter(failed.values()))
         yield events
-        if any(active):
-            logits = batch.step(torch.tensor(tokens, device=model.device))
 
 
 def decode(
     model: HTCVLM,
     records: Sequence[Record],
     questions: Sequence[str],
-    options: GenerationOptions | Sequence[GenerationOptions] = GenerationOptions(),
+    options: GenerationOptions | Sequence[GenerationOptions] | None = None,
 ) -> list[Answer]:
     """Answer each question about its record's image (batched over images and question lengths)."""
     answers = [Answer(text="", token_ids=[], prompt_tokens=0, finish_reason="length") for _ in questions]
@@ -336,10 +333,11 @@ def decode(
         for ev in events:
             ans = answers[ev.row]
             ans.prompt_tokens = ev.prompt_tokens
+            ans.text += ev.text
             if ev.token_id != model.tokenizer.eos_token_id:
                 ans.token_ids.append(ev.token_id)
             if ev.finished:
                 ans.finish_reason = ev.finished
     for ans in answers:
-        ans.text = model.tokenizer.decode(ans.token_ids, skip_special_tokens=True).strip()
+        ans.text = ans.text.strip()
     return answers

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from htcvlm.data.questions import KIND_OF, QTYPES
-from htcvlm.decode import GenerationOptions, decode
+from htcvlm.decode import decode
+from htcvlm.generation import GenerationOptions
 from htcvlm.model import HTCVLM
 from htcvlm.train import VQATensors
 

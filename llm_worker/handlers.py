@@ -117,20 +117,14 @@ class OneTokenServicer(pb_grpc.OneTokenServicer):
     async def Ask(self, request: pb.AskRequest, context: Any) -> pb.AskResponse:
         async def run() -> pb.AskResponse:
             call = await self._start_ask(request)
-            token_ids: list[int] = []
-            finish, prompt_tokens = "", 0
-            async for event in call.events():
-                if event.token_id != self.service.model.tokenizer.eos_token_id:
-                    token_ids.append(event.token_id)
-                finish, prompt_tokens = event.finished or finish, event.prompt_tokens
-            text = self.service.model.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+            answer = await call.answer()
             return pb.AskResponse(
                 image_id=call.image_id,
-                answer=text,
-                finish_reason=finish,
-                usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=len(token_ids)),
+                answer=answer.text,
+                finish_reason=answer.finish_reason,
+                usage=pb.Usage(prompt_tokens=answer.prompt_tokens, completion_tokens=len(answer.token_ids)),
                 timings=_timings(call.timings),
-                token_ids=token_ids,
+                token_ids=answer.token_ids,
             )
 
         return await _guard(context, "Ask", run)
@@ -140,7 +134,7 @@ class OneTokenServicer(pb_grpc.OneTokenServicer):
             call = await self._start_ask(request)
             generated, last = 0, None
             async for event in call.events():
-                generated += event.token_id != self.service.model.tokenizer.eos_token_id
+                generated += event.finished != "eos"  # the EOS token is not part of the answer
                 message = pb.AskStreamResponse(
                     text=event.text, token_id=event.token_id, image_id=call.image_id
                 )

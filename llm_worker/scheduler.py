@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from htcvlm.decode import DecodeBatch, GenerationOptions, RowState, StepEvent
+from htcvlm.decode import RunningBatch
+from htcvlm.generation import GenerationOptions, StepEvent
 from htcvlm.model import HTCVLM
 from htcvlm.record import Record
 from llm_worker.errors import DecodeQueueFullError, DecoderUnavailableError
@@ -45,9 +46,11 @@ class AskJob:
 
 
 class DecodeScheduler:
-    """Owns the model's decoding thread. Nothing raised while serving a row ends the loop: a failing row
-    fails its own caller (INTERNAL), a failing prefill its own jobs, a failing step the rows in it, and
-    the loop goes on with the next turn. `alive` says whether the loop runs (the worker's health)."""
+    """Owns the model's decoding thread: a queue of Asks in front of one `RunningBatch`.
+
+    Nothing raised while serving a row ends the loop: a failing row fails its own caller (INTERNAL), a
+    failing prefill its own jobs, a failing step the rows in it, and the loop goes on with the next turn.
+    `alive` says whether the loop runs (the worker's health)."""
 
     def __init__(self, model: HTCVLM, max_batch: int = 32, max_pending: int = 256) -> None:
         self.model = model
@@ -55,10 +58,8 @@ class DecodeScheduler:
         self._pending: queue.Queue[AskJob] = queue.Queue(maxsize=max_pending)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._batch: DecodeBatch | None = None
-        self._logits = torch.empty(0)  # (B, vocab): the next-token logits of the running rows
-        self._jobs: list[AskJob] = []
-        self._rows: list[RowState] = []
+        self._running = RunningBatch(model)
+        self._jobs: dict[int, AskJob] = {}  # by row id in the running batch
         self.steps = 0  # forwards run, prefills excluded (for tests and metrics)
         self.max_rows_seen = 0  # the largest batch one forward has carried
         self.active = 0  # rows being decoded now
@@ -106,76 +107,55 @@ class DecodeScheduler:
             jobs.append(job)
         return jobs
 
-    def _admit(self, jobs: Sequence[AskJob]) -> None:
-        """Prefill new jobs together and join them to the running rows; a failure fails those jobs only."""
+    def _admit(self, jobs: list[AskJob]) -> None:
+        """Prefill new jobs together into the running batch; a failure fails those jobs only."""
         try:
-            rows = [RowState(j.options, len(j.prompt), self.model.device) for j in jobs]
-            joined = DecodeBatch(self.model, [j.record for j in jobs], [j.prompt for j in jobs])
-            logits = joined.last_logits()
-            if self._batch is not None:
-                logits = torch.cat([self._logits, logits])
-                self._batch.extend(joined)
+            ids = self._running.admit(
+                [j.record for j in jobs], [j.prompt for j in jobs], [j.options for j in jobs]
+            )
         except Exception as exc:  # reported to these callers; the running rows go on
             logger.exception("prefill of %d questions failed", len(jobs))
             _end(jobs, exc)
             return
         now = time.perf_counter()
-        for job in jobs:
+        for row_id, job in zip(ids, jobs, strict=True):
             job.started_at = now
-        self._batch = self._batch if self._batch is not None else joined
-        self._logits = logits
-        self._jobs += jobs
-        self._rows += rows
-
-    def _advance(self) -> list[int]:
-        """Sample every running row's next token and emit it; returns the tokens of the rows that go on
-        (leaving rows are dropped from the batch)."""
-        tokenizer = self.model.tokenizer
-        keep, tokens = [], []
-        for i, (job, state) in enumerate(zip(self._jobs, self._rows, strict=True)):
-            if job.cancelled.is_set():
-                _end([job], None)
-                continue
-            try:
-                event = state.advance(i, self._logits[i], tokenizer)
-                job.emit(event)
-            except Exception as exc:  # this row's failure is its caller's alone
-                logger.exception("decoding one row failed")
-                _end([job], exc)
-                continue
-            if event.finished:
-                _end([job], None)
-            else:
-                keep.append(i)
-                tokens.append(event.token_id)
-        if len(keep) < len(self._jobs):
-            self._jobs = [self._jobs[i] for i in keep]
-            self._rows = [self._rows[i] for i in keep]
-            if not keep:
-                self._batch = None
-            elif self._batch is not None:
-                self._batch.select(keep)
-        return tokens
+            self._jobs[row_id] = job
 
     def _turn(self) -> None:
-        """One turn: admit waiting jobs, emit one token per row, run one forward for the rows that go on."""
+        """One turn: admit waiting jobs, drop cancelled ones, then one step for every running row."""
         new = self._take(self.max_batch - len(self._jobs), block=not self._jobs)
         if new:
             self._admit(new)
+        cancelled = [row_id for row_id, job in self._jobs.items() if job.cancelled.is_set()]
+        if cancelled:
+            self._running.drop(cancelled)
+            _end([self._jobs.pop(row_id) for row_id in cancelled], None)
         self.active = len(self._jobs)
-        if self._batch is None:
-            return
-        tokens = self._advance()
-        self.active = len(self._jobs)
-        if self._batch is None:
+        if not self._jobs:
             return
         self.max_rows_seen = max(self.max_rows_seen, len(self._jobs))
-        self._logits = self._batch.step(torch.tensor(tokens, device=self.model.device))
-        self.steps += 1
+        events, failed = self._running.step()
+        self.steps += len(self._running) > 0  # the step ran a forward for the rows that go on
+        for event in events:
+            job = self._jobs[event.row]
+            try:
+                job.emit(event)
+            except Exception as exc:  # a caller that cannot take its tokens stops being decoded
+                failed[event.row] = exc
+                continue
+            if event.finished:
+                _end([self._jobs.pop(event.row)], None)
+        for row_id, exc in failed.items():
+            logger.error("decoding one row failed: %s", exc, exc_info=exc)
+            self._running.drop([row_id])
+            _end([self._jobs.pop(row_id)], exc)
+        self.active = len(self._jobs)
 
     def _drop_all(self, error: BaseException | None) -> None:
-        _end(self._jobs, error)
-        self._batch, self._jobs, self._rows = None, [], []
+        _end(list(self._jobs.values()), error)
+        self._jobs.clear()
+        self._running.clear()
         self.active = 0
 
     @torch.inference_mode()

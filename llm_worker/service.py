@@ -22,11 +22,11 @@ from cache.records import LookupStatus, delete_record, get_records, lookup
 from cache.retry import RetryPolicy
 from cache.serde import check_source_uri, read_metadata
 from cache.store import RecordStore, open_store
-from encoder_service.encoder import pick_device
 from encoder_service.pool import EncoderPool, open_pool
 from htcvlm.checkpoint import load_pretrained
-from htcvlm.decode import GenerationOptions, StepEvent, check_records, encode_questions
+from htcvlm.decode import Answer, check_records, encode_questions
 from htcvlm.errors import CheckpointError, ImageTooLargeError, InvalidImageError
+from htcvlm.generation import GenerationOptions, StepEvent
 from htcvlm.model import HTCVLM
 from htcvlm.record import Record
 from llm_worker.config import WorkerConfig
@@ -62,6 +62,18 @@ class AskCall:
     queue: asyncio.Queue[StepEvent | BaseException | None]
     started: float
     timings: Timings = field(default_factory=Timings)
+
+    async def answer(self) -> Answer:
+        """Wait for the whole answer (the events' text joined; EOS is not part of it)."""
+        answer = Answer(text="", token_ids=[], prompt_tokens=0, finish_reason="length")
+        async for event in self.events():
+            answer.text += event.text
+            answer.prompt_tokens = event.prompt_tokens
+            if event.finished != "eos":  # the EOS token is the event that finishes with "eos"
+                answer.token_ids.append(event.token_id)
+            answer.finish_reason = event.finished or answer.finish_reason
+        answer.text = answer.text.strip()
+        return answer
 
     async def events(self) -> AsyncIterator[StepEvent]:
         try:
@@ -124,7 +136,7 @@ class OneTokenService:
     @classmethod
     async def open(cls, config: WorkerConfig) -> OneTokenService:
         """Load the model, open the store and the encoders, and load (or rebuild) the index."""
-        model = await asyncio.to_thread(load_pretrained, config.encoder.model_dir, pick_device(config.device))
+        model = await asyncio.to_thread(load_pretrained, config.encoder.model_dir, config.device)
         encoders = await open_pool(config.encoder)
         if encoders.fingerprint != model.fingerprint():
             await encoders.close()

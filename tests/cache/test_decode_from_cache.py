@@ -8,7 +8,8 @@ import torch
 from cache.records import get_record, put_records
 from cache.serde import KV_DTYPES, roundtrip
 from cache.store import RecordStore
-from htcvlm.decode import DecodeBatch, GenerationOptions, decode
+from htcvlm.decode import DecodeBatch, decode
+from htcvlm.generation import GenerationOptions
 from htcvlm.model import new_model
 from htcvlm.tokenizer import train_tokenizer
 from tests.htcvlm.helpers import small_config

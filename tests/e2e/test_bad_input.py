@@ -17,7 +17,7 @@ import pytest
 
 from cache.keys import RecordKey
 from cache.serde import MAX_SOURCE_URI_BYTES
-from htcvlm.decode import RowState
+from htcvlm.generation import RowState
 from htcvlm.images import DEFAULT_MAX_PIXELS
 from llm_worker.client import OneTokenClient
 from tests.conftest import QUESTION
@@ -49,10 +49,10 @@ def test_a_row_failing_mid_answer_is_internal_and_the_rest_go_on(server, client,
     """No exception raised while serving one row can end the decoding loop."""
     original = RowState.advance
 
-    def advance(self, row, logits, tokenizer):
+    def advance(self, row, token, tokenizer):
         if self.options.max_new_tokens == 7 and self.generated == 3:
             raise RuntimeError("injected failure in one row's step")
-        return original(self, row, logits, tokenizer)
+        return original(self, row, token, tokenizer)
 
     monkeypatch.setattr(RowState, "advance", advance)
     image_id = client.encode(png(201)).image_id

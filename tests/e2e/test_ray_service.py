@@ -11,7 +11,8 @@ import pytest
 
 from cache.keys import RecordKey
 from cache.records import get_record
-from htcvlm.decode import GenerationOptions, decode
+from htcvlm.decode import decode
+from htcvlm.generation import GenerationOptions
 from llm_worker.client import OneTokenClient
 from tests.conftest import QUESTION
 from tests.htcvlm.helpers import png_bytes as png

@@ -15,7 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cache.keys import RecordKey
 from cache.records import get_record
 from cache.serde import serialize
-from htcvlm.decode import GenerationOptions, decode
+from htcvlm.decode import decode
+from htcvlm.generation import GenerationOptions
 from llm_worker.client import OneTokenClient
 from tests.conftest import QUESTION
 from tests.htcvlm.helpers import png_bytes as png

@@ -54,24 +54,21 @@ def greedy_with_joins(
     model: HTCVLM, records, prompts, n_tokens: int, join_after: dict[int, int]
 ) -> list[list[int]]:
     """Greedy decoding of `n_tokens` per row where row 0 starts alone and row r joins the running batch
-    after step `join_after[r]` (its own prefill, then `DecodeBatch.extend`); finished rows leave it."""
-    from htcvlm.decode import DecodeBatch
+    after step `join_after[r]` (its own prefill, then joined to the running rows); finished rows leave."""
+    from htcvlm.decode import RunningBatch
+    from htcvlm.generation import GenerationOptions
 
+    options = GenerationOptions(max_new_tokens=n_tokens)
+    running = RunningBatch(model)
+    request_of = dict(zip(running.admit(records[:1], prompts[:1], [options]), [0], strict=True))
     got: list[list[int]] = [[] for _ in records]
-    batch = DecodeBatch(model, records[:1], prompts[:1])
-    rows, logits = [0], batch.last_logits()
     for step in range(n_tokens + max(join_after.values()) + 1):
-        tokens = logits.argmax(dim=-1)
-        for i, row in enumerate(rows):
-            got[row].append(int(tokens[i]))
-        keep = [i for i, row in enumerate(rows) if len(got[row]) < n_tokens]
-        if len(keep) < len(rows):
-            batch.select(keep)
-            tokens, rows = tokens[keep], [rows[i] for i in keep]
-        logits = batch.step(tokens) if rows else logits[:0]
+        if len(running):
+            events, failed = running.step()
+            assert not failed, failed
+            for event in events:
+                got[request_of[event.row]].append(event.token_id)
         for new in (r for r, after in join_after.items() if after == step):
-            joining = DecodeBatch(model, records[new : new + 1], prompts[new : new + 1])
-            batch.extend(joining)
-            logits = torch.cat([logits, joining.last_logits()])
-            rows.append(new)
+            (row_id,) = running.admit(records[new : new + 1], prompts[new : new + 1], [options])
+            request_of[row_id] = new
     return got

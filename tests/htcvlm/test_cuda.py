@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from htcvlm.decode import DecodeBatch, GenerationOptions, decode, encode_questions
+from htcvlm.decode import DecodeBatch, decode, encode_questions
+from htcvlm.generation import GenerationOptions
 
 from .helpers import QUESTIONS, greedy_with_joins, make_model
 

@@ -7,15 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from htcvlm.decode import (
-    GenerationOptions,
-    context_room,
-    decode,
-    decode_stream,
-    encode_questions,
-    sample_next,
-)
+from htcvlm.decode import context_room, decode, decode_stream, encode_questions
 from htcvlm.errors import InvalidQuestionError, RecordMismatchError
+from htcvlm.generation import GenerationOptions, RowState, TextStream, sample_tokens
+from htcvlm.tokenizer import train_tokenizer
 
 from .helpers import QUESTIONS, greedy_with_joins, make_model, png_bytes
 
@@ -86,6 +81,27 @@ def test_stream_concatenates_to_the_answer(model, records):
             pieces[ev.row] += ev.text
     answers = decode(model, records, QUESTIONS, opts)
     assert [p.strip() for p in pieces] == [a.text for a in answers]
+    for a in answers:  # the streamed text is the tokenizer's own decoding of the tokens
+        assert a.text == model.tokenizer.decode(a.token_ids, skip_special_tokens=True).strip()
+
+
+def test_incremental_text_equals_decoding_everything_at_once():
+    """TextStream decodes a small window per token, holding back split characters; any token sequence,
+    cut anywhere, concatenates to the full decode (byte-level tokens split multi-byte characters)."""
+    tokenizer = train_tokenizer(["größer café naïve 東京 🙂 ok"] * 8 + [q.lower() for q in QUESTIONS], 320)
+    specials = set(tokenizer.all_special_ids)
+    vocab = [i for i in range(len(tokenizer)) if i not in specials]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        ids = [
+            vocab[int(i)]
+            for i in torch.randint(
+                len(vocab), (int(torch.randint(1, 40, (1,), generator=gen)),), generator=gen
+            )
+        ]
+        stream = TextStream()
+        text = "".join(stream.push(tokenizer, t, final=n == len(ids) - 1) for n, t in enumerate(ids))
+        assert text == tokenizer.decode(ids, skip_special_tokens=True), ids
 
 
 def test_eos_stops_a_row_and_is_not_part_of_the_answer(tokenizer):
@@ -145,22 +161,42 @@ def test_max_new_tokens_over_the_context_blames_max_new_tokens(model):
 def test_a_vanishing_temperature_samples_the_top_token():
     """softmax(logits / 1e-40) overflowed to NaN and killed the decoding thread; now it is greedy."""
     logits = torch.tensor([1.0, 3.0, 2.5, -1e4, float("-inf")])
+
+    def draws(logits, n=20, **options) -> set[int]:
+        rows = [RowState(GenerationOptions(seed=s, **options), 1) for s in range(n)]
+        tokens, unusable = sample_tokens(logits.expand(n, -1), rows)
+        assert unusable == []
+        return set(tokens)
+
     for temperature in (1e-40, 1e-30, 1e-8):
         for top_p in (1.0, 0.5):
-            options = GenerationOptions(temperature=temperature, top_p=top_p)
-            draws = {sample_next(logits, options, torch.Generator().manual_seed(s)) for s in range(20)}
-            assert draws == {1}, (temperature, top_p, draws)
+            assert draws(logits, temperature=temperature, top_p=top_p) == {1}, (temperature, top_p)
     tie = torch.tensor([2.0, 2.0, -3.0])  # a tie stays a fair draw between the tied tokens
-    draws = [
-        sample_next(tie, GenerationOptions(temperature=1e-40), torch.Generator().manual_seed(s))
-        for s in range(40)
-    ]
-    assert set(draws) == {0, 1}
-    hot = {
-        sample_next(logits, GenerationOptions(temperature=100.0), torch.Generator().manual_seed(s))
-        for s in range(60)
-    }
-    assert len(hot) >= 3  # the largest accepted temperature still samples broadly
+    assert draws(tie, n=40, temperature=1e-40) == {0, 1}
+    assert len(draws(logits, n=60, temperature=100.0)) >= 3  # the largest temperature samples broadly
+
+
+def test_sampling_follows_the_distribution_and_top_p():
+    """One tensor pass samples every row: frequencies follow softmax(logits / T); top-p cuts the tail."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    n = 4000
+    rows = [RowState(GenerationOptions(temperature=1.0, seed=s), 1) for s in range(n)]
+    tokens, _ = sample_tokens(logits.expand(n, -1), rows)
+    freq = torch.bincount(torch.tensor(tokens), minlength=4).double() / n
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64), atol=0.03)
+    rows = [RowState(GenerationOptions(temperature=1.0, top_p=0.7, seed=s), 1) for s in range(n)]
+    tokens, _ = sample_tokens(logits.expand(n, -1), rows)
+    assert set(tokens) == {0, 1}  # 0.5 + 0.3 reaches 0.7: the rest is cut
+    greedy_and_sampled = [RowState(GenerationOptions(), 1), RowState(GenerationOptions(temperature=1.0), 1)]
+    tokens, _ = sample_tokens(torch.stack([logits, logits]), greedy_and_sampled)
+    assert tokens[0] == 0
+
+
+def test_rows_without_finite_logits_are_reported_not_sampled():
+    logits = torch.tensor([[0.0, 1.0], [float("nan"), 1.0], [float("-inf"), float("-inf")], [1.0, 0.0]])
+    rows = [RowState(GenerationOptions(temperature=t), 1) for t in (0.0, 1.0, 0.0, 1.0)]
+    tokens, unusable = sample_tokens(logits, rows)
+    assert unusable == [1, 2] and tokens[0] == 1
 
 
 def test_record_of_another_model(model, records, tokenizer):

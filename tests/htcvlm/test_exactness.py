@@ -11,7 +11,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from htcvlm.decode import DecodeBatch, GenerationOptions, decode
+from htcvlm.decode import DecodeBatch, decode
+from htcvlm.generation import GenerationOptions
 from htcvlm.mask import hybrid_mask
 
 from .helpers import QUESTIONS, make_model

@@ -10,8 +10,9 @@ import torch
 
 from htcvlm.checkpoint import load_pretrained, save_pretrained
 from htcvlm.config import HTCConfig
-from htcvlm.decode import GenerationOptions, decode
+from htcvlm.decode import decode
 from htcvlm.errors import CheckpointError, InvalidImageError
+from htcvlm.generation import GenerationOptions
 from htcvlm.model import new_model
 from htcvlm.record import image_id_of
 

@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from htcvlm.decode import GenerationOptions, RowState, decode, encode_questions
+from htcvlm.decode import decode, encode_questions
+from htcvlm.generation import GenerationOptions, RowState
 from htcvlm.tokenizer import train_tokenizer
 from llm_worker.errors import DecodeQueueFullError, DecoderUnavailableError
 from llm_worker.scheduler import AskJob, DecodeScheduler
@@ -125,10 +126,10 @@ def test_a_row_that_fails_fails_alone_and_the_loop_goes_on(model, records, monke
     """Any exception while serving one row fails that row's caller; the others and later jobs go on."""
     original = RowState.advance
 
-    def advance(self, row, logits, tokenizer):
+    def advance(self, row, token, tokenizer):
         if self.options.max_new_tokens == 7 and self.generated == 2:  # the marked row, mid-answer
             raise RuntimeError("injected failure in one row's step")
-        return original(self, row, logits, tokenizer)
+        return original(self, row, token, tokenizer)
 
     monkeypatch.setattr(RowState, "advance", advance)
     scheduler = DecodeScheduler(model, max_batch=4)
