@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -23,6 +24,9 @@ logger = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
+# Beside the weights: their fingerprint and the file's size, mtime and inode when it was hashed, so a
+# load of unchanged weights skips hashing them (minutes at 7B), and any rewrite of the file re-hashes.
+STAMP_FILE = "fingerprint.json"
 FORMAT = "onetoken-htcvlm/1"
 # The trained tiny hybrid model that ships in the repository: the default model of every command.
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "tiny"
@@ -36,11 +40,38 @@ def save_pretrained(model: HTCVLM, path: str | Path) -> Path:
     config["vision"]["path"] = config["llm"]["path"] = None
     (folder / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "htcvlm": config}, indent=2) + "\n")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(
-        state, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT, "fingerprint": model.fingerprint()}
-    )
+    fingerprint = model.fingerprint()
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT, "fingerprint": fingerprint})
+    _write_stamp(folder, fingerprint)
     model.tokenizer.save_pretrained(str(folder))
     return folder
+
+
+def _weights_stat(folder: Path) -> dict[str, int]:
+    stat = (folder / WEIGHTS_FILE).stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+
+
+def _write_stamp(folder: Path, fingerprint: str) -> None:
+    """Record that the weights file, as it is now (size, mtime, inode), has `fingerprint`: the next
+    load trusts it without hashing every weight. Best effort: a read-only folder just hashes again."""
+    stamp = {"fingerprint": fingerprint, "weights": _weights_stat(folder)}
+    try:
+        (folder / STAMP_FILE).write_text(json.dumps(stamp) + "\n")
+    except OSError as e:
+        logger.info("cannot write %s (%s): the next load hashes the weights again", folder / STAMP_FILE, e)
+
+
+def _stamped_fingerprint(folder: Path) -> str | None:
+    """The stamp's fingerprint if the weights file is unchanged since it was hashed, else None."""
+    try:
+        stamp = json.loads((folder / STAMP_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    fingerprint = stamp.get("fingerprint") if isinstance(stamp, dict) else None
+    if isinstance(fingerprint, str) and stamp.get("weights") == _weights_stat(folder):
+        return fingerprint
+    return None
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
@@ -81,5 +112,15 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> HTC
     except RuntimeError as exc:
         raise CheckpointError(f"weights in {folder / WEIGHTS_FILE} do not fit its config: {exc}") from exc
     model.eval()
-    model.invalidate_fingerprint()
+    if (known := _stamped_fingerprint(folder)) is not None:
+        model.remember_fingerprint(known)
+        return model
+    fingerprint = model.fingerprint()  # hashed from the loaded weights: the truth whatever was saved
+    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as weights:
+        saved = (weights.metadata() or {}).get("fingerprint")
+    if saved and fingerprint != saved:
+        logger.warning(
+            "weights in %s changed since they were saved: fingerprint %s", folder, fingerprint[:12]
+        )
+    _write_stamp(folder, fingerprint)
     return model

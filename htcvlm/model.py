@@ -80,7 +80,17 @@ class HTCVLM(nn.Module):
             # The paper's discrete-only ablation: every MGVQ latent position becomes one token.
             self.proj_q = nn.Linear(config.mgvq.latent_channels, d)
         self.voco = nn.Parameter(torch.randn(config.n_voco, d) * self.llm.config.initializer_range)
-        self._fingerprint: str | None = None
+        self._fingerprint: tuple[tuple[tuple[int, int], ...], str] | None = None  # (weights_version, hash)
+
+    @property
+    def has_vision(self) -> bool:
+        """Whether the model has a vision tower (every channel mode but discrete-only)."""
+        return self.config.channels != "discrete"
+
+    @property
+    def has_mgvq(self) -> bool:
+        """Whether the model has the MGVQ tokenizer (every channel mode but continuous-only)."""
+        return self.config.channels != "continuous"
 
     # ---- the two channels and their fusion (Eq. 3-5) ----
 
@@ -251,21 +261,35 @@ class HTCVLM(nn.Module):
     def fingerprint(self) -> str:
         """SHA-256 over the config and every weight: two model versions never share cached records.
 
-        Cached after the first call; `invalidate_fingerprint()` after the weights change (training, loading).
+        Remembered with `weights_version()`, so any change to a weight (an optimizer step, load_state_dict,
+        an in-place edit, a replaced parameter) makes the next call hash again; nobody invalidates it by
+        hand. `load_pretrained` seeds it with the value saved beside the weights when they are unchanged.
         """
-        if self._fingerprint is None:
-            h = hashlib.sha256(self.config.to_json().encode())
-            for name, tensor in sorted(self.state_dict().items()):
-                h.update(name.encode())
-                if tensor.is_meta:
-                    h.update(f"meta{tuple(tensor.shape)}{tensor.dtype}".encode())
-                    continue
-                h.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
-            self._fingerprint = h.hexdigest()
-        return self._fingerprint
+        version = self.weights_version()
+        if self._fingerprint is None or self._fingerprint[0] != version:
+            self._fingerprint = (version, self.hash_weights())
+        return self._fingerprint[1]
 
-    def invalidate_fingerprint(self) -> None:
-        self._fingerprint = None
+    def weights_version(self) -> tuple[tuple[int, int], ...]:
+        """Where every weight lives and how often it was modified in place: cheap, and different after
+        any change to any weight."""
+        tensors = [*self.parameters(), *self.buffers()]
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+
+    def hash_weights(self) -> str:
+        """The fingerprint computed from scratch: the config, then every state_dict tensor by name."""
+        h = hashlib.sha256(self.config.to_json().encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            if tensor.is_meta:
+                h.update(f"meta{tuple(tensor.shape)}{tensor.dtype}".encode())
+                continue
+            h.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def remember_fingerprint(self, fingerprint: str) -> None:
+        """Take a fingerprint known to be that of the current weights (a checkpoint's, verified)."""
+        self._fingerprint = (self.weights_version(), fingerprint)
 
     def prompt_ids(self, question: str) -> list[int]:
         """The token ids of a question as the model sees it after the voco token."""

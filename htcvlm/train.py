@@ -241,7 +241,6 @@ def _load_state(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], me
 
 
 def save_training_state(out: Path, model: HTCVLM, opt: torch.optim.Optimizer, step: int, log: list) -> None:
-    model.invalidate_fingerprint()
     save_pretrained(model, out)
     tensors, meta = _state_tensors(opt)
     save_file(tensors, str(out / "optimizer.safetensors"))
@@ -250,8 +249,8 @@ def save_training_state(out: Path, model: HTCVLM, opt: torch.optim.Optimizer, st
 
 def frozen_modules(model: HTCVLM, cfg: TrainConfig) -> list[torch.nn.Module]:
     """What stage 2 keeps fixed: the MGVQ tokenizer (fitted by stage 1), and the vision tower if asked."""
-    names = ["mgvq"] + (["vision"] if cfg.freeze_vision else [])
-    return [getattr(model, n) for n in names if hasattr(model, n)]
+    frozen = [model.mgvq] if model.has_mgvq else []
+    return frozen + ([model.vision] if cfg.freeze_vision and model.has_vision else [])
 
 
 def stage2_parameters(model: HTCVLM, cfg: TrainConfig) -> list[torch.nn.Parameter]:
@@ -296,9 +295,9 @@ def train_vlm(
     model.train()
     for module in frozen:
         module.eval()  # no statistics to update, but keep them deterministic
-    if hasattr(model, "mgvq") and data.quantized is None:
+    if model.has_mgvq and data.quantized is None:
         data.quantize(model)
-    if cfg.freeze_vision and hasattr(model, "vision") and data.patches is None:
+    if cfg.freeze_vision and model.has_vision and data.patches is None:
         data.encode_patches(model)
     if cfg.grad_checkpointing:
         model.llm.gradient_checkpointing_enable()
@@ -332,7 +331,6 @@ def train_vlm(
         last = step + 1 == cfg.steps
         if val is not None and ((step + 1) % cfg.eval_every == 0 or last):
             model.eval()
-            model.invalidate_fingerprint()
             acc = accuracy(model, val, upper=upper)["all"]
             model.train()
             for module in frozen:
@@ -349,7 +347,6 @@ def train_vlm(
             if out is not None:
                 save_training_state(out, model, opt, step + 1, log)
     model.eval()
-    model.invalidate_fingerprint()
     if out is not None:
         save_training_state(out, model, opt, cfg.steps, log)
     return log
@@ -524,7 +521,6 @@ def init_weights(model: HTCVLM, path: Path) -> int:
         if k in own and own[k].shape == v.shape
     }
     model.load_state_dict(state, strict=False)
-    model.invalidate_fingerprint()
     return len(state)
 
 
@@ -565,7 +561,7 @@ def run_training(
     if init_from is not None and not resuming:
         copied = init_weights(model, init_from)
         logger.info("%d of %d tensors from %s", copied, len(model.state_dict()), init_from)
-    if hasattr(model, "mgvq") and not resuming and (init_from is None or mgvq_from is not None):
+    if model.has_mgvq and not resuming and (init_from is None or mgvq_from is not None):
         if mgvq_from is not None:
             state = load_file(str(mgvq_from / "model.safetensors"))
             model.mgvq.load_state_dict(
@@ -576,7 +572,7 @@ def run_training(
             parts = train_mgvq(model, train_data.pixels, cfg)
             logger.info("stage 1 done: %s", parts)
     tower_trained = config.vision.path is not None or init_from is not None
-    if cfg.vision_steps and hasattr(model, "vision") and not resuming:
+    if cfg.vision_steps and model.has_vision and not resuming:
         if train_data.cells is None:
             logger.warning("no per-cell labels in this data: stage 0 (vision on scene labels) skipped")
         else:
@@ -585,7 +581,7 @@ def run_training(
     if resuming and (out / "training.json").is_file():  # keep the first run's choice
         recorded = json.loads((out / "training.json").read_text())["train"].get("freeze_vision", False)
         cfg = replace(cfg, freeze_vision=recorded)
-    elif cfg.freeze_vision and hasattr(model, "vision") and not tower_trained:
+    elif cfg.freeze_vision and model.has_vision and not tower_trained:
         logger.warning("the vision tower is untrained (no stage 0, no pretrained weights): stage 2 trains it")
         cfg = replace(cfg, freeze_vision=False)
     (out / "training.json").write_text(
@@ -605,7 +601,6 @@ def run_training(
     )
     if cfg.steps == 0:  # stages 1 and 0 only: a start for several variants' stage 2 (`init_from`)
         model.eval()
-        model.invalidate_fingerprint()
         save_pretrained(model, out)
         return model
     train_vlm(model, train_data, cfg, variant, out=out, val=val_data)

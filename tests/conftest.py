@@ -29,7 +29,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = make_model(tokenizer, seed=3)
     with torch.no_grad():  # answers run their full length: stronger comparisons
         model.llm.lm_head.weight[tokenizer.eos_token_id] = 0.0
-    model.invalidate_fingerprint()
     return save_pretrained(model, tmp_path_factory.mktemp("model"))
 
 

@@ -21,7 +21,6 @@ def setup(tokenizer):
     model = make_model(tokenizer, seed=1).cuda()
     with torch.no_grad():
         model.llm.lm_head.weight[model.tokenizer.eos_token_id] = 0.0
-    model.invalidate_fingerprint()
     pixels = torch.rand(len(QUESTIONS), 3, 64, 64, generator=torch.Generator().manual_seed(7)).cuda()
     return model, pixels
 
@@ -52,7 +51,6 @@ def test_bf16_decode_error_is_small_and_measured(setup):
     prompts = [model.prompt_ids(q) for q in QUESTIONS]
     reference = full_logits(model, pixels, prompts).float()  # fp32 full pass
     model = model.to(torch.bfloat16)
-    model.invalidate_fingerprint()
     records = model.compress_pixels(pixels, [f"{i:064x}" for i in range(len(QUESTIONS))])
     batch = DecodeBatch(model, records, prompts)
     worst = 0.0

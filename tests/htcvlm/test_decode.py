@@ -20,7 +20,6 @@ def model(tokenizer):
     m = make_model(tokenizer, seed=11)
     with torch.no_grad():
         m.llm.lm_head.weight[tokenizer.eos_token_id] = 0.0  # never ends early: full-length comparisons
-    m.invalidate_fingerprint()
     return m
 
 
@@ -112,7 +111,6 @@ def test_eos_stops_a_row_and_is_not_part_of_the_answer(tokenizer):
         head.bias.zero_()
         head.bias[tokenizer.eos_token_id] = 1.0  # EOS is every step's argmax
     m.llm.lm_head = head
-    m.invalidate_fingerprint()
     answers = decode(m, m.compress([png_bytes(0)]), ["hi"], GenerationOptions(max_new_tokens=5))
     assert answers[0].finish_reason == "eos"
     assert answers[0].token_ids == [] and answers[0].text == ""

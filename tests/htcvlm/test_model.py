@@ -7,13 +7,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from htcvlm.checkpoint import load_pretrained, save_pretrained
+from htcvlm.checkpoint import FORMAT, WEIGHTS_FILE, load_pretrained, save_pretrained
 from htcvlm.config import HTCConfig
 from htcvlm.decode import decode
 from htcvlm.errors import CheckpointError, InvalidImageError
 from htcvlm.generation import GenerationOptions
-from htcvlm.model import new_model
+from htcvlm.model import HTCVLM, new_model
 from htcvlm.record import image_id_of
 
 from .helpers import QUESTIONS, make_model, png_bytes
@@ -98,8 +99,42 @@ def test_fingerprint_tracks_weights_and_config(tokenizer):
     assert make_model(tokenizer, seed=1, n_voco=2).fingerprint() != a.fingerprint()
     with torch.no_grad():
         b.voco.add_(1e-3)
-    b.invalidate_fingerprint()
-    assert b.fingerprint() != a.fingerprint()
+    assert b.fingerprint() != a.fingerprint()  # noticed without anyone invalidating it
+    with torch.no_grad():
+        b.voco.sub_(1e-3)
+        b.voco.copy_(a.voco)
+    assert b.fingerprint() == a.fingerprint() == a.hash_weights()
+    b.load_state_dict(make_model(tokenizer, seed=4).state_dict())
+    assert b.fingerprint() == make_model(tokenizer, seed=4).fingerprint()
+
+
+def test_an_optimizer_step_changes_the_fingerprint(tokenizer):
+    m = make_model(tokenizer, seed=1)
+    before = m.fingerprint()
+    m.voco.grad = torch.ones_like(m.voco)
+    torch.optim.SGD([m.voco], lr=0.1).step()
+    assert m.fingerprint() != before and m.fingerprint() == m.hash_weights()
+
+
+def test_loading_trusts_the_stamp_only_while_the_weights_file_is_unchanged(tmp_path, model, monkeypatch):
+    folder = save_pretrained(model, tmp_path / "ckpt")
+    calls = []
+    original = HTCVLM.hash_weights
+    monkeypatch.setattr(HTCVLM, "hash_weights", lambda self: calls.append(1) or original(self))
+    assert load_pretrained(folder).fingerprint() == model.fingerprint() and calls == []  # no re-hash
+    # the weights rewritten behind the stamp's back: hashed again, and the new fingerprint is theirs
+    other = load_pretrained(folder)
+    with torch.no_grad():
+        other.voco.add_(1.0)
+    state = {k: v.contiguous() for k, v in other.state_dict().items()}
+    save_file(
+        state, str(folder / WEIGHTS_FILE), metadata={"format": FORMAT, "fingerprint": model.fingerprint()}
+    )
+    calls.clear()
+    reloaded = load_pretrained(folder)
+    assert calls and reloaded.fingerprint() == other.hash_weights() != model.fingerprint()
+    calls.clear()
+    assert load_pretrained(folder).fingerprint() == reloaded.fingerprint() and calls == []  # stamped again
 
 
 def test_checkpoint_round_trip_gives_identical_logits(tmp_path, model):
