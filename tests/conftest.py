@@ -13,23 +13,34 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 QUESTION = "What shape is the object on the left?"
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small random-weights model saved as a checkpoint (exactness does not depend on training)."""
-    from htcvlm.checkpoint import save_pretrained
+def tokenizer():
+    """The small byte-level BPE of the test questions that every small test model uses."""
     from htcvlm.tokenizer import train_tokenizer
-    from tests.htcvlm.helpers import QUESTIONS, make_model
+    from tests.htcvlm.helpers import QUESTIONS
 
-    tokenizer = train_tokenizer([q.lower() for q in [*QUESTIONS, QUESTION]] * 4, vocab_size=300)
-    model = make_model(tokenizer, seed=3)
-    with torch.no_grad():  # answers run their full length: stronger comparisons
-        model.llm.lm_head.weight[tokenizer.eos_token_id] = 0.0
-    return save_pretrained(model, tmp_path_factory.mktemp("model"))
+    return train_tokenizer([q.lower() for q in [*QUESTIONS, QUESTION]] * 4, vocab_size=300)
+
+
+@pytest.fixture(scope="session")
+def small_model(tokenizer):
+    """The small random-weights model whose answers run their full length (exactness and batching do
+    not depend on training). Shared by the session: tests must not change its weights."""
+    from tests.htcvlm.helpers import make_model
+
+    return make_model(tokenizer, seed=3, never_eos=True)
+
+
+@pytest.fixture(scope="session")
+def model_dir(small_model, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`small_model` saved as a checkpoint, for the service tests."""
+    from htcvlm.checkpoint import save_pretrained
+
+    return save_pretrained(small_model, tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="session")

@@ -10,17 +10,13 @@ from cache.serde import KV_DTYPES, roundtrip
 from cache.store import RecordStore
 from htcvlm.decode import DecodeBatch, decode
 from htcvlm.generation import GenerationOptions
-from htcvlm.model import new_model
-from htcvlm.tokenizer import train_tokenizer
-from tests.htcvlm.helpers import small_config
 
 QUESTIONS = ["what color is the circle?", "how many objects are there in this picture?"]
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return new_model(small_config(), train_tokenizer(QUESTIONS * 3, vocab_size=300)).eval()
+def model(small_model):
+    return small_model
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cache.keys import RecordKey
+from htcvlm.generation import RowState
 from llm_worker.client import OneTokenClient
 from tests.cache.helpers import RedisServer
 from tests.conftest import QUESTION
@@ -47,7 +48,16 @@ def test_store_outage_is_unavailable_and_the_server_recovers(model_dir: Path, tm
         private.kill()
 
 
-def test_full_decode_queue_is_resource_exhausted(model_dir: Path, tmp_path: Path):
+def test_full_decode_queue_is_resource_exhausted(model_dir: Path, tmp_path: Path, monkeypatch):
+    """One Ask decoding (held at its first token), one waiting: the next is refused at once."""
+    gate = threading.Event()
+    original = RowState.advance
+
+    def held(self, row, token, tokenizer):
+        gate.wait(30)
+        return original(self, row, token, tokenizer)
+
+    monkeypatch.setattr(RowState, "advance", held)
     config = worker_config(
         model_dir,
         str(tmp_path / "db"),
@@ -57,6 +67,7 @@ def test_full_decode_queue_is_resource_exhausted(model_dir: Path, tmp_path: Path
         max_pending_asks=1,
     )
     server = ServerThread(config)
+    scheduler = server.service.scheduler
     codes: list[grpc.StatusCode] = []
     try:
         with OneTokenClient(server.address) as client:
@@ -64,22 +75,32 @@ def test_full_decode_queue_is_resource_exhausted(model_dir: Path, tmp_path: Path
 
             def ask() -> None:
                 with OneTokenClient(server.address) as c:
-                    try:
-                        c.ask(QUESTION, image_id=image_id, max_new_tokens=64)
-                        codes.append(grpc.StatusCode.OK)
-                    except grpc.RpcError as e:
-                        codes.append(e.code())
+                    c.ask(QUESTION, image_id=image_id, max_new_tokens=4)
+                    codes.append(grpc.StatusCode.OK)
 
-            threads = [threading.Thread(target=ask) for _ in range(8)]
-            for t in threads:
-                t.start()
+            threads = [threading.Thread(target=ask) for _ in range(2)]
+            threads[0].start()
+            poll_until(lambda: scheduler.active == 1)  # decoding, held
+            threads[1].start()
+            poll_until(lambda: scheduler.pending == 1)  # the one waiting place is taken
+            with pytest.raises(grpc.RpcError) as err:
+                client.ask(QUESTION, image_id=image_id, max_new_tokens=4)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "backoff" in err.value.details()
+            gate.set()
             for t in threads:
                 t.join(60)
-            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
-            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert codes == [grpc.StatusCode.OK] * 2
             assert client.ask(QUESTION, image_id=image_id, max_new_tokens=2).usage.completion_tokens == 2
     finally:
+        gate.set()
         server.stop()
+
+
+def poll_until(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition never held"
+        time.sleep(0.005)
 
 
 def test_an_evicted_record_asks_for_the_bytes_again(model_dir: Path, tmp_path: Path):

@@ -16,7 +16,7 @@ from cache.keys import RecordKey
 from cache.records import get_record
 from cache.serde import serialize
 from htcvlm.decode import decode
-from htcvlm.generation import GenerationOptions
+from htcvlm.generation import GenerationOptions, RowState
 from llm_worker.client import OneTokenClient
 from tests.conftest import QUESTION
 from tests.htcvlm.helpers import png_bytes as png
@@ -154,11 +154,25 @@ def test_record_of_another_model_is_failed_precondition(server, client):
     assert_serving(client)
 
 
-def test_deadline_stops_the_generation(server, client):
+def test_deadline_stops_the_generation(server, client, monkeypatch):
     image_id = client.encode(png(60)).image_id
+    original = RowState.advance
+
+    def slow(self, row, token, tokenizer):  # 200 tokens take >= 4 s on any machine: past the deadline
+        time.sleep(0.02)
+        return original(self, row, token, tokenizer)
+
+    monkeypatch.setattr(RowState, "advance", slow)
+    scheduler = server.service.scheduler
+    before = scheduler.steps
     with pytest.raises(grpc.RpcError) as err:
-        client.stub.Ask(client.ask_request(QUESTION, image_id=image_id, max_new_tokens=200), timeout=0.05)
+        client.stub.Ask(client.ask_request(QUESTION, image_id=image_id, max_new_tokens=200), timeout=0.3)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while scheduler.active and time.monotonic() < deadline:  # the row leaves at the next step
+        time.sleep(0.01)
+    assert scheduler.active == 0 and scheduler.steps - before < 100
+    monkeypatch.undo()
     assert_serving(client)
 
 

@@ -37,13 +37,20 @@ def image(n: int) -> bytes:
     return f"image-{n:03d}".encode()
 
 
+async def poll_until(condition, timeout_s: float = 5.0) -> None:
+    """Yield to the loop until `condition()` holds: ordering by state, never by sleeping a guess."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.001)
+
+
 async def test_concurrent_requests_share_batches_of_at_most_max_batch() -> None:
     fake = FakeEncoder()
     fake.gate.clear()  # the first batch blocks, so the rest queue up behind it
     batcher = DynamicBatcher(fake.run_batch, max_batch=4, max_wait_ms=20, max_inflight=1)
     waiters = [asyncio.create_task(batcher.submit(image(n), f"uri-{n}")) for n in range(10)]
-    while not fake.batches:
-        await asyncio.sleep(0.001)
+    await poll_until(lambda: fake.batches)
     fake.gate.set()
     outcomes = await asyncio.gather(*waiters)
     assert [o.image_id for o in outcomes] == [image_id_of(image(n)) for n in range(10)]
@@ -68,10 +75,11 @@ async def test_identical_concurrent_requests_share_one_computation() -> None:
     fake.gate.clear()
     batcher = DynamicBatcher(fake.run_batch, max_batch=8, max_wait_ms=5)
     early = [asyncio.create_task(batcher.submit(image(7))) for _ in range(5)]
-    while not fake.batches:
-        await asyncio.sleep(0.001)
+    await poll_until(lambda: fake.batches)
     late = asyncio.create_task(batcher.submit(image(7)))  # arrives while the computation runs
-    await asyncio.sleep(0.01)
+    # a small image is hashed inline, so one turn of the loop runs `late` up to its wait on the future
+    await asyncio.sleep(0)
+    assert not late.done() and batcher.pending == 1
     fake.gate.set()
     outcomes = await asyncio.gather(*early, late)
     assert fake.batches == [[image(7)]]
@@ -84,8 +92,7 @@ async def test_queue_full_past_max_queue_but_duplicates_still_join() -> None:
     fake.gate.clear()
     batcher = DynamicBatcher(fake.run_batch, max_batch=2, max_wait_ms=1, max_queue=3)
     waiters = [asyncio.create_task(batcher.submit(image(n))) for n in range(3)]
-    await asyncio.sleep(0.01)
-    assert batcher.pending == 3
+    await poll_until(lambda: batcher.pending == 3)
     with pytest.raises(QueueFullError, match="max_queue=3"):
         await batcher.submit(image(99))
     duplicate = asyncio.create_task(batcher.submit(image(2)))  # shares a pending future: no new slot
@@ -101,9 +108,9 @@ async def test_a_failed_batch_fails_exactly_its_waiters() -> None:
     fake.gate.clear()
     batcher = DynamicBatcher(fake.run_batch, max_batch=2, max_wait_ms=1, max_inflight=1)
     ok_first = [asyncio.create_task(batcher.submit(image(n))) for n in (1, 2)]
-    await asyncio.sleep(0.01)  # [1, 2] is running; the next two wait for the slot
+    await poll_until(lambda: len(fake.batches) == 1)  # [1, 2] is running; the next two wait for the slot
     doomed = [asyncio.create_task(batcher.submit(b)) for b in (poison, image(3))]
-    await asyncio.sleep(0.01)
+    await poll_until(lambda: batcher.pending == 4)  # queued before the last two arrive
     ok_last = [asyncio.create_task(batcher.submit(image(n))) for n in (4, 5)]
     fake.gate.set()
     results = await asyncio.gather(*ok_first, *doomed, *ok_last, return_exceptions=True)
@@ -121,7 +128,7 @@ async def test_a_cancelled_caller_does_not_cancel_the_shared_work() -> None:
     batcher = DynamicBatcher(fake.run_batch, max_batch=4, max_wait_ms=1)
     impatient = asyncio.create_task(batcher.submit(image(1)))
     patient = asyncio.create_task(batcher.submit(image(1)))
-    await asyncio.sleep(0.01)
+    await poll_until(lambda: fake.batches)  # both joined the one computation, which now runs
     impatient.cancel()
     fake.gate.set()
     assert (await patient).status == "encoded"
@@ -134,7 +141,7 @@ async def test_close_fails_pending_requests_and_refuses_new_ones() -> None:
     fake.gate.clear()
     batcher = DynamicBatcher(fake.run_batch, max_batch=1, max_wait_ms=1, max_inflight=1)
     waiters = [asyncio.create_task(batcher.submit(image(n))) for n in range(3)]  # 1 running, 2 queued
-    await asyncio.sleep(0.01)
+    await poll_until(lambda: len(fake.batches) == 1 and batcher.pending == 3)
     await batcher.close()
     results = await asyncio.gather(*waiters, return_exceptions=True)
     assert all(isinstance(r, EncoderUnavailableError) for r in results), results

@@ -36,9 +36,15 @@ def small_config(**overrides) -> HTCConfig:
     )
 
 
-def make_model(tokenizer, seed: int = 0, **overrides) -> HTCVLM:
+def make_model(tokenizer, seed: int = 0, never_eos: bool = False, **overrides) -> HTCVLM:
+    """A small random-weights model. `never_eos`: EOS's logit is held at exactly 0, below the max of ~300
+    random logits with certainty in practice, so every answer runs its full length (longer comparisons)."""
     torch.manual_seed(seed)
-    return new_model(small_config(**overrides), tokenizer).eval()
+    model = new_model(small_config(**overrides), tokenizer).eval()
+    if never_eos:
+        with torch.no_grad():
+            model.llm.lm_head.weight[tokenizer.eos_token_id] = 0.0
+    return model
 
 
 def png_bytes(seed: int, size: int = 64, mode: str = "RGB") -> bytes:

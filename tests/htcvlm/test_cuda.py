@@ -18,9 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def setup(tokenizer):
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for the 1e-4 comparison
     torch.backends.cudnn.allow_tf32 = False
-    model = make_model(tokenizer, seed=1).cuda()
-    with torch.no_grad():
-        model.llm.lm_head.weight[model.tokenizer.eos_token_id] = 0.0
+    model = make_model(tokenizer, seed=1, never_eos=True).cuda()
     pixels = torch.rand(len(QUESTIONS), 3, 64, 64, generator=torch.Generator().manual_seed(7)).cuda()
     return model, pixels
 

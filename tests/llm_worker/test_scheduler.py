@@ -6,23 +6,17 @@ import threading
 import time
 
 import pytest
-import torch
 
 from htcvlm.decode import decode, encode_questions
 from htcvlm.generation import GenerationOptions, RowState
-from htcvlm.tokenizer import train_tokenizer
 from llm_worker.errors import DecodeQueueFullError, DecoderUnavailableError
 from llm_worker.scheduler import AskJob, DecodeScheduler
-from tests.htcvlm.helpers import QUESTIONS, make_model, png_bytes
+from tests.htcvlm.helpers import QUESTIONS, png_bytes
 
 
 @pytest.fixture(scope="module")
-def model():
-    tokenizer = train_tokenizer([q.lower() for q in QUESTIONS] * 4, vocab_size=300)
-    m = make_model(tokenizer, seed=5)
-    with torch.no_grad():
-        m.llm.lm_head.weight[tokenizer.eos_token_id] = 0.0  # no early EOS: every row runs its full length
-    return m
+def model(small_model):
+    return small_model
 
 
 @pytest.fixture(scope="module")
