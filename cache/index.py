@@ -12,9 +12,9 @@ it reconstruction (search by image id) and removal.
 
 On disk a directory holds `index.faiss`, `ids.npy` (n x 32 uint8 SHA-256 digests, loaded with
 allow_pickle=False) and `manifest.json` (fingerprint, spec, dim, count, SHA-256 of both files),
-written last and atomically. The store is the source of truth: `load_or_rebuild` rebuilds whenever the
-files are missing, corrupt, of another model or spec, or lack a record the store holds. Indexed ids
-the store no longer holds are kept; `cache.records.lookup` reports them as evicted.
+written last and atomically. The store is the source of truth: `cache.sync.load_or_rebuild` rebuilds
+whenever the files are missing, corrupt, of another model or spec, or lack a record the store holds.
+Indexed ids the store no longer holds are kept; `cache.records.lookup` reports them as evicted.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ import hashlib
 import json
 import logging
 import os
-import random
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,16 +32,13 @@ import faiss
 import numpy as np
 
 from cache.errors import (
-    CacheError,
     IdCollisionError,
     IndexCorruptError,
     IndexOperationError,
     IndexStaleError,
     NotIndexedError,
 )
-from cache.keys import RecordKey, check_name
-from cache.serde import deserialize
-from cache.store import RecordStore
+from cache.keys import check_name
 
 logger = logging.getLogger(__name__)
 
@@ -283,66 +279,3 @@ def _extract_ivf(index: faiss.Index) -> faiss.IndexIVF | None:
         return faiss.extract_index_ivf(index)
     except RuntimeError:  # raised for every index that holds no IVF
         return None
-
-
-def _stored_latents(
-    store: RecordStore, fingerprint: str, image_ids: Sequence[str], batch: int
-) -> Iterator[tuple[list[str], np.ndarray]]:
-    """(ids, latents (n, d)) batches of the given stored records; unreadable records are skipped."""
-    for start in range(0, len(image_ids), batch):
-        chunk = image_ids[start : start + batch]
-        ids: list[str] = []
-        rows: list[np.ndarray] = []
-        for image_id, blob in zip(
-            chunk, store.get_many([RecordKey(fingerprint, i) for i in chunk]), strict=True
-        ):
-            if blob is None:
-                continue  # deleted or evicted since the scan
-            try:
-                record = deserialize(blob, fingerprint=fingerprint, image_id=image_id)
-            except CacheError as e:
-                logger.warning("not indexing image %s: %s", image_id, e)
-                continue
-            ids.append(image_id)
-            rows.append(record.latent.float().numpy())
-        if ids:
-            yield ids, np.stack(rows)
-
-
-def build_from_store(
-    store: RecordStore, fingerprint: str, config: IndexConfig, batch: int = 256
-) -> LatentIndex:
-    """A fresh index of every record of `fingerprint` in `store` (trained on a random sample first)."""
-    index = LatentIndex(fingerprint, config)
-    image_ids = list(store.iter_ids(fingerprint))
-    if not index.is_trained and image_ids:
-        sample = random.Random(0).sample(image_ids, min(config.train_sample, len(image_ids)))
-        index.train(np.concatenate([x for _, x in _stored_latents(store, fingerprint, sample, batch)]))
-    for ids, latents in _stored_latents(store, fingerprint, image_ids, batch):
-        index.add(ids, latents)
-    logger.info("built %s index of %s latents for model %s", config.spec, len(index), fingerprint)
-    return index
-
-
-def load_or_rebuild(
-    directory: str | os.PathLike[str], store: RecordStore, fingerprint: str, config: IndexConfig
-) -> LatentIndex:
-    """The saved index in `directory` if it is sound and covers the store, else one rebuilt and saved."""
-    if not (Path(directory) / "manifest.json").exists():
-        reason = "no saved index"
-    else:
-        try:
-            index = LatentIndex.load(directory, fingerprint, config)
-            stored = set(store.iter_ids(fingerprint))
-            missing = stored.difference(index.image_ids())
-            if not missing:
-                if len(index) > len(stored):
-                    logger.info("%s indexed images have no stored record (evicted)", len(index) - len(stored))
-                return index
-            reason = f"stale: {len(missing)} stored records are not indexed"
-        except (IndexCorruptError, IndexStaleError) as e:
-            reason = str(e)
-    logger.warning("rebuilding the index in %s from the store: %s", directory, reason)
-    index = build_from_store(store, fingerprint, config)
-    index.save(directory)
-    return index

@@ -18,12 +18,11 @@ from typing import Literal
 import numpy as np
 import torch
 
-from cache.errors import CorruptRecordError, FingerprintMismatchError
-from cache.keys import RecordKey
 from cache.records import put_records
 from cache.retry import RetryPolicy
-from cache.serde import check_source_uri, deserialize
+from cache.serde import check_source_uri
 from cache.store import open_store
+from cache.sync import stored_latents
 from encoder_service.config import EncoderConfig
 from htcvlm.checkpoint import load_pretrained
 from htcvlm.errors import ImageTooLargeError
@@ -73,18 +72,10 @@ class Encoder:
         return self.fingerprint, self.latent_dim
 
     def _cached(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
-        """Latents of the images already stored for this model (one batched read)."""
-        keys = [RecordKey(self.fingerprint, i) for i in ids]
+        """Latents of the images already stored for this model (an unusable record is re-encoded)."""
         found: dict[str, np.ndarray] = {}
-        for key, blob in zip(keys, self.store.get_many(keys), strict=True):
-            if blob is None:
-                continue
-            try:
-                record = deserialize(blob, fingerprint=key.fingerprint, image_id=key.image_id)
-            except (CorruptRecordError, FingerprintMismatchError) as e:
-                logger.warning("re-encoding image %s: its stored record is unusable (%s)", key.image_id, e)
-                continue
-            found[key.image_id] = record.latent.float().numpy()
+        for image_ids, latents in stored_latents(self.store, self.fingerprint, ids):
+            found.update(zip(image_ids, latents, strict=True))
         return found
 
     def encode(

@@ -22,8 +22,9 @@ import numpy as np
 from tqdm import tqdm
 
 from cache.errors import IndexCorruptError, IndexStaleError
-from cache.index import IndexConfig, LatentIndex, load_or_rebuild
+from cache.index import IndexConfig, LatentIndex
 from cache.store import open_store
+from cache.sync import load_or_rebuild
 from encoder_service.config import EncoderConfig
 from encoder_service.encoder import Encoder
 from encoder_service.pool import actor_resources, init_ray

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cache.errors import CorruptRecordError, NotIndexedError
-from cache.index import IndexConfig, LatentIndex, load_or_rebuild
+from cache.index import IndexConfig, LatentIndex
 from cache.keys import RecordKey
 from cache.records import LookupStatus, delete_record, get_records, lookup
 from cache.retry import RetryPolicy
 from cache.serde import check_source_uri, read_metadata
 from cache.store import RecordStore, open_store
+from cache.sync import catch_up, load_or_rebuild
 from encoder_service.pool import EncoderPool, open_pool
 from htcvlm.checkpoint import load_pretrained
 from htcvlm.decode import Answer, check_records, encode_questions
@@ -340,19 +341,7 @@ class OneTokenService:
 
     async def refresh_index(self) -> int:
         """Index records that other processes (an ingest run) stored since; returns how many were added."""
-
-        def run() -> int:
-            missing = [i for i in self.store.iter_ids(self.fingerprint) if i not in self.index]
-            added = 0
-            for start in range(0, len(missing), 256):
-                chunk = missing[start : start + 256]
-                found = [r for r in get_records(self.store, [self._key(i) for i in chunk]) if r is not None]
-                if found:
-                    latents = np.stack([r.latent.float().numpy() for r in found])
-                    added += self.index.add([r.image_id for r in found], latents)
-            return added
-
-        added = await asyncio.to_thread(run)
+        added = await asyncio.to_thread(catch_up, self.index, self.store)
         if added:
             logger.info("indexed %d records stored by other processes", added)
             self._index_dirty = True

@@ -12,9 +12,10 @@ from cache.errors import (
     IndexStaleError,
     NotIndexedError,
 )
-from cache.index import Hit, IndexConfig, LatentIndex, faiss_id, load_or_rebuild
+from cache.index import Hit, IndexConfig, LatentIndex, faiss_id
 from cache.lmdb_store import LmdbStore
 from cache.records import delete_record, key_of, put_records
+from cache.sync import load_or_rebuild
 from htcvlm.record import image_id_of
 
 from .helpers import FINGERPRINT, make_record
@@ -252,7 +253,7 @@ def test_rebuild_trains_ivf_and_skips_unreadable_records(
     tmp_path: Path, filled: LmdbStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     filled.put(key_of(make_record(7)), b"not a record")
-    with caplog.at_level(logging.WARNING, logger="cache.index"):
+    with caplog.at_level(logging.WARNING, logger="cache.sync"):
         index = load_or_rebuild(tmp_path, filled, FINGERPRINT, IndexConfig(dim=D, spec="IVF4,Flat"))
     assert len(index) == 59 and make_record(7).image_id not in index
-    assert any("not indexing image" in r.getMessage() for r in caplog.records)
+    assert any("passing over image" in r.getMessage() for r in caplog.records)

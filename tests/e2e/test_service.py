@@ -191,6 +191,24 @@ def test_records_stored_by_another_process_become_searchable(server, client):
     assert hits[0].image_id == outcome.image_id and hits[0].source_uri == "other://70"
 
 
+def test_a_damaged_record_does_not_stop_the_refresh_indexing_the_others(server, client):
+    """The refresh read records with get_records, which raised on the first damaged one: as long as one
+    existed, it indexed nothing, every round."""
+    from encoder_service.encoder import Encoder
+
+    other = Encoder(server.service.config.encoder)
+    try:
+        outcomes = other.encode([png(80 + i) for i in range(3)])
+    finally:
+        other.close()
+    service = server.service
+    key = RecordKey(service.fingerprint, outcomes[1].image_id)
+    service.store.put(key, b"\xff" * 8 + service.store.get(key)[8:])
+    assert server.call(service.refresh_index()) == 2
+    assert outcomes[0].image_id in service.index and outcomes[2].image_id in service.index
+    assert outcomes[1].image_id not in service.index
+
+
 def test_a_cancelled_stream_stops_its_generation(server, client):
     image_id = client.encode(png(61)).image_id
     scheduler = server.service.scheduler
