@@ -28,19 +28,20 @@ def _human(n: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Geometry, parameter count and bytes cached per image of a preset, built on the meta device."""
-    from htcvlm.model import new_model
-    from htcvlm.tokenizer import train_tokenizer
+    """Geometry, parameter count and bytes cached per image: of the model `serve` would load (loaded as
+    `serve` loads it), or of a preset's geometry built on the meta device (no weights)."""
+    if args.preset is not None:
+        config, params = _preset_geometry(args.preset)
+        print(f"preset            {config.name} (geometry only, no weights)")
+    else:
+        from htcvlm.checkpoint import DEFAULT_MODEL_DIR, load_pretrained
 
-    config = HTCConfig.from_name(args.preset)
-    tokenizer = train_tokenizer([], vocab_size=259)
-    with torch.device("meta"):  # no weights are allocated, even for the 7B paper geometry
-        model = new_model(config, tokenizer)
-    # The tokenizer here is a stand-in; count embedding and output rows at the preset's own vocabulary.
-    missing_rows = config.llm.vocab_size - len(tokenizer)
-    params = sum(p.numel() for p in model.parameters()) + 2 * missing_rows * config.llm.hidden_size
+        folder = args.model or str(DEFAULT_MODEL_DIR)
+        model = load_pretrained(folder)
+        config, params = model.config, sum(p.numel() for p in model.parameters())
+        print(f"model             {folder}")
+        print(f"fingerprint       {model.fingerprint()[:16]} (preset {config.name})")
     per_token = config.kv_values_per_image // config.n_voco * 2  # fp16 bytes of one token's K/V state
-    print(f"preset            {config.name}")
     print(f"image             {config.image_size} px, {config.n_patches} patches, q in R^{config.q_dim}")
     print(f"V_hy              {config.n_visual} tokens ({config.channels}, fusion {config.fusion})")
     print(f"parameters        {params / 1e6:,.1f} M ({config.llm.vocab_size}-token vocabulary)")
@@ -48,6 +49,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     full = per_token * config.n_patches
     print(f"uncompressed      {_human(full)} fp16 for {config.n_patches} image tokens")
     return 0
+
+
+def _preset_geometry(name: str) -> tuple[HTCConfig, int]:
+    """A preset's config and parameter count, the model built on the meta device (even the 7B paper
+    geometry allocates nothing)."""
+    from htcvlm.model import new_model
+    from htcvlm.tokenizer import train_tokenizer
+
+    config = HTCConfig.from_name(name)
+    tokenizer = train_tokenizer([], vocab_size=259)
+    with torch.device("meta"):
+        model = new_model(config, tokenizer)
+    # The tokenizer here is a stand-in; count embedding and output rows at the preset's own vocabulary.
+    missing_rows = config.llm.vocab_size - len(tokenizer)
+    params = sum(p.numel() for p in model.parameters()) + 2 * missing_rows * config.llm.hidden_size
+    return config, params
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -151,24 +168,90 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
     return 0
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written; each option's default after its help, unless it has none to show
+    (None, False, "": its help says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_log_level(parser: argparse.ArgumentParser, log_level: str, top_level: bool = True) -> None:
+    """--log-level: on the top level with its default; on a subcommand (`top_level=False`) with none, so
+    that the top level's value stands unless the subcommand is given one too."""
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default=log_level if top_level else argparse.SUPPRESS,
+        help="log level [$ONETOKEN_LOG_LEVEL]" + ("" if top_level else f" (default: {log_level})"),
+    )
+
+
+def common_options(log_level: str) -> argparse.ArgumentParser:
+    """Options every subcommand takes after its name too (`onetoken CMD --log-level DEBUG`)."""
+    common = argparse.ArgumentParser(add_help=False)
+    add_log_level(common, log_level, top_level=False)
+    return common
+
+
+def add_command(
+    sub: argparse._SubParsersAction, name: str, about: str, common: argparse.ArgumentParser, **kwargs: str
+) -> argparse.ArgumentParser:
+    """A subcommand that takes `common`'s options and whose help shows each option's default."""
+    return sub.add_parser(
+        name, help=about, description=about, formatter_class=HelpFormatter, parents=[common], **kwargs
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onetoken", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("ONETOKEN_LOG_LEVEL", "WARNING"))
+    log_level = os.environ.get("ONETOKEN_LOG_LEVEL", "WARNING").upper()
+    parser = argparse.ArgumentParser(prog="onetoken", description=__doc__, formatter_class=HelpFormatter)
+    add_log_level(parser, log_level)
     sub = parser.add_subparsers(dest="command", required=True)
-    add_model_commands(sub)
+    add_model_commands(sub, common_options(log_level))
     return parser
 
 
-def add_model_commands(sub: argparse._SubParsersAction) -> None:
-    """The model-core subcommands (info, train, eval, retrieval, analyze), shared with the service CLI."""
-    info = sub.add_parser("info", help="geometry, parameters and bytes cached per image of a preset")
-    info.add_argument("--preset", choices=sorted(PRESETS), default="paper")
+def add_model_commands(
+    sub: argparse._SubParsersAction, common: argparse.ArgumentParser, model: str | None = None
+) -> None:
+    """The model-core subcommands (info, train, eval, retrieval, analyze), shared with the service CLI;
+    each takes the options of `common` too. `model`: the folder `serve` loads by default, which `info`
+    describes by default (None: ONETOKEN_MODEL, else the shipped model, resolved when run)."""
+
+    threads = int(os.environ.get("ONETOKEN_THREADS", "2"))
+    threads_help = "torch threads [$ONETOKEN_THREADS]"
+
+    info = add_command(
+        sub, "info", "geometry, parameters and bytes cached per image of the model serve loads", common
+    )
+    which = info.add_mutually_exclusive_group()
+    which.add_argument(
+        "--model",
+        default=model or os.environ.get("ONETOKEN_MODEL"),
+        help="checkpoint folder, loaded as serve loads it; the default is serve's [$ONETOKEN_MODEL]"
+        + ("" if model else " (default: the shipped model, htcvlm/models/tiny)"),
+    )
+    which.add_argument(
+        "--preset", choices=sorted(PRESETS), help="a preset's geometry instead, with no weights (e.g. paper)"
+    )
     info.set_defaults(func=cmd_info)
 
-    train = sub.add_parser("train", help="train a variant on the procedural VQA set (resumable)")
+    train = add_command(sub, "train", "train a variant on the procedural VQA set (resumable)", common)
     train.add_argument("--out", required=True, help="checkpoint folder; rerun with it to resume")
-    train.add_argument("--variant", choices=("hybrid", "continuous", "discrete", "upper"), default="hybrid")
-    train.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    train.add_argument(
+        "--variant",
+        choices=("hybrid", "continuous", "discrete", "upper"),
+        default="hybrid",
+        help="the compressed token's channels, or upper: hybrid inputs, uncompressed",
+    )
+    train.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model geometry")
     # The defaults are the recipe of the shipped model (docs/TRAINING.md).
     train.add_argument(
         "--steps",
@@ -176,8 +259,8 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
         default=2000,
         help="stage-2 steps (0: stop after stages 1 and 0, a start for --init-from)",
     )
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--batch-size", type=int, default=128, help="samples per step")
+    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     train.add_argument("--vision-steps", type=int, default=2000, help="stage 0: vision tower on scene labels")
     train.add_argument(
         "--freeze-vision",
@@ -185,7 +268,7 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
         default=True,
         help="stage 2 keeps the tower stage 0 trained, its features computed once (LLaVA keeps CLIP frozen)",
     )
-    train.add_argument("--mgvq-steps", type=int, default=300)
+    train.add_argument("--mgvq-steps", type=int, default=300, help="stage 1: MGVQ on reconstruction")
     train.add_argument("--mgvq-from", help="copy stage-1 MGVQ weights from this checkpoint instead")
     train.add_argument("--init-from", help="start stage 2 from this checkpoint's matching weights")
     train.add_argument("--llava", help="LLaVA-format JSON to train on instead of the procedural set")
@@ -199,50 +282,52 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
         default=4,
         help="questions per procedural training image, packed into one pass after its prefix",
     )
-    train.add_argument("--warmup", type=int, default=200)
+    train.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
     train.add_argument("--val-size", type=int, default=500, help="validation samples scored at each eval")
-    train.add_argument("--n-discrete", type=int, default=4)
-    train.add_argument("--fusion", choices=("pre", "post", "mean"), default="pre")
-    train.add_argument("--eval-every", type=int, default=500)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--device", default="cpu")
-    train.add_argument("--bf16", action="store_true")
-    train.add_argument("--grad-checkpointing", action="store_true")
-    train.add_argument("--threads", type=int, default=int(os.environ.get("ONETOKEN_THREADS", "2")))
+    train.add_argument("--n-discrete", type=int, default=4, help="N_d: discrete anchor tokens")
+    train.add_argument(
+        "--fusion", choices=("pre", "post", "mean"), default="pre", help="how the anchors join the patches"
+    )
+    train.add_argument("--eval-every", type=int, default=500, help="stage-2 steps between evaluations")
+    train.add_argument("--seed", type=int, default=0, help="random seed")
+    train.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    train.add_argument("--bf16", action="store_true", help="train in bfloat16 autocast")
+    train.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
+    train.add_argument("--threads", type=int, default=threads, help=threads_help)
     train.set_defaults(func=cmd_train)
 
-    evaluate = sub.add_parser("eval", help="accuracy and retention table of trained variants")
+    evaluate = add_command(sub, "eval", "accuracy and retention table of trained variants", common)
     evaluate.add_argument(
         "models",
         nargs="+",
         type=_model_spec,
         help="NAME=DIR, e.g. upper=runs/upper hybrid=runs/hybrid; 'upper' adds the bounds and retention",
     )
-    evaluate.add_argument("--test-size", type=int, default=1000)
-    evaluate.add_argument("--out", help="folder for eval.md and eval.json")
-    evaluate.add_argument("--threads", type=int, default=int(os.environ.get("ONETOKEN_THREADS", "2")))
+    evaluate.add_argument("--test-size", type=int, default=1000, help="procedural test questions")
+    evaluate.add_argument("--out", help="folder for eval.md and eval.json (default: print only)")
+    evaluate.add_argument("--threads", type=int, default=threads, help=threads_help)
     evaluate.set_defaults(func=cmd_eval)
 
-    retrieval = sub.add_parser("retrieval", help="near-duplicate recall@k of augmented copies")
-    retrieval.add_argument("--model", required=True)
+    retrieval = add_command(sub, "retrieval", "near-duplicate recall@k of augmented copies", common)
+    retrieval.add_argument("--model", required=True, help="checkpoint folder")
     retrieval.add_argument("--procedural", type=int, default=500, help="procedural test scenes")
-    retrieval.add_argument("--seed", type=int, default=0)
-    retrieval.add_argument("--threads", type=int, default=int(os.environ.get("ONETOKEN_THREADS", "2")))
+    retrieval.add_argument("--seed", type=int, default=0, help="seed of the augmentations")
+    retrieval.add_argument("--threads", type=int, default=threads, help=threads_help)
     retrieval.set_defaults(func=cmd_retrieval)
 
-    analyze = sub.add_parser("analyze", help="analyses of a trained model")
+    analyze = add_command(sub, "analyze", "analyses of a trained model", common)
     analyze_sub = analyze.add_subparsers(dest="analysis", required=True)
-    attention = analyze_sub.add_parser("attention", help="voco attention heatmap (the paper's Figure 3)")
-    attention.add_argument("--model", required=True)
-    attention.add_argument("--images", type=int, default=16)
-    attention.add_argument("--out", default="voco_attention.png")
+    attention = add_command(analyze_sub, "attention", "voco attention heatmap (the paper's Figure 3)", common)
+    attention.add_argument("--model", required=True, help="checkpoint folder")
+    attention.add_argument("--images", type=int, default=16, help="procedural test scenes shown")
+    attention.add_argument("--out", default="voco_attention.png", help="PNG file to write")
     attention.set_defaults(func=cmd_analyze)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=args.log_level.upper(), format=fmt)
+    logging.basicConfig(level=args.log_level, format=fmt)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local folders only
     return args.func(args)
 

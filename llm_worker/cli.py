@@ -4,28 +4,44 @@ Configuration comes from flags, whose defaults come from ONETOKEN_* environment 
 nowhere else): ONETOKEN_MODEL, ONETOKEN_STORE, ONETOKEN_INDEX_DIR, ONETOKEN_INDEX_SPEC, ONETOKEN_KV_DTYPE,
 ONETOKEN_ENCODER_BACKEND, ONETOKEN_ENCODERS, ONETOKEN_RAY_ADDRESS, ONETOKEN_HOST, ONETOKEN_PORT,
 ONETOKEN_ADDRESS (for the client commands), ONETOKEN_LOG_LEVEL.
+
+Exit status: 0 done; 1 error (nothing done, or a run stopped: the message says why, and how to resume);
+2 bad usage; 3 done, but some files failed (ingest and encode: each named with its reason).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
+import shlex
 import sys
-import warnings
 from pathlib import Path
 
 from cache.store import DEFAULT_STORE_URL
 from htcvlm.checkpoint import DEFAULT_MODEL_DIR
-from htcvlm.cli import add_model_commands
+from htcvlm.cli import HelpFormatter, add_command, add_log_level, add_model_commands, common_options
 from llm_worker.config import DEFAULT_INDEX_DIR, WorkerConfig
 
 logger = logging.getLogger(__name__)
 
+EXIT_ERROR = 1
+EXIT_SOME_FAILED = 3  # the command finished, but some of the files it was given failed
+DEFAULT_REPORT_DIR = ".onetoken/reports"
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"ONETOKEN_{name}", default)
+
+
+def version() -> str:
+    """The installed distribution's version."""
+    try:
+        return importlib.metadata.version("onetoken")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
@@ -48,15 +64,51 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     )
 
 
-def add_service_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=_env("MODEL", str(DEFAULT_MODEL_DIR)), help="checkpoint folder")
-    p.add_argument("--store", default=_env("STORE", DEFAULT_STORE_URL), help="path, lmdb://, redis://")
-    p.add_argument("--index-dir", default=_env("INDEX_DIR", DEFAULT_INDEX_DIR))
-    p.add_argument("--index-spec", default=_env("INDEX_SPEC", "Flat"), help="faiss factory string")
-    p.add_argument("--kv-dtype", choices=("fp32", "fp16", "bf16", "int8"), default=_env("KV_DTYPE", "fp16"))
-    p.add_argument("--encoder-backend", choices=("ray", "local"), default=_env("ENCODER_BACKEND", "ray"))
-    p.add_argument("--encoders", type=int, default=int(_env("ENCODERS", "1")), help="encoder actors")
-    p.add_argument("--ray-address", default=_env("RAY_ADDRESS", ""), help="join this Ray cluster")
+def default_model() -> str:
+    """The model serve loads unless told: ONETOKEN_MODEL, else the shipped one (`info` describes it too)."""
+    return _env("MODEL", str(DEFAULT_MODEL_DIR))
+
+
+def add_service_options(p: argparse.ArgumentParser, in_workdir: bool = False) -> None:
+    """Model, store, index and encoders. `in_workdir`: the store and index default to the command's
+    --workdir unless named by a flag or ONETOKEN_STORE / ONETOKEN_INDEX_DIR."""
+    p.add_argument("--model", default=default_model(), help="checkpoint folder [$ONETOKEN_MODEL]")
+    store_help = "record store: a path or lmdb://, redis://, rediss://"
+    if in_workdir:
+        store, index_dir = os.environ.get("ONETOKEN_STORE"), os.environ.get("ONETOKEN_INDEX_DIR")
+        store_help += " (default: $ONETOKEN_STORE, else WORKDIR/records)"
+        index_help = "FAISS index folder (default: $ONETOKEN_INDEX_DIR, else WORKDIR/index)"
+    else:
+        store, index_dir = _env("STORE", DEFAULT_STORE_URL), _env("INDEX_DIR", DEFAULT_INDEX_DIR)
+        store_help += " [$ONETOKEN_STORE]"
+        index_help = "FAISS index folder [$ONETOKEN_INDEX_DIR]"
+    p.add_argument("--store", default=store, help=store_help)
+    p.add_argument("--index-dir", default=index_dir, help=index_help)
+    p.add_argument(
+        "--index-spec",
+        default=_env("INDEX_SPEC", "Flat"),
+        help="FAISS factory string, e.g. IVF4096,Flat for large collections [$ONETOKEN_INDEX_SPEC]",
+    )
+    p.add_argument(
+        "--kv-dtype",
+        choices=("fp32", "fp16", "bf16", "int8"),
+        default=_env("KV_DTYPE", "fp16"),
+        help="how stored K/V state is kept [$ONETOKEN_KV_DTYPE]",
+    )
+    p.add_argument(
+        "--encoder-backend",
+        choices=("ray", "local"),
+        default=_env("ENCODER_BACKEND", "ray"),
+        help="serve's encoders: Ray actors, or one in-process encoder [$ONETOKEN_ENCODER_BACKEND]",
+    )
+    p.add_argument(
+        "--encoders", type=int, default=int(_env("ENCODERS", "1")), help="encoder actors [$ONETOKEN_ENCODERS]"
+    )
+    p.add_argument(
+        "--ray-address",
+        default=_env("RAY_ADDRESS", ""),
+        help="join the Ray cluster at this address (default: a local Ray) [$ONETOKEN_RAY_ADDRESS]",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -67,24 +119,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from encoder_service.ingest import ingest
+    import ray
+
+    from cache.errors import CacheError
+    from encoder_service.errors import EncoderError
+    from encoder_service.ingest import default_report_path, ingest, new_run_id
 
     config = worker_config(args)
-    summary = ingest(
-        args.inputs,
-        config.encoder,
-        index_dir=config.index_dir,
-        index_spec=config.index_spec,
-        batch_size=args.batch_size,
-        report_path=args.report,
-    )
+    run_id = new_run_id()
+    try:
+        summary = ingest(
+            args.inputs,
+            config.encoder,
+            index_dir=config.index_dir,
+            index_spec=config.index_spec,
+            batch_size=args.batch_size,
+            report_path=args.report or default_report_path(DEFAULT_REPORT_DIR, run_id),
+            run_id=run_id,
+        )
+    except (CacheError, EncoderError, ray.exceptions.RayError) as e:
+        # the run stopped part way (the store, an encoder or the cluster failed): why, and how to go on
+        logger.debug("ingest stopped", exc_info=True)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        print(f"resume with: {args.command_line}  (stored images are not encoded again)", file=sys.stderr)
+        return EXIT_ERROR
     print(
         f"encoded {summary.encoded}, already cached {summary.cached}, failed {summary.failed} "
         f"in {summary.seconds:.1f} s ({summary.images_per_s:.1f} images/s)"
     )
-    if summary.failed and summary.report_path:
-        print(f"failures and their reasons: {summary.report_path}")
-    return 0
+    if summary.report_path:
+        print(f"failures and their reasons: {summary.report_path} (run {summary.run_id})")
+    return EXIT_SOME_FAILED if summary.failed else 0
+
+
+def _one_line(error: Exception) -> str:
+    """The error's type and first line; a Ray task's error by the exception it carries, whose first line
+    is its message rather than the task's name."""
+    import ray
+
+    if isinstance(error, ray.exceptions.RayTaskError):
+        error = error.cause
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _client(args: argparse.Namespace):
@@ -93,12 +169,39 @@ def _client(args: argparse.Namespace):
     return OneTokenClient(args.address)
 
 
+def read_image_file(name: str) -> bytes:
+    """The bytes of an image file named on the command line; OSError or ValueError saying why not."""
+    path = Path(name)
+    if path.is_dir():
+        raise IsADirectoryError(f"a folder: `onetoken ingest {name}` encodes the images in one")
+    data = path.read_bytes()
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    return data
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
+    """Each file's id, or its error naming it; a file the server refuses does not stop the others."""
+    import grpc
+
+    failed = 0
     with _client(args) as client:
-        for path in args.images:
-            reply = client.encode(Path(path).read_bytes(), source_uri=str(Path(path).resolve()))
-            print(f"{reply.image_id}  {'cached ' if reply.cached else 'encoded'}  {path}")
-    return 0
+        for name in args.images:
+            try:
+                reply = client.encode(read_image_file(name), source_uri=str(Path(name).resolve()))
+            except (OSError, ValueError) as e:
+                failed += 1
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                print(f"error: {name}: {reason}", file=sys.stderr)
+                continue
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise  # the server or the connection, not this file: the next would fail too
+                failed += 1
+                print(f"error: {name}: {e.details()}", file=sys.stderr)
+                continue
+            print(f"{reply.image_id}  {'cached ' if reply.cached else 'encoded'}  {name}")
+    return EXIT_SOME_FAILED if failed else 0
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -130,79 +233,126 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from llm_worker.demo import run_demo
 
-    return run_demo(worker_config(args), Path(args.workdir), images=args.images)
+    workdir = Path(args.workdir)
+    # unless named by a flag or ONETOKEN_*, the demo's store and index live in its workdir
+    args.store = args.store or str(workdir / "records")
+    args.index_dir = args.index_dir or str(workdir / "index")
+    return run_demo(worker_config(args), workdir, images=args.images)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onetoken", description=__doc__)
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "WARNING"))
+    log_level = _env("LOG_LEVEL", "WARNING").upper()
+    parser = argparse.ArgumentParser(prog="onetoken", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"onetoken {version()}")
+    add_log_level(parser, log_level)
     sub = parser.add_subparsers(dest="command", required=True)
+    common = common_options(log_level)
 
-    serve = sub.add_parser("serve", help="run the gRPC server (EncodeImage, Ask, AskStream, Search, ...)")
+    serve = add_command(
+        sub, "serve", "run the gRPC server (EncodeImage, Ask, AskStream, Search, ...)", common
+    )
     add_service_options(serve)
-    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="0.0.0.0 to serve other hosts")
-    serve.add_argument("--port", type=int, default=int(_env("PORT", "50051")))
+    serve.add_argument(
+        "--host",
+        default=_env("HOST", "127.0.0.1"),
+        help="interface to listen on; 0.0.0.0 for other hosts [$ONETOKEN_HOST]",
+    )
+    serve.add_argument(
+        "--port", type=int, default=int(_env("PORT", "50051")), help="gRPC port [$ONETOKEN_PORT]"
+    )
     serve.set_defaults(func=cmd_serve)
 
-    ingest = sub.add_parser("ingest", help="encode a corpus (folders, globs, a .txt of paths) on Ray Data")
+    ingest = add_command(
+        sub,
+        "ingest",
+        "encode a corpus (folders, globs, a .txt of paths) on Ray Data: resumable, bad files reported",
+        common,
+        epilog="exit status:\n"
+        "  0  every file encoded or already cached\n"
+        "  3  finished, but some files failed: each is in the report, with its reason\n"
+        "  1  error: the run did not start or stopped (e.g. the store went down); it says why, and the\n"
+        "     same command resumes it\n"
+        "  2  bad usage",
+    )
     add_service_options(ingest)
-    ingest.add_argument("inputs", nargs="+")
-    ingest.add_argument("--batch-size", type=int, default=32)
-    ingest.add_argument("--report", default="ingest-report.jsonl", help="where failed files are listed")
+    ingest.add_argument(
+        "inputs", nargs="+", help="folders (walked), glob patterns, .txt files listing paths, files"
+    )
+    ingest.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
+    ingest.add_argument(
+        "--report",
+        help="JSON lines, one per failed file with its reason and run, appended to this file "
+        f"(default: a new file per run, {DEFAULT_REPORT_DIR}/ingest-RUN.jsonl)",
+    )
     ingest.set_defaults(func=cmd_ingest)
 
     address = _env("ADDRESS", "127.0.0.1:50051")
-    encode = sub.add_parser("encode", help="encode image files through a running server")
-    encode.add_argument("images", nargs="+")
-    encode.add_argument("--address", default=address)
+    address_help = "the server's host:port [$ONETOKEN_ADDRESS]"
+    encode = add_command(
+        sub,
+        "encode",
+        "encode image files through a running server",
+        common,
+        epilog="exit status:\n"
+        "  0  every file encoded or already cached\n"
+        "  3  some files failed, each named with its reason (the others are encoded)\n"
+        "  1  error (e.g. no server answers)\n"
+        "  2  bad usage",
+    )
+    encode.add_argument("images", nargs="+", help="image files (a folder: use `onetoken ingest`)")
+    encode.add_argument("--address", default=address, help=address_help)
     encode.set_defaults(func=cmd_encode)
 
-    ask = sub.add_parser("ask", help="ask a question about an image through a running server")
-    ask.add_argument("question")
+    ask = add_command(sub, "ask", "ask a question about an image through a running server", common)
+    ask.add_argument("question", help="the question, in quotes")
     which = ask.add_mutually_exclusive_group(required=True)
     which.add_argument("--image", help="an image file (encoded first if needed)")
     which.add_argument("--image-id", help="the SHA-256 of an encoded image")
-    ask.add_argument("--max-new-tokens", type=int, default=0)
-    ask.add_argument("--stream", action="store_true")
-    ask.add_argument("--address", default=address)
+    ask.add_argument(
+        "--max-new-tokens", type=int, default=0, help="answer length limit (0: the server's default)"
+    )
+    ask.add_argument("--stream", action="store_true", help="print the answer token by token as it is decoded")
+    ask.add_argument("--address", default=address, help=address_help)
     ask.set_defaults(func=cmd_ask)
 
-    search = sub.add_parser("search", help="the most similar encoded images, through a running server")
+    search = add_command(sub, "search", "the most similar encoded images, through a running server", common)
     which = search.add_mutually_exclusive_group(required=True)
-    which.add_argument("--image")
-    which.add_argument("--image-id")
-    search.add_argument("-k", type=int, default=5)
-    search.add_argument("--address", default=address)
+    which.add_argument("--image", help="an image file (encoded first if needed)")
+    which.add_argument("--image-id", help="the SHA-256 of an encoded image")
+    search.add_argument("-k", type=int, default=5, help="how many images to list")
+    search.add_argument("--address", default=address, help=address_help)
     search.set_defaults(func=cmd_search)
 
-    demo = sub.add_parser("demo", help="the main job: serve, ingest a sample corpus, ask, search")
-    add_service_options(demo)
-    demo.add_argument("--workdir", default=".onetoken/demo", help="corpus, store and index of the demo")
+    demo = add_command(sub, "demo", "the main job: serve, ingest a sample corpus, ask, search", common)
+    add_service_options(demo, in_workdir=True)
+    demo.add_argument(
+        "--workdir",
+        default=".onetoken/demo",
+        help="holds the corpus, ingest reports, store and index of the demo",
+    )
     demo.add_argument("--images", type=int, default=24, help="procedural scenes in the sample corpus")
     demo.set_defaults(func=cmd_demo)
 
-    add_model_commands(sub)
+    add_model_commands(sub, common, model=default_model())
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    args.command_line = shlex.join(["onetoken", *argv])  # the same command again, to resume a run
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local folders only
-    # transformers 5.2x renames past_key_values; the supported range spans both names (see pyproject)
-    warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
     import grpc
 
     try:
         return args.func(args)
     except grpc.RpcError as e:  # the client commands: the server's code and message, no traceback
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 1
-    except OSError as e:  # an image file that cannot be read
+        return EXIT_ERROR
+    except OSError as e:  # an image file that cannot be read, a report path that cannot be made
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -87,19 +87,23 @@ async def _serve_and_query(config: WorkerConfig, corpus: list[tuple[Path, VQASam
 
 
 def run_demo(config: WorkerConfig, workdir: Path, images: int = 24) -> int:
-    from encoder_service.ingest import ingest
+    """The demo in `workdir`: its corpus, and each run's ingest report under reports/ (the store and index
+    go where `config` says: the CLI puts them in `workdir` too unless told otherwise)."""
+    from encoder_service.ingest import default_report_path, ingest, new_run_id
 
     corpus = write_corpus(workdir / "corpus", images)
     print(
         f"== model {config.encoder.model_dir}\n== store {config.encoder.store_url}, index {config.index_dir}"
     )
     print(f"== ingesting {workdir / 'corpus'} ({images} scenes and 2 bad files) on Ray Data")
+    run_id = new_run_id()
     summary = ingest(
         [str(workdir / "corpus")],
         config.encoder,
         index_dir=config.index_dir,
         index_spec=config.index_spec,
-        report_path=str(workdir / "ingest-report.jsonl"),
+        report_path=default_report_path(workdir / "reports", run_id),
+        run_id=run_id,
     )
     print(
         f"encoded {summary.encoded}, already cached {summary.cached}, failed {summary.failed} "

@@ -16,16 +16,7 @@ from llm_worker.client import OneTokenClient
 from tests.cache.helpers import free_port
 from tests.conftest import QUESTION
 from tests.htcvlm.helpers import png_bytes
-
-
-def onetoken(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "llm_worker.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from tests.llm_worker.helpers import onetoken
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +78,27 @@ def test_a_bad_request_exits_nonzero_with_the_servers_message(served):
     result = onetoken("encode", str(bad), env=env)
     assert result.returncode != 0 and "not an image" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_encode_reports_each_file_and_goes_on(served):
+    """A folder, a text file and an empty file among images: each is named with its reason, the images
+    after them are encoded all the same, and the exit status says some failed."""
+    env, work, _ = served
+    files = work / "mixed"
+    (files / "folder").mkdir(parents=True)
+    for name, data in {"a.png": png_bytes(11), "b.png": png_bytes(12), "notes.txt": b"not an image"}.items():
+        (files / name).write_bytes(data)
+    (files / "empty.png").write_bytes(b"")
+    names = ["a.png", "folder", "notes.txt", "empty.png", "b.png"]
+    result = onetoken("encode", *names, env=env, cwd=files)
+    assert result.returncode == 3, result.stderr
+    encoded = [line.split() for line in result.stdout.splitlines()]
+    assert [(len(image_id), path) for image_id, _, path in encoded] == [(64, "a.png"), (64, "b.png")]
+    errors = result.stderr.splitlines()
+    assert len(errors) == 3, result.stderr
+    assert errors[0].startswith("error: folder: ") and "onetoken ingest folder" in errors[0]
+    assert errors[1].startswith("error: notes.txt: ") and "not an image" in errors[1]
+    assert errors[2] == "error: empty.png: empty file (0 bytes)"
 
 
 def test_reflection_lists_and_describes_the_api(served):
