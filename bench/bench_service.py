@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from cache.factory import StoreConfig
 from encoder_service.config import EncoderConfig
 from encoder_service.ingest import IngestSummary, ingest
 from htcvlm.checkpoint import DEFAULT_MODEL_DIR, load_pretrained
@@ -123,11 +124,14 @@ def main() -> None:
         bare = bare_compress(args.model, paths, args.batch)
 
         def run_ingest(folder: str, store: str) -> IngestSummary:
-            config = EncoderConfig(
-                model_dir=args.model, store_url=str(root / store), num_actors=args.encoders
-            )
+            config = EncoderConfig(model_dir=args.model, num_actors=args.encoders)
             return ingest(
-                [folder], config, str(root / f"{store}-index"), batch_size=args.batch, show_progress=False
+                [folder],
+                config,
+                StoreConfig(str(root / store)),
+                str(root / f"{store}-index"),
+                batch_size=args.batch,
+                show_progress=False,
             )
 
         # a quarter of the corpus into its own store first: the difference of the two runs is the
@@ -156,7 +160,8 @@ def main() -> None:
         for name, rate in rows:
             print(f"{name:<46}{rate:>10.1f}{rate / bare:>9.2f}x")
         worker = WorkerConfig(
-            encoder=EncoderConfig(model_dir=args.model, store_url=str(root / "serve"), backend="local"),
+            store=StoreConfig(str(root / "serve")),
+            encoder=EncoderConfig(model_dir=args.model, backend="local"),
             port=0,
             index_dir=str(root / "serve-index"),
             index_refresh_s=0,

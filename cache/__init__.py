@@ -1,6 +1,6 @@
 """Record serialization, record stores (Redis, embedded LMDB) and the FAISS index over voco latents.
 
-Entry points: `open_store(url)`, `cache.records` (put/get/lookup of `Record`s), `cache.serde`
-(Record <-> bytes), `cache.index` (`LatentIndex`) and `cache.sync` (the store -> index path:
-`load_or_rebuild`, `catch_up`, `stored_latents`).
+Entry points: `cache.factory` (`StoreConfig`, `open_store`), `cache.records` (put/get/lookup of
+`Record`s), `cache.serde` (Record <-> bytes), `cache.index` (`LatentIndex`) and `cache.sync` (the
+store -> index path: `load_or_rebuild`, `catch_up`, `stored_latents`).
 """

@@ -1,4 +1,4 @@
-"""The record store interface and the factory that picks a backend from a URL.
+"""The record store interface. `cache.factory.open_store(StoreConfig)` picks a backend from a URL.
 
 A store maps a `RecordKey` to the serialized bytes of one record (see `cache.serde`); it never looks
 inside them. Every method is called by the encoder actors (writes) and the LLM worker (reads), from
@@ -24,14 +24,10 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from types import TracebackType
-from urllib.parse import urlsplit
 
-from cache.keys import DEFAULT_PREFIX, RecordKey
-from cache.retry import RetryPolicy
+from cache.keys import RecordKey
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_STORE_URL = ".onetoken/records"  # a plain path: the embedded LMDB store, no server needed
 
 
 class RecordStore(ABC):
@@ -71,41 +67,3 @@ class RecordStore(ABC):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-def open_store(
-    url: str = DEFAULT_STORE_URL,
-    *,
-    key_prefix: str = DEFAULT_PREFIX,
-    retry: RetryPolicy | None = None,
-) -> RecordStore:
-    """Open the store named by `url`.
-
-    - `redis://[user:password@]host:port/db` and `rediss://...` (TLS; `?ssl_cert_reqs=...&ssl_ca_certs=...`
-      as redis-py reads them): a `RedisStore`; `key_prefix` namespaces its keys, `retry` bounds reconnects.
-    - `lmdb:///abs/path`, `lmdb://rel/path` or a plain path: the embedded `LmdbStore` (created if absent).
-    """
-    scheme = urlsplit(url).scheme
-    # backends import this module for RecordStore, so they are imported here, not at the top
-    if scheme in ("redis", "rediss"):
-        from cache.redis_store import RedisConfig, RedisStore
-
-        return RedisStore(RedisConfig(url=url, key_prefix=key_prefix, retry=retry or RetryPolicy()))
-    if scheme in ("lmdb", ""):
-        from cache.lmdb_store import LmdbConfig, LmdbStore
-
-        return LmdbStore(LmdbConfig(path=lmdb_path(url), key_prefix=key_prefix))
-    raise ValueError(
-        f"unknown store URL scheme {scheme!r} in {url!r}; use redis://, rediss://, lmdb:// or a path"
-    )
-
-
-def lmdb_path(url: str) -> str:
-    """The directory an `lmdb://` URL or plain path names: lmdb:///abs -> /abs, lmdb://rel/x -> rel/x."""
-    if not url.startswith("lmdb:"):
-        return url
-    parts = urlsplit(url)
-    path = parts.netloc + parts.path
-    if not path:
-        raise ValueError(f"lmdb URL {url!r} names no directory")
-    return path

@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from cache.keys import DEFAULT_PREFIX, check_name
 from cache.serde import KvDtype
-from cache.store import DEFAULT_STORE_URL
 from htcvlm.checkpoint import DEFAULT_MODEL_DIR
 from htcvlm.images import DEFAULT_MAX_PIXELS
 
@@ -17,8 +15,6 @@ Backend = Literal["ray", "local"]
 @dataclass(frozen=True)
 class EncoderConfig:
     model_dir: str = str(DEFAULT_MODEL_DIR)  # a OneToken checkpoint folder
-    store_url: str = DEFAULT_STORE_URL
-    key_prefix: str = DEFAULT_PREFIX
     kv_dtype: KvDtype = "fp16"
     backend: Backend = "ray"  # "local": in-process, no Ray (tests, small setups)
     num_actors: int = 1
@@ -30,18 +26,16 @@ class EncoderConfig:
     device: str = "auto"  # auto: cuda when the process sees a GPU
     ray_address: str | None = None  # None: join a running local Ray or start one
     batch_timeout_s: float = 120.0  # one batch, retries on restarted actors included
-    store_retry_s: float = 10.0  # how long a store call retries before StoreUnavailableError
 
     def __post_init__(self) -> None:
         if self.backend not in get_args(Backend):
             raise ValueError(f"backend must be one of {get_args(Backend)}, got {self.backend!r}")
         if self.kv_dtype not in get_args(KvDtype):
             raise ValueError(f"kv_dtype must be one of {get_args(KvDtype)}, got {self.kv_dtype!r}")
-        check_name("key_prefix", self.key_prefix)
         for name in ("num_actors", "max_batch", "max_queue", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0 or self.batch_timeout_s <= 0 or self.store_retry_s < 0:
-            raise ValueError(f"need max_wait_ms >= 0, batch_timeout_s > 0 and store_retry_s >= 0, got {self}")
+        if self.max_wait_ms < 0 or self.batch_timeout_s <= 0:
+            raise ValueError(f"need max_wait_ms >= 0 and batch_timeout_s > 0, got {self}")
         if self.num_gpus_per_actor is not None and self.num_gpus_per_actor < 0:
             raise ValueError(f"num_gpus_per_actor must be >= 0, got {self.num_gpus_per_actor}")

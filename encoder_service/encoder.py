@@ -18,10 +18,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+from cache.factory import StoreConfig, open_store
 from cache.records import put_records
-from cache.retry import RetryPolicy
 from cache.serde import check_source_uri
-from cache.store import open_store
 from cache.sync import stored_latents
 from encoder_service.config import EncoderConfig
 from htcvlm.checkpoint import load_pretrained
@@ -50,12 +49,10 @@ class Encoder:
     no model work.
     """
 
-    def __init__(self, config: EncoderConfig) -> None:
+    def __init__(self, config: EncoderConfig, store: StoreConfig) -> None:
         self.config = config
         self.model = load_pretrained(config.model_dir, config.device)
-        self.store = open_store(
-            config.store_url, key_prefix=config.key_prefix, retry=RetryPolicy(total_s=config.store_retry_s)
-        )
+        self.store = open_store(store)
         self.images_compressed = 0  # model work done, for tests and metrics
         logger.info("encoder ready: model %s on %s", self.fingerprint[:12], self.model.device)
 

@@ -27,8 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cache.errors import CacheError, IndexCorruptError, IndexStaleError
+from cache.factory import StoreConfig, open_store
 from cache.index import IndexConfig, LatentIndex
-from cache.store import open_store
 from cache.sync import build_from_store
 from encoder_service.config import EncoderConfig
 from encoder_service.encoder import Encoder
@@ -191,6 +191,7 @@ def read_files(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def ingest(
     inputs: Sequence[str],
     config: EncoderConfig,
+    store: StoreConfig,
     index_dir: str | None = None,
     index_spec: str = "Flat",
     batch_size: int = 32,
@@ -198,7 +199,7 @@ def ingest(
     show_progress: bool = True,
     run_id: str | None = None,
 ) -> IngestSummary:
-    """Encode every file named by `inputs` (see `expand_inputs`) into the store, and index the latents.
+    """Encode every file named by `inputs` (see `expand_inputs`) into `store`, and index the latents.
 
     Ray Data pipeline: paths -> `read_files` tasks -> `Encoder` actors (`config.num_actors` of them, one
     GPU each where the cluster has GPUs) in batches of `batch_size` -> rows streamed back to this process,
@@ -233,7 +234,7 @@ def ingest(
             .map_batches(read_files, batch_size=batch_size)
             .map_batches(
                 Encoder,
-                fn_constructor_args=(config,),
+                fn_constructor_args=(config, store),
                 batch_size=batch_size,
                 compute=ray.data.ActorPoolStrategy(size=config.num_actors),
                 # Not Ray Data's default of restarting actors forever: its actors' constructor arguments
@@ -244,7 +245,7 @@ def ingest(
             )
         )
     counts = {"encoded": 0, "cached": 0, "failed": 0}
-    sink = IndexSink(config, index_dir, index_spec) if index_dir is not None else None
+    sink = IndexSink(store, index_dir, index_spec) if index_dir is not None else None
     report = Report(report_path, run_id)
     bar = tqdm(total=len(paths), unit="img", desc="ingest", disable=not show_progress)
     try:
@@ -288,8 +289,8 @@ class IndexSink:
     store, which by then holds every ingested record, trained on a sample where the spec needs it.
     """
 
-    def __init__(self, config: EncoderConfig, index_dir: str, spec: str) -> None:
-        self.config, self.index_dir, self.spec = config, index_dir, spec
+    def __init__(self, store: StoreConfig, index_dir: str, spec: str) -> None:
+        self.store, self.index_dir, self.spec = store, index_dir, spec
         self.index: LatentIndex | None = None
         self.fingerprint = ""
         self.dim = 0
@@ -319,6 +320,6 @@ class IndexSink:
             return
         # add() found no usable saved index: build one (an INFO line), not load_or_rebuild's warning
         # meant for a server finding its index gone
-        with open_store(self.config.store_url, key_prefix=self.config.key_prefix) as store:
+        with open_store(self.store) as store:
             index = build_from_store(store, self.fingerprint, IndexConfig(self.dim, self.spec))
         index.save(self.index_dir)

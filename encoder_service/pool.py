@@ -15,6 +15,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from cache.factory import StoreConfig
 from encoder_service.batcher import DynamicBatcher
 from encoder_service.config import EncoderConfig
 from encoder_service.encoder import EncodeOutcome, Encoder
@@ -50,9 +51,9 @@ class EncoderPool:
 class LocalEncoderPool(EncoderPool):
     """One in-process `Encoder`; batches run one at a time in a worker thread (the loop stays free)."""
 
-    def __init__(self, config: EncoderConfig) -> None:
+    def __init__(self, config: EncoderConfig, store: StoreConfig) -> None:
         super().__init__(config, max_inflight=1)
-        self.encoder = Encoder(config)
+        self.encoder = Encoder(config, store)
         self.fingerprint, self.latent_dim = self.encoder.info()
 
     async def run_batch(self, images: Sequence[bytes], uris: Sequence[str]) -> list[EncodeOutcome]:
@@ -107,7 +108,7 @@ class RayEncoderPool(EncoderPool):
         self.fingerprint, self.latent_dim = info
 
     @classmethod
-    async def start(cls, config: EncoderConfig) -> RayEncoderPool:
+    async def start(cls, config: EncoderConfig, store: StoreConfig) -> RayEncoderPool:
         import ray
 
         init_ray(config.ray_address)
@@ -116,7 +117,7 @@ class RayEncoderPool(EncoderPool):
             max_restarts=-1,  # a crashed actor comes back (the model loads again)
             max_task_retries=3,  # and the batch it was running is retried there
         )
-        actors = [remote.remote(config) for _ in range(config.num_actors)]
+        actors = [remote.remote(config, store) for _ in range(config.num_actors)]
         try:
             infos = await asyncio.wait_for(
                 asyncio.gather(*(a.info.remote() for a in actors)), config.batch_timeout_s
@@ -170,8 +171,9 @@ class RayEncoderPool(EncoderPool):
             ray.kill(actor)
 
 
-async def open_pool(config: EncoderConfig) -> EncoderPool:
-    """The pool `config.backend` names, ready to encode (models loaded); `close()` it when done."""
+async def open_pool(config: EncoderConfig, store: StoreConfig) -> EncoderPool:
+    """The pool `config.backend` names, writing to `store`, ready to encode (models loaded); `close()` it
+    when done."""
     if config.backend == "local":
-        return await asyncio.to_thread(LocalEncoderPool, config)
-    return await RayEncoderPool.start(config)
+        return await asyncio.to_thread(LocalEncoderPool, config, store)
+    return await RayEncoderPool.start(config, store)

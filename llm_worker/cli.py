@@ -20,7 +20,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from cache.store import DEFAULT_STORE_URL
+from cache.factory import DEFAULT_STORE_URL
 from htcvlm.checkpoint import DEFAULT_MODEL_DIR
 from htcvlm.cli import HelpFormatter, add_command, add_log_level, add_model_commands, common_options
 from llm_worker.config import DEFAULT_INDEX_DIR, WorkerConfig
@@ -45,17 +45,18 @@ def version() -> str:
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    from cache.factory import StoreConfig
     from encoder_service.config import EncoderConfig
 
     encoder = EncoderConfig(
         model_dir=args.model,
-        store_url=args.store,
         kv_dtype=args.kv_dtype,
         backend=args.encoder_backend,
         num_actors=args.encoders,
         ray_address=args.ray_address or None,
     )
     return WorkerConfig(
+        store=StoreConfig(url=args.store),
         encoder=encoder,
         host=getattr(args, "host", "127.0.0.1"),
         port=getattr(args, "port", 0),
@@ -131,6 +132,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         summary = ingest(
             args.inputs,
             config.encoder,
+            config.store,
             index_dir=config.index_dir,
             index_spec=config.index_spec,
             batch_size=args.batch_size,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cache.factory import StoreConfig
 from encoder_service.config import EncoderConfig
 
 DEFAULT_INDEX_DIR = ".onetoken/index"
@@ -12,6 +13,7 @@ DEFAULT_INDEX_DIR = ".onetoken/index"
 
 @dataclass(frozen=True)
 class WorkerConfig:
+    store: StoreConfig = field(default_factory=StoreConfig)  # the worker's and its encoders' store
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port (tests)

@@ -92,14 +92,13 @@ def run_demo(config: WorkerConfig, workdir: Path, images: int = 24) -> int:
     from encoder_service.ingest import default_report_path, ingest, new_run_id
 
     corpus = write_corpus(workdir / "corpus", images)
-    print(
-        f"== model {config.encoder.model_dir}\n== store {config.encoder.store_url}, index {config.index_dir}"
-    )
+    print(f"== model {config.encoder.model_dir}\n== store {config.store.url}, index {config.index_dir}")
     print(f"== ingesting {workdir / 'corpus'} ({images} scenes and 2 bad files) on Ray Data")
     run_id = new_run_id()
     summary = ingest(
         [str(workdir / "corpus")],
         config.encoder,
+        config.store,
         index_dir=config.index_dir,
         index_spec=config.index_spec,
         report_path=default_report_path(workdir / "reports", run_id),

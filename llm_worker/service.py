@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cache.errors import CorruptRecordError, NotIndexedError
+from cache.factory import open_store
 from cache.index import IndexConfig, LatentIndex
 from cache.keys import RecordKey
 from cache.records import LookupStatus, delete_record, get_records, lookup
-from cache.retry import RetryPolicy
 from cache.serde import check_source_uri, read_metadata
-from cache.store import RecordStore, open_store
+from cache.store import RecordStore
 from cache.sync import catch_up, load_or_rebuild
 from encoder_service.pool import EncoderPool, open_pool
 from htcvlm.checkpoint import load_pretrained
@@ -138,18 +138,14 @@ class OneTokenService:
     async def open(cls, config: WorkerConfig) -> OneTokenService:
         """Load the model, open the store and the encoders, and load (or rebuild) the index."""
         model = await asyncio.to_thread(load_pretrained, config.encoder.model_dir, config.device)
-        encoders = await open_pool(config.encoder)
+        encoders = await open_pool(config.encoder, config.store)
         if encoders.fingerprint != model.fingerprint():
             await encoders.close()
             raise CheckpointError(
                 f"the encoders run model {encoders.fingerprint[:12]}…, the decoder "
                 f"{model.fingerprint()[:12]}…; point both at the same checkpoint"
             )
-        store = open_store(
-            config.encoder.store_url,
-            key_prefix=config.encoder.key_prefix,
-            retry=RetryPolicy(total_s=config.encoder.store_retry_s),
-        )
+        store = open_store(config.store)
         index_config = IndexConfig(dim=model.llm.config.hidden_size, spec=config.index_spec)
         index = await asyncio.to_thread(
             load_or_rebuild, config.index_dir, store, model.fingerprint(), index_config

@@ -10,11 +10,12 @@ import pytest
 import redis
 
 from cache.errors import StoreUnavailableError
+from cache.factory import StoreConfig, open_store
 from cache.index import IndexConfig, LatentIndex
 from cache.records import LookupStatus, get_record, lookup, put_records
 from cache.redis_store import RedisConfig, RedisStore
 from cache.retry import RetryPolicy
-from cache.store import RecordStore, open_store
+from cache.store import RecordStore
 
 from .helpers import FINGERPRINT, RedisServer, key_of, make_record, make_tls_certs, purge_prefix
 
@@ -141,12 +142,12 @@ def test_password_and_acl_user_come_from_the_url(redis_server: StartServer) -> N
     server = redis_server("--requirepass", "s3cret", "--user", "alice", "on", ">wonderland", "~*", "+@all")
     base = f"127.0.0.1:{server.port}/0"
     for url in (f"redis://:s3cret@{base}", f"redis://alice:wonderland@{base}"):
-        with open_store(url) as store:
+        with open_store(StoreConfig(url)) as store:
             store.put(key_of(1), url.encode())
             assert store.get(key_of(1)) == url.encode()
     t0 = time.monotonic()
     with (
-        open_store(f"redis://alice:wrong@{base}") as store,
+        open_store(StoreConfig(f"redis://alice:wrong@{base}")) as store,
         pytest.raises(StoreUnavailableError, match="credentials"),
     ):
         store.get(key_of(1))
@@ -156,11 +157,11 @@ def test_password_and_acl_user_come_from_the_url(redis_server: StartServer) -> N
 def test_tls_from_a_rediss_url(redis_server: StartServer, tmp_path: Path) -> None:
     server = redis_server(tls_dir=make_tls_certs(tmp_path / "tls"))
     assert server.url.startswith("rediss://")
-    with open_store(server.url) as store:
+    with open_store(StoreConfig(server.url)) as store:
         put_records(store, [make_record(1)])
         assert get_record(store, key_of(1)) is not None
     plain = server.url.replace("rediss://", "redis://").split("?")[0]
-    with open_store(plain, retry=RetryPolicy(total_s=0.3)) as store, pytest.raises(StoreUnavailableError):
+    with open_store(StoreConfig(plain, retry_s=0.3)) as store, pytest.raises(StoreUnavailableError):
         store.get(key_of(1))
 
 

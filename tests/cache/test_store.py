@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 
 from cache.errors import CorruptRecordError, FingerprintMismatchError
+from cache.factory import StoreConfig, lmdb_path, open_store
 from cache.keys import RecordKey
 from cache.lmdb_store import LmdbStore
 from cache.records import get_record, get_records, put_records
 from cache.redis_store import RedisStore
 from cache.serde import serialize
-from cache.store import RecordStore, lmdb_path, open_store
+from cache.store import RecordStore
 
 from .helpers import FINGERPRINT, key_of, make_record
 
@@ -99,33 +100,37 @@ def test_open_store_picks_the_backend_by_url(tmp_path: Path, monkeypatch: pytest
         ("lmdb://rel/c", tmp_path / "rel" / "c"),
         ("plain-dir", tmp_path / "plain-dir"),
     ]:
-        with open_store(url) as s:
+        with open_store(StoreConfig(url)) as s:
             assert isinstance(s, LmdbStore)
             s.put(key_of(1), b"x")
         assert (where / "data.mdb").exists(), url
 
 
 def test_open_store_redis_urls(redis_url: str) -> None:
-    with open_store(redis_url, key_prefix="onetoken-test-factory") as s:
+    with open_store(StoreConfig(redis_url, key_prefix="onetoken-test-factory")) as s:
         assert isinstance(s, RedisStore)
         assert s.get(key_of(1)) is None
-    with open_store("rediss://127.0.0.1:1/0") as s:  # TLS is chosen by the scheme; no connection yet
+    with open_store(
+        StoreConfig("rediss://127.0.0.1:1/0")
+    ) as s:  # TLS is chosen by the scheme; no connection yet
         assert isinstance(s, RedisStore)
         assert s._pool.connection_class.__name__ == "SSLConnection"
 
 
 def test_open_store_refuses_unknown_urls() -> None:
     with pytest.raises(ValueError, match="unknown store URL scheme"):
-        open_store("s3://bucket/x")
+        StoreConfig("s3://bucket/x")
+    with pytest.raises(ValueError, match="key_prefix"):
+        StoreConfig(key_prefix="a:b")
     with pytest.raises(ValueError, match="names no directory"):
         lmdb_path("lmdb://")
 
 
 def test_lmdb_survives_reopening(tmp_path: Path) -> None:
     path = str(tmp_path / "db")
-    with open_store(path) as s:
+    with open_store(StoreConfig(path)) as s:
         put_records(s, [make_record(i) for i in range(3)])
-    with open_store(f"lmdb://{path}") as s:
+    with open_store(StoreConfig(f"lmdb://{path}")) as s:
         assert s.count(FINGERPRINT) == 3
         assert get_record(s, key_of(2)) is not None
     assert os.path.getsize(os.path.join(path, "data.mdb")) < 1 << 20  # map_size reserves, not allocates
@@ -154,8 +159,8 @@ def test_threads_share_one_store(store: RecordStore) -> None:
 
 def test_two_lmdb_stores_of_one_directory_share_it(tmp_path: Path) -> None:
     """The worker and an in-process encoder open the same store; LMDB allows one env per process."""
-    first = open_store(str(tmp_path / "db"))
-    second = open_store(f"lmdb://{tmp_path / 'db'}")
+    first = open_store(StoreConfig(str(tmp_path / "db")))
+    second = open_store(StoreConfig(f"lmdb://{tmp_path / 'db'}"))
     first.put(key_of(1), b"one")
     assert second.get(key_of(1)) == b"one"
     first.close()
@@ -163,5 +168,5 @@ def test_two_lmdb_stores_of_one_directory_share_it(tmp_path: Path) -> None:
     second.put(key_of(2), b"two")
     assert second.get(key_of(2)) == b"two"
     second.close()
-    with open_store(str(tmp_path / "db")) as third:  # reopened after the last close
+    with open_store(StoreConfig(str(tmp_path / "db"))) as third:  # reopened after the last close
         assert third.get(key_of(2)) == b"two"

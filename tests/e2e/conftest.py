@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cache.factory import StoreConfig
 from encoder_service.config import EncoderConfig
 from llm_worker.client import OneTokenClient
 from llm_worker.config import WorkerConfig
@@ -51,10 +52,13 @@ class ServerThread:
 
 
 def worker_config(model_dir: Path, store_url: str, index_dir: Path, prefix: str, **changes) -> WorkerConfig:
-    encoder = EncoderConfig(
-        model_dir=str(model_dir), store_url=store_url, key_prefix=prefix, kv_dtype="fp32", backend="local"
+    config = WorkerConfig(
+        store=StoreConfig(store_url, key_prefix=prefix),
+        encoder=EncoderConfig(model_dir=str(model_dir), kv_dtype="fp32", backend="local"),
+        port=0,
+        index_dir=str(index_dir),
+        index_refresh_s=0,
     )
-    config = WorkerConfig(encoder=encoder, port=0, index_dir=str(index_dir), index_refresh_s=0)
     return replace(config, **changes)
 
 

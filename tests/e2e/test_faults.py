@@ -29,7 +29,7 @@ def test_store_outage_is_unavailable_and_the_server_recovers(model_dir: Path, tm
     private = RedisServer(redis_dir)
     private.start()
     config = worker_config(model_dir, private.url, tmp_path / "index", "onetoken")
-    config = replace(config, encoder=replace(config.encoder, store_retry_s=1.0))
+    config = replace(config, store=replace(config.store, retry_s=1.0))
     server = ServerThread(config)
     try:
         with OneTokenClient(server.address) as client:
@@ -178,7 +178,7 @@ def test_health_follows_the_store_down_and_back(model_dir: Path, tmp_path: Path)
     private = RedisServer(redis_dir)
     private.start()
     config = worker_config(model_dir, private.url, tmp_path / "index", "onetoken", health_check_s=0.2)
-    config = replace(config, encoder=replace(config.encoder, store_retry_s=0.5))
+    config = replace(config, store=replace(config.store, retry_s=0.5))
     server = ServerThread(config)
     watches = [HealthWatch(server.address, name) for name in ("", "onetoken.v1.OneToken")]
     try:

@@ -38,7 +38,12 @@ def test_ingest_then_serve_with_ray_encoders(model_dir: Path, tmp_path: Path):
     config = replace(config, encoder=replace(config.encoder, backend="ray", num_actors=1, max_wait_ms=1))
     report = tmp_path / "report.jsonl"
     summary = ingest(
-        [str(corpus)], config.encoder, str(config.index_dir), report_path=str(report), show_progress=False
+        [str(corpus)],
+        config.encoder,
+        config.store,
+        str(config.index_dir),
+        report_path=str(report),
+        show_progress=False,
     )
     assert (summary.encoded, summary.cached, summary.failed) == (6, 0, 2)
     failed = {Path(json.loads(line)["path"]).name for line in report.read_text().splitlines()}

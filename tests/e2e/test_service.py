@@ -180,7 +180,8 @@ def test_records_stored_by_another_process_become_searchable(server, client):
     """An ingest run writes records beside a running worker; the worker's index refresh picks them up."""
     from encoder_service.encoder import Encoder
 
-    other = Encoder(server.service.config.encoder)  # another writer of the same store
+    config = server.service.config
+    other = Encoder(config.encoder, config.store)  # another writer of the same store
     try:
         (outcome,) = other.encode([png(70)], ["other://70"])
     finally:
@@ -196,7 +197,7 @@ def test_a_damaged_record_does_not_stop_the_refresh_indexing_the_others(server, 
     existed, it indexed nothing, every round."""
     from encoder_service.encoder import Encoder
 
-    other = Encoder(server.service.config.encoder)
+    other = Encoder(server.service.config.encoder, server.service.config.store)
     try:
         outcomes = other.encode([png(80 + i) for i in range(3)])
     finally:

@@ -26,7 +26,7 @@ def truncated_png(seed: int) -> bytes:
     return data[: len(data) // 2]
 
 
-def encoder_config(model_dir: Path, store_url: str, **changes: object) -> EncoderConfig:
+def encoder_config(model_dir: Path, **changes: object) -> EncoderConfig:
     """A config for the small test model with lossless K/V, so stored records compare exactly."""
-    base: dict[str, object] = {"model_dir": str(model_dir), "store_url": store_url, "kv_dtype": "fp32"}
+    base: dict[str, object] = {"model_dir": str(model_dir), "kv_dtype": "fp32"}
     return EncoderConfig(**{**base, **changes})  # type: ignore[arg-type]

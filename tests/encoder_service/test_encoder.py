@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from cache.factory import StoreConfig, open_store
 from cache.keys import RecordKey
 from cache.records import get_records
-from cache.store import open_store
 from encoder_service.encoder import Encoder
 from htcvlm.checkpoint import load_pretrained
 from htcvlm.record import image_id_of
@@ -23,7 +23,7 @@ from tests.encoder_service.helpers import encoder_config, png, truncated_png
 
 @pytest.fixture
 def encoder(model_dir: Path, tmp_path: Path) -> Iterator[Encoder]:
-    enc = Encoder(encoder_config(model_dir, str(tmp_path / "store"), max_pixels=60 * 60))
+    enc = Encoder(encoder_config(model_dir, max_pixels=60 * 60), StoreConfig(str(tmp_path / "store")))
     yield enc
     enc.close()
 
@@ -92,15 +92,16 @@ def test_ray_data_stage_passes_unread_rows_through(encoder: Encoder) -> None:
 def test_encoder_over_redis(model_dir: Path, redis_url: str) -> None:
     """The same contract over the shared Redis, under a key prefix of its own, removed afterwards."""
     prefix = f"onetoken-test-enc-{uuid.uuid4().hex[:12]}"
-    encoder = Encoder(encoder_config(model_dir, redis_url, key_prefix=prefix))
+    store = StoreConfig(redis_url, key_prefix=prefix)
+    encoder = Encoder(encoder_config(model_dir), store)
     try:
         assert [o.status for o in encoder.encode([png(11), b"junk", png(12)])] == [
             "encoded", "failed", "encoded"
         ]  # fmt: skip
         assert [o.status for o in encoder.encode([png(12), png(11)])] == ["cached", "cached"]
         assert encoder.images_compressed == 2
-        with open_store(redis_url, key_prefix=prefix) as store:
-            stored = sorted(store.iter_ids(encoder.fingerprint))
+        with open_store(store) as opened:
+            stored = sorted(opened.iter_ids(encoder.fingerprint))
         assert stored == sorted(image_id_of(png(s)) for s in (11, 12))
     finally:
         encoder.close()

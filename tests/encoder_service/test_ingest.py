@@ -13,10 +13,10 @@ import ray
 import redis
 
 from cache.errors import StoreUnavailableError
+from cache.factory import StoreConfig, open_store
 from cache.index import IndexConfig, LatentIndex
 from cache.keys import RecordKey
 from cache.records import get_records
-from cache.store import open_store
 from encoder_service.ingest import expand_inputs, ingest
 from htcvlm.checkpoint import load_pretrained
 from htcvlm.errors import CheckpointError
@@ -66,11 +66,11 @@ def test_ingest_reports_bad_files_indexes_good_ones_and_resumes(
     corpus: tuple[Path, dict[str, bytes], dict[str, str]], model_dir: Path, tmp_path: Path, ray_cluster: None
 ) -> None:
     folder, good, bad = corpus
-    config = encoder_config(model_dir, str(tmp_path / "store"), num_actors=1)
+    config, store = encoder_config(model_dir, num_actors=1), StoreConfig(str(tmp_path / "store"))
     report = tmp_path / "reports" / "report.jsonl"  # its folder does not exist yet: ingest makes it
     index_dir = tmp_path / "index"
 
-    summary = ingest([str(folder)], config, str(index_dir), batch_size=4, report_path=str(report))
+    summary = ingest([str(folder)], config, store, str(index_dir), batch_size=4, report_path=str(report))
     assert (summary.encoded, summary.cached, summary.failed) == (3, 0, 4)
     assert summary.report_path == str(report) and summary.images_per_s > 0
     rows = [json.loads(line) for line in report.read_text().splitlines()]
@@ -81,16 +81,16 @@ def test_ingest_reports_bad_files_indexes_good_ones_and_resumes(
 
     fingerprint = load_pretrained(model_dir).fingerprint()
     ids = sorted(image_id_of(data) for data in good.values())
-    with open_store(config.store_url) as store:
-        assert sorted(store.iter_ids(fingerprint)) == ids
-        records = get_records(store, [RecordKey(fingerprint, i) for i in ids])
+    with open_store(store) as opened:
+        assert sorted(opened.iter_ids(fingerprint)) == ids
+        records = get_records(opened, [RecordKey(fingerprint, i) for i in ids])
     index = LatentIndex.load(index_dir, fingerprint, IndexConfig(dim=64))
     assert sorted(index.image_ids()) == ids
     for image_id, record in zip(ids, records, strict=True):  # each stored latent finds its own image
         assert record is not None
         assert index.search(record.latent.numpy()[None], k=1)[0][0].image_id == image_id
 
-    again = ingest([str(folder)], config, str(index_dir), batch_size=4, report_path=str(report))
+    again = ingest([str(folder)], config, store, str(index_dir), batch_size=4, report_path=str(report))
     assert (again.encoded, again.cached, again.failed) == (0, 3, 4)  # resumable: no model work
     assert again.run_id != summary.run_id
     runs = [json.loads(line)["run"] for line in report.read_text().splitlines()]
@@ -99,7 +99,7 @@ def test_ingest_reports_bad_files_indexes_good_ones_and_resumes(
 
     # a new image on its own: the saved index is topped up, not rebuilt
     (tmp_path / "new.png").write_bytes(png(9))
-    more = ingest([str(tmp_path / "new.png")], config, str(index_dir), show_progress=False)
+    more = ingest([str(tmp_path / "new.png")], config, store, str(index_dir), show_progress=False)
     assert (more.encoded, more.cached, more.failed, more.report_path) == (1, 0, 0, None)
     index = LatentIndex.load(index_dir, fingerprint, IndexConfig(dim=64))
     assert sorted(index.image_ids()) == sorted([*ids, image_id_of(png(9))])
@@ -109,9 +109,9 @@ def test_a_report_of_a_run_without_failures_is_not_written(
     model_dir: Path, tmp_path: Path, ray_cluster: None
 ):
     (tmp_path / "a.png").write_bytes(png(1))
-    config = encoder_config(model_dir, str(tmp_path / "store"))
+    config, store = encoder_config(model_dir), StoreConfig(str(tmp_path / "store"))
     report = tmp_path / "reports" / "report.jsonl"
-    summary = ingest([str(tmp_path / "a.png")], config, report_path=str(report), show_progress=False)
+    summary = ingest([str(tmp_path / "a.png")], config, store, report_path=str(report), show_progress=False)
     assert (summary.encoded, summary.failed, summary.report_path) == (1, 0, None)
     assert not report.exists()
 
@@ -131,10 +131,10 @@ def test_a_store_outage_stops_ingest_with_the_stores_own_error(
     private.start()
     killer = threading.Thread(target=kill_after_first_write, args=(private,), daemon=True)
     killer.start()
-    config = encoder_config(model_dir, private.url, store_retry_s=1.0)
+    config, store = encoder_config(model_dir), StoreConfig(private.url, retry_s=1.0)
     try:
         with pytest.raises(StoreUnavailableError, match="is the store running") as err:
-            ingest([str(corpus)], config, batch_size=2, show_progress=False)
+            ingest([str(corpus)], config, store, batch_size=2, show_progress=False)
     finally:
         killer.join(timeout=10)
         private.kill()
@@ -155,6 +155,6 @@ def kill_after_first_write(server: RedisServer, timeout_s: float = 120) -> None:
 
 def test_ingest_fails_fast_without_a_model(tmp_path: Path) -> None:
     (tmp_path / "a.png").write_bytes(png(1))
-    config = encoder_config(tmp_path / "no-model", str(tmp_path / "store"))
+    config, store = encoder_config(tmp_path / "no-model"), StoreConfig(str(tmp_path / "store"))
     with pytest.raises(CheckpointError, match="does not exist"):
-        ingest([str(tmp_path / "a.png")], config, show_progress=False)
+        ingest([str(tmp_path / "a.png")], config, store, show_progress=False)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cache.errors import StoreUnavailableError
+from cache.factory import StoreConfig
 from encoder_service.errors import EncoderUnavailableError
 from encoder_service.pool import LocalEncoderPool, RayEncoderPool, actor_resources, open_pool
 from htcvlm.checkpoint import load_pretrained
@@ -22,8 +23,8 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_local_pool_batches_concurrent_requests(model_dir: Path, tmp_path: Path) -> None:
-    config = encoder_config(model_dir, str(tmp_path / "store"), backend="local", max_batch=4, max_wait_ms=20)
-    pool = await open_pool(config)
+    config = encoder_config(model_dir, backend="local", max_batch=4, max_wait_ms=20)
+    pool = await open_pool(config, StoreConfig(str(tmp_path / "store")))
     try:
         assert isinstance(pool, LocalEncoderPool)
         assert pool.fingerprint == load_pretrained(model_dir).fingerprint()
@@ -41,9 +42,9 @@ async def test_local_pool_batches_concurrent_requests(model_dir: Path, tmp_path:
 
 def test_actor_resources_follow_the_cluster(model_dir: Path, ray_cluster: None) -> None:
     """The test cluster has no GPU: CPU actors. A configured GPU share is used as given."""
-    config = encoder_config(model_dir, "unused")
+    config = encoder_config(model_dir)
     assert actor_resources(config) == {"num_gpus": 0.0, "num_cpus": 1}
-    assert actor_resources(encoder_config(model_dir, "unused", num_gpus_per_actor=0.5)) == {
+    assert actor_resources(encoder_config(model_dir, num_gpus_per_actor=0.5)) == {
         "num_gpus": 0.5,
         "num_cpus": 0,
     }
@@ -52,8 +53,8 @@ def test_actor_resources_follow_the_cluster(model_dir: Path, ray_cluster: None) 
 async def test_ray_pool_encodes_and_serves_cached_images(
     model_dir: Path, tmp_path: Path, ray_cluster: None
 ) -> None:
-    config = encoder_config(model_dir, str(tmp_path / "store"), num_actors=1, max_batch=8)
-    pool = await open_pool(config)
+    config = encoder_config(model_dir, num_actors=1, max_batch=8)
+    pool = await open_pool(config, StoreConfig(str(tmp_path / "store")))
     try:
         assert isinstance(pool, RayEncoderPool)
         assert pool.fingerprint == load_pretrained(model_dir).fingerprint()
@@ -75,8 +76,8 @@ async def test_killed_actor_is_restarted_and_the_batch_retried(
 ) -> None:
     import ray
 
-    config = encoder_config(model_dir, str(tmp_path / "store"), num_actors=1, max_batch=8, max_wait_ms=1)
-    pool = await open_pool(config)
+    config = encoder_config(model_dir, num_actors=1, max_batch=8, max_wait_ms=1)
+    pool = await open_pool(config, StoreConfig(str(tmp_path / "store")))
     try:
         assert isinstance(pool, RayEncoderPool)
         (before,) = await pool.stats()
@@ -110,8 +111,8 @@ async def test_store_outage_reaches_the_caller_as_itself_and_the_pool_recovers(
     (tmp_path / "redis").mkdir()
     server = RedisServer(tmp_path / "redis")
     server.start()
-    config = encoder_config(model_dir, server.url, num_actors=1, max_wait_ms=1, store_retry_s=0.5)
-    pool = await open_pool(config)
+    config = encoder_config(model_dir, num_actors=1, max_wait_ms=1)
+    pool = await open_pool(config, StoreConfig(server.url, retry_s=0.5))
     try:
         assert (await pool.encode(png(60))).status == "encoded"
         server.kill()

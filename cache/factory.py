@@ -1,0 +1,63 @@
+"""Opening a record store: `StoreConfig` (URL, key prefix, retry budget) and `open_store`, which picks the
+backend from the URL's scheme. The worker, the encoders and ingest all open their store from one
+`StoreConfig`, so they can never disagree about where records live.
+
+- `redis://[user:password@]host:port/db` and `rediss://...` (TLS; `?ssl_cert_reqs=...&ssl_ca_certs=...` as
+  redis-py reads them): a `RedisStore`; the key prefix namespaces its keys, `retry_s` bounds reconnects.
+- `lmdb:///abs/path`, `lmdb://rel/path` or a plain path: the embedded `LmdbStore` (created if absent).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from cache.keys import DEFAULT_PREFIX, check_name
+from cache.retry import RetryPolicy
+from cache.store import RecordStore
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STORE_URL = ".onetoken/records"  # a plain path: the embedded LMDB store, no server needed
+SCHEMES = ("redis", "rediss", "lmdb", "")  # "" is a plain path
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str = DEFAULT_STORE_URL
+    key_prefix: str = DEFAULT_PREFIX  # namespaces every key: several deployments can share one Redis
+    retry_s: float = 10.0  # how long a network store retries one call before StoreUnavailableError
+
+    def __post_init__(self) -> None:
+        check_name("key_prefix", self.key_prefix)
+        if self.retry_s < 0:
+            raise ValueError(f"retry_s must be >= 0, got {self.retry_s}")
+        scheme = urlsplit(self.url).scheme
+        if scheme not in SCHEMES:
+            choices = "redis://, rediss://, lmdb:// or a path"
+            raise ValueError(f"unknown store URL scheme {scheme!r} in {self.url!r}; use {choices}")
+
+
+def open_store(config: StoreConfig) -> RecordStore:
+    """Open the store `config.url` names (see the module docstring); `close()` it when done."""
+    scheme = urlsplit(config.url).scheme
+    if scheme in ("redis", "rediss"):
+        from cache.redis_store import RedisConfig, RedisStore  # redis-py only where Redis is used
+
+        retry = RetryPolicy(total_s=config.retry_s)
+        return RedisStore(RedisConfig(url=config.url, key_prefix=config.key_prefix, retry=retry))
+    from cache.lmdb_store import LmdbConfig, LmdbStore
+
+    return LmdbStore(LmdbConfig(path=lmdb_path(config.url), key_prefix=config.key_prefix))
+
+
+def lmdb_path(url: str) -> str:
+    """The directory an `lmdb://` URL or plain path names: lmdb:///abs -> /abs, lmdb://rel/x -> rel/x."""
+    if not url.startswith("lmdb:"):
+        return url
+    parts = urlsplit(url)
+    path = parts.netloc + parts.path
+    if not path:
+        raise ValueError(f"lmdb URL {url!r} names no directory")
+    return path
