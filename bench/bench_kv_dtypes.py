@@ -13,7 +13,8 @@ import argparse
 
 import torch
 
-from cache.serde import KV_DTYPES, roundtrip, serialize
+from cache.dtypes import KV_DTYPES
+from cache.serde import roundtrip, serialize
 from htcvlm.checkpoint import load_pretrained
 from htcvlm.config import HTCConfig
 from htcvlm.data.dataset import ProceduralVQA

@@ -27,8 +27,9 @@ import torch
 from cache.factory import StoreConfig
 from encoder_service.config import EncoderConfig
 from encoder_service.ingest import IngestSummary, ingest
-from htcvlm.checkpoint import DEFAULT_MODEL_DIR, load_pretrained
+from htcvlm.checkpoint import load_pretrained
 from htcvlm.data.dataset import ProceduralVQA
+from htcvlm.defaults import DEFAULT_MODEL_DIR
 from llm_worker.client import OneTokenClient
 from llm_worker.config import WorkerConfig
 from llm_worker.server import start

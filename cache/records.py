@@ -13,10 +13,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from cache.dtypes import KvDtype
 from cache.errors import CorruptRecordError
 from cache.index import LatentIndex
 from cache.keys import RecordKey
-from cache.serde import KvDtype, deserialize, serialize
+from cache.serde import deserialize, serialize
 from cache.store import RecordStore
 from htcvlm.record import Record
 

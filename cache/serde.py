@@ -18,20 +18,18 @@ import hashlib
 import json
 import logging
 import struct
-from typing import Literal, get_args
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from cache.dtypes import KV_DTYPES, KvDtype
 from cache.errors import CorruptRecordError, FingerprintMismatchError
 from htcvlm.record import Record
 
 logger = logging.getLogger(__name__)
 
-KvDtype = Literal["fp32", "fp16", "bf16", "int8"]
-KV_DTYPES: tuple[str, ...] = get_args(KvDtype)
 
 FORMAT = "onetoken.record"
 FORMAT_VERSION = "1"

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from cache.serde import KvDtype
-from htcvlm.checkpoint import DEFAULT_MODEL_DIR
-from htcvlm.images import DEFAULT_MAX_PIXELS
+from cache.dtypes import KvDtype
+from htcvlm.defaults import DEFAULT_MAX_PIXELS, DEFAULT_MODEL_DIR
 
 Backend = Literal["ray", "local"]
 
@@ -32,6 +31,12 @@ class EncoderConfig:
             raise ValueError(f"backend must be one of {get_args(Backend)}, got {self.backend!r}")
         if self.kv_dtype not in get_args(KvDtype):
             raise ValueError(f"kv_dtype must be one of {get_args(KvDtype)}, got {self.kv_dtype!r}")
+        from PIL import Image  # Pillow's own bomb limit caps ours: it refuses larger images itself
+
+        if self.max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"max_pixels can be at most Pillow's {2 * Image.MAX_IMAGE_PIXELS}, got {self.max_pixels}"
+            )
         for name in ("num_actors", "max_batch", "max_queue", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -28,8 +28,6 @@ TOKENIZER_FILE = "tokenizer.json"
 # load of unchanged weights skips hashing them (minutes at 7B), and any rewrite of the file re-hashes.
 STAMP_FILE = "fingerprint.json"
 FORMAT = "onetoken-htcvlm/1"
-# The trained tiny hybrid model that ships in the repository: the default model of every command.
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "tiny"
 
 
 def save_pretrained(model: HTCVLM, path: str | Path) -> Path:

@@ -11,10 +11,9 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import get_args
 
-import torch
-
-from htcvlm.config import PRESETS, HTCConfig
+from htcvlm.config import PRESETS, FusionMode, HTCConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +33,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         config, params = _preset_geometry(args.preset)
         print(f"preset            {config.name} (geometry only, no weights)")
     else:
-        from htcvlm.checkpoint import DEFAULT_MODEL_DIR, load_pretrained
+        from htcvlm.checkpoint import load_pretrained
+        from htcvlm.defaults import DEFAULT_MODEL_DIR
 
         folder = args.model or str(DEFAULT_MODEL_DIR)
         model = load_pretrained(folder)
@@ -54,6 +54,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _preset_geometry(name: str) -> tuple[HTCConfig, int]:
     """A preset's config and parameter count, the model built on the meta device (even the 7B paper
     geometry allocates nothing)."""
+    import torch  # only the model commands pay for it
+
     from htcvlm.model import new_model
     from htcvlm.tokenizer import train_tokenizer
 
@@ -69,6 +71,8 @@ def _preset_geometry(name: str) -> tuple[HTCConfig, int]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one variant end to end (tokenizer, stage 1 MGVQ, stage 2 HTC-VLM) into a checkpoint folder."""
+    import torch  # only the model commands pay for it
+
     from htcvlm.train import TrainConfig, run_training
 
     torch.set_num_threads(args.threads)
@@ -124,6 +128,8 @@ def _model_spec(text: str) -> tuple[str, str]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Accuracy and retention per question type for the trained variants, as markdown and JSON."""
+    import torch  # only the model commands pay for it
+
     from htcvlm.evaluate import run_eval
 
     torch.set_num_threads(args.threads)
@@ -135,6 +141,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     """The voco token's attention over the anchors and the first patch tokens, as a PNG heatmap."""
+    import torch  # only the model commands pay for it
+
     from htcvlm.analysis import heatmap, voco_attention
     from htcvlm.checkpoint import load_pretrained
     from htcvlm.data.dataset import ProceduralVQA
@@ -152,6 +160,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
     """Near-duplicate recall@1/@10 over voco latents: procedural test scenes and scikit-image's photos."""
+    import torch  # only the model commands pay for it
+
     from htcvlm.checkpoint import load_pretrained
     from htcvlm.data.dataset import ProceduralVQA
     from htcvlm.retrieval import format_recall, near_duplicate_recall, skimage_photos
@@ -286,7 +296,7 @@ def add_model_commands(
     train.add_argument("--val-size", type=int, default=500, help="validation samples scored at each eval")
     train.add_argument("--n-discrete", type=int, default=4, help="N_d: discrete anchor tokens")
     train.add_argument(
-        "--fusion", choices=("pre", "post", "mean"), default="pre", help="how the anchors join the patches"
+        "--fusion", choices=get_args(FusionMode), default="pre", help="how the anchors join the patches"
     )
     train.add_argument("--eval-every", type=int, default=500, help="stage-2 steps between evaluations")
     train.add_argument("--seed", type=int, default=0, help="random seed")

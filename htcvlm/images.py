@@ -12,16 +12,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from htcvlm.defaults import DEFAULT_MAX_PIXELS
 from htcvlm.errors import ImageTooLargeError, InvalidImageError
 
 logger = logging.getLogger(__name__)
-
-# The largest image decoded by default: 64,000,000 pixels (8000 x 8000, or a 64 MP camera photo), far
-# above the 336 px a VLM sees and far below what exhausts a worker's memory (192 MB decoded as RGB).
-DEFAULT_MAX_PIXELS = 64_000_000
-# Pillow refuses to open anything larger than this itself (its own decompression-bomb error), so no
-# configured limit can go above it.
-PILLOW_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel

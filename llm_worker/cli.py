@@ -19,10 +19,13 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import get_args
 
+from cache.dtypes import KV_DTYPES
 from cache.factory import DEFAULT_STORE_URL
-from htcvlm.checkpoint import DEFAULT_MODEL_DIR
+from encoder_service.config import Backend
 from htcvlm.cli import HelpFormatter, add_command, add_log_level, add_model_commands, common_options
+from htcvlm.defaults import DEFAULT_MODEL_DIR
 from llm_worker.config import DEFAULT_INDEX_DIR, WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -92,13 +95,13 @@ def add_service_options(p: argparse.ArgumentParser, in_workdir: bool = False) ->
     )
     p.add_argument(
         "--kv-dtype",
-        choices=("fp32", "fp16", "bf16", "int8"),
+        choices=KV_DTYPES,
         default=_env("KV_DTYPE", "fp16"),
         help="how stored K/V state is kept [$ONETOKEN_KV_DTYPE]",
     )
     p.add_argument(
         "--encoder-backend",
-        choices=("ray", "local"),
+        choices=get_args(Backend),
         default=_env("ENCODER_BACKEND", "ray"),
         help="serve's encoders: Ray actors, or one in-process encoder [$ONETOKEN_ENCODER_BACKEND]",
     )

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cache.dtypes import KV_DTYPES
 from cache.records import get_record, put_records
-from cache.serde import KV_DTYPES, roundtrip
+from cache.serde import roundtrip
 from cache.store import RecordStore
 from htcvlm.decode import DecodeBatch, decode
 from htcvlm.generation import GenerationOptions

@@ -17,8 +17,8 @@ import pytest
 
 from cache.keys import RecordKey
 from cache.serde import MAX_SOURCE_URI_BYTES
+from htcvlm.defaults import DEFAULT_MAX_PIXELS
 from htcvlm.generation import RowState
-from htcvlm.images import DEFAULT_MAX_PIXELS
 from llm_worker.client import OneTokenClient
 from tests.conftest import QUESTION
 from tests.htcvlm.helpers import png_bytes as png

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from htcvlm.defaults import DEFAULT_MAX_PIXELS
 from htcvlm.errors import ImageTooLargeError, InvalidImageError
-from htcvlm.images import DEFAULT_MAX_PIXELS, load_image, pixels_from_bytes, to_pixels
+from htcvlm.images import load_image, pixels_from_bytes, to_pixels
 
 
 def encode(img: Image.Image, fmt: str = "PNG") -> bytes:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from safetensors import safe_open
 
-from htcvlm.checkpoint import DEFAULT_MODEL_DIR, WEIGHTS_FILE, load_pretrained
+from htcvlm.checkpoint import WEIGHTS_FILE, load_pretrained
+from htcvlm.defaults import DEFAULT_MODEL_DIR
 from htcvlm.evaluate import accuracy
 from htcvlm.train import procedural_pool
 

@@ -123,3 +123,29 @@ def test_large_messages_pass_the_default_limit(served):
             client.encode(b"\0" * (32 * 1024 * 1024))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
         assert time.monotonic() - started < 30
+
+
+CLIENT_IMPORTS = """
+import sys
+from llm_worker.cli import main
+for argv in (["search", "--help"], ["ask", "--help"], ["--version"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+code = main(["ask", "--image-id", "0" * 64, "--address", "127.0.0.1:{port}", "What?"])
+heavy = sorted(m for m in ("torch", "transformers", "ray", "faiss") if m in sys.modules)
+print("heavy:", ",".join(heavy), "code:", code)
+"""
+
+
+def test_client_commands_import_no_model_stack(served):
+    """`onetoken ask/search/encode` talk to a server: they must not pay for torch (~1.2 s) at start."""
+    port = served[2]
+    out = subprocess.run(
+        [sys.executable, "-c", CLIENT_IMPORTS.format(port=port)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    # the Ask reached the server (an unknown id: NOT_FOUND, exit 1) with nothing heavy imported
+    assert out.stdout.splitlines()[-1] == "heavy:  code: 1", out.stdout
+    assert "NOT_FOUND" in out.stderr

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from htcvlm.checkpoint import DEFAULT_MODEL_DIR, load_pretrained
+from htcvlm.checkpoint import load_pretrained
+from htcvlm.defaults import DEFAULT_MODEL_DIR
 from llm_worker.cli import build_parser, main
 from tests.llm_worker.helpers import onetoken
 
