@@ -50,23 +50,40 @@ def served(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     assert proc.wait(timeout=30) == 0
 
 
-def test_encode_ask_search_through_the_cli(served):
+def encoded(served, seed: int) -> tuple[str, Path]:
+    """An image file written and encoded through the CLI: (its id, its path)."""
+    env, work, _ = served
+    image = work / f"img{seed}.png"
+    image.write_bytes(png_bytes(seed))
+    done = onetoken("encode", str(image), env=env)
+    assert done.returncode == 0, done.stderr
+    image_id, status, path = done.stdout.split()
+    assert path == str(image) and len(image_id) == 64 and status in ("encoded", "cached")
+    return image_id, image
+
+
+def test_encode_prints_the_id_then_cached(served):
     env, work, _ = served
     image = work / "cat.png"
     image.write_bytes(png_bytes(7))
-    encoded = onetoken("encode", str(image), env=env)
-    assert encoded.returncode == 0, encoded.stderr
-    image_id, status, path = encoded.stdout.split()
-    assert status == "encoded" and path == str(image) and len(image_id) == 64
+    first = onetoken("encode", str(image), env=env)
+    assert first.returncode == 0 and first.stdout.split()[1] == "encoded", first.stderr
     again = onetoken("encode", str(image), env=env)
-    assert again.stdout.split()[1] == "cached"
+    assert again.stdout.split()[:2] == [first.stdout.split()[0], "cached"]
 
+
+def test_ask_by_id_and_streamed_by_file_agree(served):
+    env = served[0]
+    image_id, image = encoded(served, 8)
     asked = onetoken("ask", "--image-id", image_id, "--max-new-tokens", "4", QUESTION, env=env)
     streamed = onetoken("ask", "--image", str(image), "--max-new-tokens", "4", "--stream", QUESTION, env=env)
     assert asked.returncode == 0 and streamed.returncode == 0, asked.stderr + streamed.stderr
-    assert asked.stdout.strip() == streamed.stdout.strip()
+    assert asked.stdout.strip() and asked.stdout.strip() == streamed.stdout.strip()
 
-    found = onetoken("search", "--image", str(image), "-k", "1", env=env)
+
+def test_search_by_file_finds_it_first(served):
+    image_id, image = encoded(served, 9)
+    found = onetoken("search", "--image", str(image), "-k", "1", env=served[0])
     score, hit_id, uri = found.stdout.split()
     assert hit_id == image_id and float(score) > 0.999 and uri == str(image)
 
