@@ -16,6 +16,7 @@ from htcvlm.data import dataset as dataset_module
 from htcvlm.data.dataset import ProceduralVQA
 from htcvlm.data.scenes import COLORS, GRID, SHAPES
 from htcvlm.evaluate import retention, retention_table
+from htcvlm.pool import cell_labels, tensorize
 from htcvlm.train import (
     CellHeads,
     TrainConfig,
@@ -23,9 +24,7 @@ from htcvlm.train import (
     _state_tensors,
     answer_loss,
     cell_accuracy,
-    cell_labels,
     init_weights,
-    tensorize,
     train_vision,
     train_vlm,
 )
