@@ -18,15 +18,10 @@ from htcvlm.cli import build_parser
 from htcvlm.config import HTCConfig
 from htcvlm.evaluate import accuracy
 from htcvlm.model import new_model
-from htcvlm.train import (
-    TrainConfig,
-    procedural_pool,
-    procedural_tokenizer,
-    train_mgvq,
-    train_vision,
-    train_vlm,
-    variant_config,
-)
+from htcvlm.pool import procedural_pool
+from htcvlm.train.data import procedural_tokenizer
+from htcvlm.train.recipe import TrainConfig, variant_config
+from htcvlm.train.stages import train_mgvq, train_vision, train_vlm
 
 
 def recipe() -> argparse.Namespace:

@@ -52,7 +52,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one variant end to end (tokenizer, stage 1 MGVQ, stage 2 HTC-VLM) into a checkpoint folder."""
-    from htcvlm.train import TrainConfig, run_training
+    from htcvlm.train.recipe import TrainConfig
+    from htcvlm.train.run import run_training
 
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(

@@ -17,17 +17,10 @@ from htcvlm.data.dataset import ProceduralVQA
 from htcvlm.data.scenes import COLORS, GRID, SHAPES
 from htcvlm.evaluate import retention, retention_table
 from htcvlm.pool import cell_labels, tensorize
-from htcvlm.train import (
-    CellHeads,
-    TrainConfig,
-    _load_state,
-    _state_tensors,
-    answer_loss,
-    cell_accuracy,
-    init_weights,
-    train_vision,
-    train_vlm,
-)
+from htcvlm.train.loop import _load_state, _state_tensors
+from htcvlm.train.recipe import TrainConfig
+from htcvlm.train.run import init_weights
+from htcvlm.train.stages import CellHeads, answer_loss, cell_accuracy, train_vision, train_vlm
 
 from .helpers import make_model
 
