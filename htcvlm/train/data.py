@@ -1,9 +1,11 @@
-"""What training reads beyond the shared pools (`htcvlm.pool`): the tokenizer and LLaVA-format pools."""
+"""What training reads beyond the shared pools (`htcvlm.pool`): the tokenizer, LLaVA-format pools, and
+the curriculum's batches."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedTokenizerFast
 
 from htcvlm.data.dataset import draw_question
@@ -12,6 +14,7 @@ from htcvlm.data.questions import answer_vocabulary
 from htcvlm.model import HTCVLM
 from htcvlm.pool import VQATensors, tensorize
 from htcvlm.tokenizer import train_tokenizer
+from htcvlm.train.recipe import TrainConfig
 
 
 def procedural_tokenizer(vocab_size: int = 512, n_questions: int = 4000) -> PreTrainedTokenizerFast:
@@ -33,3 +36,11 @@ def llava_pools(
         raise ValueError(f"{json_path} has {len(data)} turns with images, need more than val_size={val_size}")
     samples = [data[i] for i in range(len(data))]
     return tensorize(model, samples[:-val_size]), tensorize(model, samples[-val_size:])
+
+
+def batch_indices(data: VQATensors, step: int, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """(batch_size,) pool rows for stage 2's step `step`: the first cfg.easy_steps steps draw only the
+    pool's single-object samples (its last n_easy rows), the rest from the whole pool."""
+    if step < cfg.easy_steps and data.n_easy:
+        return len(data) - data.n_easy + torch.randint(data.n_easy, (cfg.batch_size,), generator=gen)
+    return torch.randint(len(data), (cfg.batch_size,), generator=gen)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from htcvlm.data.scenes import GRID
@@ -23,7 +22,8 @@ from htcvlm.evaluate import accuracy
 from htcvlm.mgvq import MGVQ
 from htcvlm.model import HTCVLM
 from htcvlm.pool import CELL_CLASSES, VQATensors, map_batches
-from htcvlm.train.loop import _load_state, lr_at, save_training_state
+from htcvlm.train.data import batch_indices
+from htcvlm.train.loop import load_training_state, run_steps, save_training_state
 from htcvlm.train.recipe import TrainConfig, Variant
 
 logger = logging.getLogger(__name__)
@@ -47,16 +47,22 @@ def train_mgvq(
     opt = torch.optim.AdamW(mgvq.parameters(), lr=cfg.mgvq_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     parts: dict[str, float] = {}
-    bar = tqdm(range(cfg.mgvq_steps), desc="stage 1 mgvq", disable=not show_progress)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg, cfg.mgvq_lr, cfg.mgvq_steps)
+
+    def loss_at(step: int) -> tuple[torch.Tensor, dict[str, str]]:
+        nonlocal parts
         idx = torch.randint(len(pixels_u8), (cfg.batch_size,), generator=gen)
         loss, parts = mgvq.loss(pixels_u8[idx].float().to(model.device) / 255.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(rec=f"{parts['reconstruction']:.4f}", vq=f"{parts['commitment']:.4f}")
+        return loss, {"rec": f"{parts['reconstruction']:.4f}", "vq": f"{parts['commitment']:.4f}"}
+
+    run_steps(
+        opt,
+        loss_at,
+        cfg=cfg,
+        lr=cfg.mgvq_lr,
+        steps=cfg.mgvq_steps,
+        desc="stage 1 mgvq",
+        show_progress=show_progress,
+    )
     mgvq.eval()
     return parts
 
@@ -112,25 +118,30 @@ def train_vision(
     params = list(model.vision.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.vision_lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
+    cells = data.cells
     model.vision.train()
-    loss = torch.zeros(())
-    bar = tqdm(range(cfg.vision_steps), desc="stage 0 vision", disable=not show_progress)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg, cfg.vision_lr, cfg.vision_steps)
+
+    def loss_at(step: int) -> tuple[torch.Tensor, dict[str, str]]:
         idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
         pixels = data.pixels[idx].float().to(model.device) / 255.0
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = heads.loss(model.vision_patches(pixels), data.cells[idx].to(model.device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+            loss = heads.loss(model.vision_patches(pixels), cells[idx].to(model.device))
+        return loss, {"loss": f"{loss.item():.3f}"}
+
+    loss = run_steps(
+        opt,
+        loss_at,
+        cfg=cfg,
+        lr=cfg.vision_lr,
+        steps=cfg.vision_steps,
+        desc="stage 0 vision",
+        clip=params,
+        show_progress=show_progress,
+    )
     model.vision.eval()
     if val is not None and val.cells is not None:
         logger.info("stage 0 validation accuracy: %s", json.dumps(cell_accuracy(model, heads, val)))
-    return loss.item()
+    return 0.0 if loss is None else loss.item()
 
 
 @torch.no_grad()
@@ -188,13 +199,7 @@ def train_vlm(
         lr=cfg.lr,
         betas=(0.9, 0.98),
     )
-    start, log = 0, []
-    if out is not None and (out / "train_state.json").is_file():
-        state = json.loads((out / "train_state.json").read_text())
-        model.load_state_dict(load_file(str(out / "model.safetensors")))
-        _load_state(opt, load_file(str(out / "optimizer.safetensors")), state)
-        start, log = state["step"], state["log"]
-        logger.info("resuming %s from step %d", out, start)
+    start, log = (0, []) if out is None else load_training_state(out, model, opt)
     model.train()
     for module in frozen:
         module.eval()  # no statistics to update, but keep them deterministic
@@ -206,49 +211,50 @@ def train_vlm(
         model.llm.gradient_checkpointing_enable()
     upper = variant == "upper"
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + start)
-    bar = tqdm(
-        range(start, cfg.steps),
-        desc=f"stage 2 {variant}",
-        initial=start,
-        total=cfg.steps,
-        disable=not show_progress,
-    )
     started = time.perf_counter()
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg, cfg.lr, cfg.steps)
-        if step < cfg.easy_steps and data.n_easy:
-            idx = len(data) - data.n_easy + torch.randint(data.n_easy, (cfg.batch_size,), generator=gen)
-        else:
-            idx = torch.randint(len(data), (cfg.batch_size,), generator=gen)
+
+    def loss_at(step: int) -> tuple[torch.Tensor, dict[str, str]]:
+        idx = batch_indices(data, step, cfg, gen)
         b = {k: v.to(model.device) if v is not None else None for k, v in data.batch(idx).items()}
         scored = b.pop("scored")
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             logits, _ = model(**b, text_attends_visual=upper)
             loss = answer_loss(logits, b["input_ids"], scored)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        last = step + 1 == cfg.steps
-        if val is not None and ((step + 1) % cfg.eval_every == 0 or last):
-            model.eval()
-            acc = accuracy(model, val, upper=upper)["all"]
-            model.train()
-            for module in frozen:
-                module.eval()
-            entry = {
-                "step": step + 1,
-                "loss": loss.item(),
-                "val_accuracy": acc,
-                "minutes": (time.perf_counter() - started) / 60,
-            }
-            log.append(entry)
-            logger.info("%s step %d loss %.3f val %.3f", variant, step + 1, loss.item(), acc)
-            bar.write(json.dumps(entry))
-            if out is not None:
-                save_training_state(out, model, opt, step + 1, log)
+        return loss, {"loss": f"{loss.item():.3f}"}
+
+    def validate(step: int, loss: torch.Tensor) -> None:
+        """Every cfg.eval_every steps and after the last: accuracy on `val`, logged, and the state saved."""
+        if val is None or ((step + 1) % cfg.eval_every and step + 1 != cfg.steps):
+            return
+        model.eval()
+        acc = accuracy(model, val, upper=upper)["all"]
+        model.train()
+        for module in frozen:
+            module.eval()
+        entry = {
+            "step": step + 1,
+            "loss": loss.item(),
+            "val_accuracy": acc,
+            "minutes": (time.perf_counter() - started) / 60,
+        }
+        log.append(entry)
+        logger.info("%s step %d loss %.3f val %.3f", variant, step + 1, loss.item(), acc)
+        tqdm.write(json.dumps(entry))
+        if out is not None:
+            save_training_state(out, model, opt, step + 1, log)
+
+    run_steps(
+        opt,
+        loss_at,
+        cfg=cfg,
+        lr=cfg.lr,
+        steps=cfg.steps,
+        desc=f"stage 2 {variant}",
+        clip=params,
+        start=start,
+        after_step=validate,
+        show_progress=show_progress,
+    )
     model.eval()
     if out is not None:
         save_training_state(out, model, opt, cfg.steps, log)
