@@ -10,11 +10,14 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from htcvlm.config import PRESETS, HTCConfig
+from htcvlm.train.recipe import RECIPES, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -51,40 +54,23 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train one variant end to end (tokenizer, stage 1 MGVQ, stage 2 HTC-VLM) into a checkpoint folder."""
-    from htcvlm.train.recipe import TrainConfig
+    """Train one variant end to end (tokenizer, stages 1, 0 and 2) into a checkpoint folder: the named
+    recipe with the fields given as flags changed."""
     from htcvlm.train.run import run_training
 
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        mgvq_steps=args.mgvq_steps,
-        vision_steps=args.vision_steps,
-        easy_steps=args.easy_steps,
-        warmup=args.warmup,
-        eval_every=args.eval_every,
-        seed=args.seed,
-        bf16=args.bf16,
-        grad_checkpointing=args.grad_checkpointing,
-        freeze_vision=args.freeze_vision,
-    )
+    given = {f.name: v for f in fields(TrainConfig) if (v := getattr(args, f.name, None)) is not None}
+    model_overrides = {k: v for k in ("n_discrete", "fusion") if (v := getattr(args, k)) is not None}
     run_training(
         Path(args.out),
         variant=args.variant,
         preset=args.preset,
-        cfg=cfg,
-        pool=args.pool,
-        easy=args.easy,
-        questions=args.questions,
-        val_size=args.val_size,
+        cfg=TrainConfig.from_name(args.recipe, **given),
         mgvq_from=Path(args.mgvq_from) if args.mgvq_from else None,
         device=args.device,
         llava=(Path(args.llava), Path(args.image_root)) if args.llava else None,
         init_from=Path(args.init_from) if args.init_from else None,
-        n_discrete=args.n_discrete,
-        fusion=args.fusion,
+        **model_overrides,
     )
     print(f"checkpoint written to {args.out}")
     return 0
@@ -169,46 +155,23 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train a variant on the procedural VQA set (resumable)")
     train.add_argument("--out", required=True, help="checkpoint folder; rerun with it to resume")
     train.add_argument("--variant", choices=("hybrid", "continuous", "discrete", "upper"), default="hybrid")
-    train.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    # The defaults are the recipe of the shipped model (docs/TRAINING.md).
+    train.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="the model's geometry")
     train.add_argument(
-        "--steps",
-        type=int,
-        default=2000,
-        help="stage-2 steps (0: stop after stages 1 and 0, a start for --init-from)",
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="tiny",
+        help="named training recipe (htcvlm/train/recipe.py); the flags below change single fields of it",
     )
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--vision-steps", type=int, default=2000, help="stage 0: vision tower on scene labels")
-    train.add_argument(
-        "--freeze-vision",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="stage 2 keeps the tower stage 0 trained, its features computed once (LLaVA keeps CLIP frozen)",
-    )
-    train.add_argument("--mgvq-steps", type=int, default=300)
+    _add_recipe_flags(train)
     train.add_argument("--mgvq-from", help="copy stage-1 MGVQ weights from this checkpoint instead")
     train.add_argument("--init-from", help="start stage 2 from this checkpoint's matching weights")
     train.add_argument("--llava", help="LLaVA-format JSON to train on instead of the procedural set")
     train.add_argument("--image-root", default=".", help="folder the LLaVA JSON's image paths are under")
-    train.add_argument("--pool", type=int, default=100000, help="pre-rendered training samples")
-    train.add_argument("--easy", type=int, default=10000, help="extra single-object samples (curriculum)")
-    train.add_argument("--easy-steps", type=int, default=300, help="first steps on single-object samples")
     train.add_argument(
-        "--questions",
-        type=_positive,
-        default=4,
-        help="questions per procedural training image, packed into one pass after its prefix",
+        "--n-discrete", type=int, help="N_d, the model's discrete anchors (default: the preset's)"
     )
-    train.add_argument("--warmup", type=int, default=200)
-    train.add_argument("--val-size", type=int, default=500, help="validation samples scored at each eval")
-    train.add_argument("--n-discrete", type=int, default=4)
-    train.add_argument("--fusion", choices=("pre", "post", "mean"), default="pre")
-    train.add_argument("--eval-every", type=int, default=500)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--fusion", choices=("pre", "post", "mean"), help="default: the preset's")
     train.add_argument("--device", default="cpu")
-    train.add_argument("--bf16", action="store_true")
-    train.add_argument("--grad-checkpointing", action="store_true")
     train.add_argument("--threads", type=int, default=int(os.environ.get("ONETOKEN_THREADS", "2")))
     train.set_defaults(func=cmd_train)
 
@@ -238,6 +201,37 @@ def add_model_commands(sub: argparse._SubParsersAction) -> None:
     attention.add_argument("--images", type=int, default=16)
     attention.add_argument("--out", default="voco_attention.png")
     attention.set_defaults(func=cmd_analyze)
+
+
+def _add_recipe_flags(train: argparse.ArgumentParser) -> None:
+    """One flag per `TrainConfig` field a user changes. None unless given, so the recipe (--recipe)
+    supplies every value not passed; the help shows the tiny recipe's."""
+    tiny = TrainConfig.from_name("tiny")
+
+    def flag(name: str, text: str = "", **kwargs: Any) -> None:
+        shown = f"tiny: {getattr(tiny, name.removeprefix('--').replace('-', '_'))}"
+        train.add_argument(name, default=None, help=f"{text} ({shown})" if text else shown, **kwargs)
+
+    flag("--steps", "stage-2 steps (0: stop after stages 1 and 0, a start for --init-from)", type=int)
+    flag("--batch-size", type=int)
+    flag("--lr", "stage 2's peak learning rate", type=float)
+    flag("--vision-steps", "stage 0: vision tower on scene labels", type=int)
+    flag(
+        "--freeze-vision",
+        "stage 2 keeps the tower stage 0 trained, its features computed once (LLaVA keeps CLIP frozen)",
+        action=argparse.BooleanOptionalAction,
+    )
+    flag("--mgvq-steps", "stage 1: MGVQ on reconstruction", type=int)
+    flag("--pool", "pre-rendered training samples", type=int)
+    flag("--easy", "extra single-object samples (curriculum)", type=int)
+    flag("--easy-steps", "first steps on single-object samples", type=int)
+    flag("--questions", "questions per procedural training image, packed into one pass", type=_positive)
+    flag("--warmup", type=int)
+    flag("--val-size", "validation samples scored at each eval", type=int)
+    flag("--eval-every", type=int)
+    flag("--seed", type=int)
+    flag("--bf16", "autocast to bfloat16 (GPU hosts)", action="store_true")
+    flag("--grad-checkpointing", "trade compute for memory (GPU hosts)", action="store_true")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
-"""What training reads beyond the shared pools (`htcvlm.pool`): the tokenizer, LLaVA-format pools, and
-the curriculum's batches."""
+"""What training reads: the tokenizer, the training and validation pools (procedural, built by
+`htcvlm.pool`, or LLaVA-format), and the curriculum's batches."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from htcvlm.data.dataset import draw_question
 from htcvlm.data.llava import LlavaVQA, read_llava
 from htcvlm.data.questions import answer_vocabulary
 from htcvlm.model import HTCVLM
-from htcvlm.pool import VQATensors, tensorize
+from htcvlm.pool import VQATensors, procedural_pool, tensorize
 from htcvlm.tokenizer import train_tokenizer
 from htcvlm.train.recipe import TrainConfig
 
@@ -36,6 +36,17 @@ def llava_pools(
         raise ValueError(f"{json_path} has {len(data)} turns with images, need more than val_size={val_size}")
     samples = [data[i] for i in range(len(data))]
     return tensorize(model, samples[:-val_size]), tensorize(model, samples[-val_size:])
+
+
+def training_pools(
+    model: HTCVLM, cfg: TrainConfig, llava: tuple[Path, Path] | None = None
+) -> tuple[VQATensors, VQATensors]:
+    """(training, validation) pools: procedural ones as `cfg` sizes them, or LLaVA-format turns from
+    `llava` = (JSON file, image root) with the last cfg.val_size held out."""
+    if llava is not None:
+        return llava_pools(model, *llava, cfg.val_size)
+    train = procedural_pool(model, "train", cfg.pool, cfg.easy, cfg.questions)
+    return train, procedural_pool(model, "val", cfg.val_size)
 
 
 def batch_indices(data: VQATensors, step: int, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:

@@ -13,9 +13,8 @@ from safetensors.torch import load_file
 from htcvlm.checkpoint import save_pretrained
 from htcvlm.config import HTCConfig
 from htcvlm.model import HTCVLM, new_model
-from htcvlm.pool import procedural_pool
-from htcvlm.train.data import llava_pools, procedural_tokenizer
-from htcvlm.train.recipe import TrainConfig, Variant, variant_config
+from htcvlm.train.data import procedural_tokenizer, training_pools
+from htcvlm.train.recipe import RECIPES, TrainConfig, Variant, variant_config
 from htcvlm.train.stages import train_mgvq, train_vision, train_vlm
 
 logger = logging.getLogger(__name__)
@@ -40,36 +39,29 @@ def run_training(
     out: Path,
     variant: Variant = "hybrid",
     preset: str = "tiny",
-    cfg: TrainConfig | None = None,
-    pool: int = 100000,
-    easy: int = 10000,
-    questions: int = 4,
-    val_size: int = 500,
+    cfg: TrainConfig = RECIPES["tiny"],
     mgvq_from: Path | None = None,
     device: str = "cpu",
     llava: tuple[Path, Path] | None = None,
     init_from: Path | None = None,
     **config_overrides: object,
 ) -> HTCVLM:
-    """The whole recipe: tokenizer, model, stage 1 (or MGVQ weights copied from `mgvq_from`), stage 2.
+    """The whole recipe: tokenizer, model, pools, stage 1 (or MGVQ weights copied from `mgvq_from`),
+    stage 0, stage 2; `onetoken train` is this call. `preset` and `config_overrides` make the model's
+    `HTCConfig`; `llava` = (JSON file, image root) trains on LLaVA-format data instead of procedural.
 
     `init_from`: start stage 2 from another checkpoint's weights (every tensor whose name and shape
     match, the MGVQ included, so stage 1 is skipped): a compressed variant from the upper-bound model,
     or every variant from one run with `steps=0`, which stops after stages 1 and 0.
     Resumable: a rerun with the same `out` continues stage 2 from its last saved state.
     """
-    cfg = TrainConfig() if cfg is None else cfg
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     tokenizer = procedural_tokenizer()
     config = variant_config(HTCConfig.from_name(preset), variant).with_(**config_overrides)
     model = new_model(config, tokenizer).to(device)
-    logger.info("rendering %d + %d easy training and %d validation samples", pool, easy, val_size)
-    if llava is not None:
-        train_data, val_data = llava_pools(model, *llava, val_size)
-    else:
-        train_data = procedural_pool(model, "train", pool, easy, questions)
-        val_data = procedural_pool(model, "val", val_size)
+    logger.info("rendering %d + %d easy training and %d validation samples", cfg.pool, cfg.easy, cfg.val_size)
+    train_data, val_data = training_pools(model, cfg, llava)
     resuming = (out / "train_state.json").is_file()
     if init_from is not None and not resuming:
         copied = init_weights(model, init_from)
@@ -102,9 +94,6 @@ def run_training(
             {
                 "variant": variant,
                 "preset": preset,
-                "pool": pool,
-                "easy": easy,
-                "questions": questions,
                 "init_from": str(init_from) if init_from else None,
                 "overrides": {k: str(v) for k, v in config_overrides.items()},
                 "train": asdict(cfg),

@@ -42,7 +42,7 @@ def test_a_small_model_fits_a_small_set(tokenizer):
     model = make_model(tokenizer, seed=0)
     data = ProceduralVQA("train", 8)
     pool = tensorize(model, [data[i] for i in range(8)])
-    cfg = TrainConfig(steps=80, batch_size=8, lr=3e-3, warmup=5, eval_every=1000)
+    cfg = TrainConfig(steps=80, batch_size=8, lr=3e-3, warmup=5, eval_every=1000, freeze_vision=False)
     with torch.no_grad():
         before = _loss(model, pool).item()
     train_vlm(model, pool, cfg, "hybrid", show_progress=False)
@@ -147,6 +147,24 @@ def test_cli_smoke_train_resume_eval_and_analyze(tmp_path, capsys):
     assert "scikit-image photos (26)" in printed and "recall@10" in printed
 
 
+def test_onetoken_train_is_the_tiny_recipe_with_the_flags_given(tmp_path, monkeypatch):
+    """The CLI holds no second copy of the recipe: without flags it trains TrainConfig.from_name("tiny")
+    on the preset's model; each flag changes its one field and nothing else."""
+    import htcvlm.train.run as run_module
+
+    calls = []
+    monkeypatch.setattr(run_module, "run_training", lambda out, **kwargs: calls.append(kwargs))
+    assert main(["train", "--out", str(tmp_path)]) == 0
+    flags = ["--steps", "7", "--no-freeze-vision", "--questions", "2", "--bf16", "--fusion", "post"]
+    assert main(["train", "--out", str(tmp_path), *flags]) == 0
+    default, changed = calls
+    tiny = TrainConfig.from_name("tiny")
+    assert default["cfg"] == tiny and (default["variant"], default["preset"]) == ("hybrid", "tiny")
+    assert not {"n_discrete", "fusion"} & default.keys()  # the model preset's own values
+    assert changed["cfg"] == dataclasses.replace(tiny, steps=7, freeze_vision=False, questions=2, bf16=True)
+    assert changed["fusion"] == "post" and "n_discrete" not in changed
+
+
 def test_cli_prepares_stages_0_and_1_once_for_variants_trained_from_it(tmp_path):
     """`--steps 0` stops after the tokenizer and the tower; variants start stage 2 from it with several
     questions packed per image, and keep its frozen tower and MGVQ."""
@@ -164,7 +182,7 @@ def test_cli_prepares_stages_0_and_1_once_for_variants_trained_from_it(tmp_path)
     args = ["--init-from", str(prep), "--vision-steps", "0", "--questions", "3", "--steps", "2", *common]
     assert main(["train", "--out", str(run), "--variant", "continuous", *args]) == 0
     recorded = json.loads((run / "training.json").read_text())
-    assert recorded["questions"] == 3 and recorded["train"]["freeze_vision"] is True
+    assert recorded["train"]["questions"] == 3 and recorded["train"]["freeze_vision"] is True
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--out", str(tmp_path / "bad"), "--questions", "0"])
     assert exit_.value.code == 2
