@@ -21,8 +21,8 @@ from htcvlm.data.dataset import ProceduralVQA
 from htcvlm.decode import DecodeBatch, decode
 from htcvlm.generation import GenerationOptions
 from htcvlm.model import new_model
+from htcvlm.pool import tensorize
 from htcvlm.tokenizer import train_tokenizer
-from htcvlm.train import tensorize
 
 
 def main() -> None:

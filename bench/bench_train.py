@@ -1,8 +1,9 @@
 """How long `onetoken train` with its defaults takes on this machine, stage by stage.
 
 Each stage runs a few steps (or a sample of the pool) and is timed; the wall time of the whole recipe
-is then projected from the `onetoken train` defaults (pool, steps per stage, evaluations). Run it on an
-otherwise idle machine: the README promises the recipe in 45 minutes on 2 CPU cores.
+is then projected from the recipe `onetoken train` trains by default, `TrainConfig.from_name("tiny")`
+(pool, steps per stage, evaluations), on the tiny hybrid. Run it on an otherwise idle machine: the
+README promises the recipe in 45 minutes on 2 CPU cores.
 
     python bench/bench_train.py [--threads 2] [--sample 8192] [--steps 20]
 """
@@ -11,27 +12,17 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 
-from htcvlm.cli import build_parser
 from htcvlm.config import HTCConfig
 from htcvlm.evaluate import accuracy
 from htcvlm.model import new_model
-from htcvlm.train import (
-    TrainConfig,
-    procedural_pool,
-    procedural_tokenizer,
-    train_mgvq,
-    train_vision,
-    train_vlm,
-    variant_config,
-)
-
-
-def recipe() -> argparse.Namespace:
-    """The defaults of `onetoken train`, read from its parser so the projection follows them."""
-    return build_parser().parse_args(["train", "--out", "unused"])
+from htcvlm.pool import procedural_pool
+from htcvlm.train.data import procedural_tokenizer
+from htcvlm.train.recipe import TrainConfig, variant_config
+from htcvlm.train.stages import train_mgvq, train_vision, train_vlm
 
 
 def timed(fn) -> float:
@@ -48,17 +39,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps timed per training stage")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    r = recipe()
+    r = TrainConfig.from_name("tiny")  # what `onetoken train` trains without flags
     n, k = args.sample, args.steps
 
     start = time.perf_counter()
     tokenizer = procedural_tokenizer()
     tokenizer_s = time.perf_counter() - start
-    model = new_model(variant_config(HTCConfig.from_name(r.preset), r.variant), tokenizer)
-    cfg = TrainConfig(
-        steps=k, batch_size=r.batch_size, mgvq_steps=k, vision_steps=k, warmup=1, easy_steps=0,
-        freeze_vision=r.freeze_vision, eval_every=10**9,
-    )  # fmt: skip
+    model = new_model(variant_config(HTCConfig.from_name("tiny"), "hybrid"), tokenizer)
+    cfg = replace(r, steps=k, mgvq_steps=k, vision_steps=k, warmup=1, easy_steps=0, eval_every=10**9)
     per: dict[str, float] = {}  # seconds per sample or per step
     pool = None
 
@@ -73,7 +61,7 @@ def main() -> None:
     per["stage0_step"] = timed(lambda: train_vision(model, pool, cfg, show_progress=False)) / k
     if r.freeze_vision:
         per["patches"] = timed(lambda: pool.encode_patches(model)) / n
-    per["stage2_step"] = timed(lambda: train_vlm(model, pool, cfg, r.variant, show_progress=False)) / k
+    per["stage2_step"] = timed(lambda: train_vlm(model, pool, cfg, "hybrid", show_progress=False)) / k
     val = procedural_pool(model, "val", r.val_size)
     per["val_eval"] = timed(lambda: accuracy(model, val))
 

@@ -10,10 +10,12 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 from htcvlm.config import PRESETS, FusionMode, HTCConfig
+from htcvlm.train.recipe import RECIPES, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -70,41 +72,25 @@ def _preset_geometry(name: str) -> tuple[HTCConfig, int]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train one variant end to end (tokenizer, stage 1 MGVQ, stage 2 HTC-VLM) into a checkpoint folder."""
+    """Train one variant end to end (tokenizer, stages 1, 0 and 2) into a checkpoint folder: the named
+    recipe with the fields given as flags changed."""
     import torch  # only the model commands pay for it
 
-    from htcvlm.train import TrainConfig, run_training
+    from htcvlm.train.run import run_training
 
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        mgvq_steps=args.mgvq_steps,
-        vision_steps=args.vision_steps,
-        easy_steps=args.easy_steps,
-        warmup=args.warmup,
-        eval_every=args.eval_every,
-        seed=args.seed,
-        bf16=args.bf16,
-        grad_checkpointing=args.grad_checkpointing,
-        freeze_vision=args.freeze_vision,
-    )
+    given = {f.name: v for f in fields(TrainConfig) if (v := getattr(args, f.name, None)) is not None}
+    model_overrides = {k: v for k in ("n_discrete", "fusion") if (v := getattr(args, k)) is not None}
     run_training(
         Path(args.out),
         variant=args.variant,
         preset=args.preset,
-        cfg=cfg,
-        pool=args.pool,
-        easy=args.easy,
-        questions=args.questions,
-        val_size=args.val_size,
+        cfg=TrainConfig.from_name(args.recipe, **given),
         mgvq_from=Path(args.mgvq_from) if args.mgvq_from else None,
         device=args.device,
         llava=(Path(args.llava), Path(args.image_root)) if args.llava else None,
         init_from=Path(args.init_from) if args.init_from else None,
-        n_discrete=args.n_discrete,
-        fusion=args.fusion,
+        **model_overrides,
     )
     print(f"checkpoint written to {args.out}")
     return 0
@@ -262,47 +248,26 @@ def add_model_commands(
         help="the compressed token's channels, or upper: hybrid inputs, uncompressed",
     )
     train.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model geometry")
-    # The defaults are the recipe of the shipped model (docs/TRAINING.md).
     train.add_argument(
-        "--steps",
-        type=int,
-        default=2000,
-        help="stage-2 steps (0: stop after stages 1 and 0, a start for --init-from)",
+        "--recipe",
+        choices=sorted(RECIPES),
+        default="tiny",
+        help="named training recipe (htcvlm/train/recipe.py); the flags below change single fields of it",
     )
-    train.add_argument("--batch-size", type=int, default=128, help="samples per step")
-    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    train.add_argument("--vision-steps", type=int, default=2000, help="stage 0: vision tower on scene labels")
-    train.add_argument(
-        "--freeze-vision",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="stage 2 keeps the tower stage 0 trained, its features computed once (LLaVA keeps CLIP frozen)",
-    )
-    train.add_argument("--mgvq-steps", type=int, default=300, help="stage 1: MGVQ on reconstruction")
+    _add_recipe_flags(train)
     train.add_argument("--mgvq-from", help="copy stage-1 MGVQ weights from this checkpoint instead")
     train.add_argument("--init-from", help="start stage 2 from this checkpoint's matching weights")
     train.add_argument("--llava", help="LLaVA-format JSON to train on instead of the procedural set")
     train.add_argument("--image-root", default=".", help="folder the LLaVA JSON's image paths are under")
-    train.add_argument("--pool", type=int, default=100000, help="pre-rendered training samples")
-    train.add_argument("--easy", type=int, default=10000, help="extra single-object samples (curriculum)")
-    train.add_argument("--easy-steps", type=int, default=300, help="first steps on single-object samples")
     train.add_argument(
-        "--questions",
-        type=_positive,
-        default=4,
-        help="questions per procedural training image, packed into one pass after its prefix",
+        "--n-discrete", type=int, help="N_d, the model's discrete anchors (default: the preset's)"
     )
-    train.add_argument("--warmup", type=int, default=200, help="learning-rate warm-up steps")
-    train.add_argument("--val-size", type=int, default=500, help="validation samples scored at each eval")
-    train.add_argument("--n-discrete", type=int, default=4, help="N_d: discrete anchor tokens")
     train.add_argument(
-        "--fusion", choices=get_args(FusionMode), default="pre", help="how the anchors join the patches"
+        "--fusion",
+        choices=get_args(FusionMode),
+        help="how the anchors join the patches (default: the preset's)",
     )
-    train.add_argument("--eval-every", type=int, default=500, help="stage-2 steps between evaluations")
-    train.add_argument("--seed", type=int, default=0, help="random seed")
     train.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
-    train.add_argument("--bf16", action="store_true", help="train in bfloat16 autocast")
-    train.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
     train.add_argument("--threads", type=int, default=threads, help=threads_help)
     train.set_defaults(func=cmd_train)
 
@@ -332,6 +297,37 @@ def add_model_commands(
     attention.add_argument("--images", type=int, default=16, help="procedural test scenes shown")
     attention.add_argument("--out", default="voco_attention.png", help="PNG file to write")
     attention.set_defaults(func=cmd_analyze)
+
+
+def _add_recipe_flags(train: argparse.ArgumentParser) -> None:
+    """One flag per `TrainConfig` field a user changes. None unless given, so the recipe (--recipe)
+    supplies every value not passed; the help shows the tiny recipe's."""
+    tiny = TrainConfig.from_name("tiny")
+
+    def flag(name: str, text: str = "", **kwargs: Any) -> None:
+        shown = f"tiny: {getattr(tiny, name.removeprefix('--').replace('-', '_'))}"
+        train.add_argument(name, default=None, help=f"{text} ({shown})" if text else shown, **kwargs)
+
+    flag("--steps", "stage-2 steps (0: stop after stages 1 and 0, a start for --init-from)", type=int)
+    flag("--batch-size", type=int)
+    flag("--lr", "stage 2's peak learning rate", type=float)
+    flag("--vision-steps", "stage 0: vision tower on scene labels", type=int)
+    flag(
+        "--freeze-vision",
+        "stage 2 keeps the tower stage 0 trained, its features computed once (LLaVA keeps CLIP frozen)",
+        action=argparse.BooleanOptionalAction,
+    )
+    flag("--mgvq-steps", "stage 1: MGVQ on reconstruction", type=int)
+    flag("--pool", "pre-rendered training samples", type=int)
+    flag("--easy", "extra single-object samples (curriculum)", type=int)
+    flag("--easy-steps", "first steps on single-object samples", type=int)
+    flag("--questions", "questions per procedural training image, packed into one pass", type=_positive)
+    flag("--warmup", type=int)
+    flag("--val-size", "validation samples scored at each eval", type=int)
+    flag("--eval-every", type=int)
+    flag("--seed", type=int)
+    flag("--bf16", "autocast to bfloat16 (GPU hosts)", action="store_true")
+    flag("--grad-checkpointing", "trade compute for memory (GPU hosts)", action="store_true")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from htcvlm.data.questions import KIND_OF, QTYPES
 from htcvlm.decode import decode
 from htcvlm.generation import GenerationOptions
 from htcvlm.model import HTCVLM
-from htcvlm.train import VQATensors
+from htcvlm.pool import VQATensors, procedural_pool
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,6 @@ def run_eval(models: Mapping[str, str], test_size: int = 1000, out: Path | None 
     """Evaluate checkpoints by variant name on the procedural test split. An 'upper' model also gives the
     lower bound (its weights through the voco bottleneck) and with it each variant's retention."""
     from htcvlm.checkpoint import load_pretrained
-    from htcvlm.train import procedural_pool
 
     if "lower" in models:
         raise ValueError(

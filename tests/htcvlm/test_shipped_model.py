@@ -8,7 +8,7 @@ from safetensors import safe_open
 from htcvlm.checkpoint import WEIGHTS_FILE, load_pretrained
 from htcvlm.defaults import DEFAULT_MODEL_DIR
 from htcvlm.evaluate import accuracy
-from htcvlm.train import procedural_pool
+from htcvlm.pool import procedural_pool
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,109 @@
+"""The whole recipe in one call: tokenizer, model, pools, stages 1, 0 and 2, into a checkpoint folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from htcvlm.checkpoint import save_pretrained
+from htcvlm.config import HTCConfig
+from htcvlm.model import HTCVLM, new_model
+from htcvlm.train.data import procedural_tokenizer, training_pools
+from htcvlm.train.recipe import RECIPES, TrainConfig, Variant, variant_config
+from htcvlm.train.stages import train_mgvq, train_vision, train_vlm
+
+logger = logging.getLogger(__name__)
+
+
+def init_weights(model: HTCVLM, path: Path) -> int:
+    """Copy every tensor of the checkpoint at `path` whose name and shape match `model`'s; returns how many.
+
+    The tokenizer must be the same (the procedural one is deterministic), or the embeddings mean nothing.
+    """
+    own = model.state_dict()
+    state = {
+        k: v
+        for k, v in load_file(str(path / "model.safetensors")).items()
+        if k in own and own[k].shape == v.shape
+    }
+    model.load_state_dict(state, strict=False)
+    return len(state)
+
+
+def run_training(
+    out: Path,
+    variant: Variant = "hybrid",
+    preset: str = "tiny",
+    cfg: TrainConfig = RECIPES["tiny"],
+    mgvq_from: Path | None = None,
+    device: str = "cpu",
+    llava: tuple[Path, Path] | None = None,
+    init_from: Path | None = None,
+    **config_overrides: object,
+) -> HTCVLM:
+    """The whole recipe: tokenizer, model, pools, stage 1 (or MGVQ weights copied from `mgvq_from`),
+    stage 0, stage 2; `onetoken train` is this call. `preset` and `config_overrides` make the model's
+    `HTCConfig`; `llava` = (JSON file, image root) trains on LLaVA-format data instead of procedural.
+
+    `init_from`: start stage 2 from another checkpoint's weights (every tensor whose name and shape
+    match, the MGVQ included, so stage 1 is skipped): a compressed variant from the upper-bound model,
+    or every variant from one run with `steps=0`, which stops after stages 1 and 0.
+    Resumable: a rerun with the same `out` continues stage 2 from its last saved state.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    tokenizer = procedural_tokenizer()
+    config = variant_config(HTCConfig.from_name(preset), variant).with_(**config_overrides)
+    model = new_model(config, tokenizer).to(device)
+    logger.info("rendering %d + %d easy training and %d validation samples", cfg.pool, cfg.easy, cfg.val_size)
+    train_data, val_data = training_pools(model, cfg, llava)
+    resuming = (out / "train_state.json").is_file()
+    if init_from is not None and not resuming:
+        copied = init_weights(model, init_from)
+        logger.info("%d of %d tensors from %s", copied, len(model.state_dict()), init_from)
+    if model.has_mgvq and not resuming and (init_from is None or mgvq_from is not None):
+        if mgvq_from is not None:
+            state = load_file(str(mgvq_from / "model.safetensors"))
+            model.mgvq.load_state_dict(
+                {k[len("mgvq.") :]: v for k, v in state.items() if k.startswith("mgvq.")}
+            )
+            logger.info("MGVQ weights from %s", mgvq_from)
+        else:
+            parts = train_mgvq(model, train_data.pixels, cfg)
+            logger.info("stage 1 done: %s", parts)
+    tower_trained = config.vision.path is not None or init_from is not None
+    if cfg.vision_steps and model.has_vision and not resuming:
+        if train_data.cells is None:
+            logger.warning("no per-cell labels in this data: stage 0 (vision on scene labels) skipped")
+        else:
+            logger.info("stage 0 done: loss %.3f", train_vision(model, train_data, cfg, val=val_data))
+            tower_trained = True
+    if resuming and (out / "training.json").is_file():  # keep the first run's choice
+        recorded = json.loads((out / "training.json").read_text())["train"].get("freeze_vision", False)
+        cfg = replace(cfg, freeze_vision=recorded)
+    elif cfg.freeze_vision and model.has_vision and not tower_trained:
+        logger.warning("the vision tower is untrained (no stage 0, no pretrained weights): stage 2 trains it")
+        cfg = replace(cfg, freeze_vision=False)
+    (out / "training.json").write_text(
+        json.dumps(
+            {
+                "variant": variant,
+                "preset": preset,
+                "init_from": str(init_from) if init_from else None,
+                "overrides": {k: str(v) for k, v in config_overrides.items()},
+                "train": asdict(cfg),
+            },
+            indent=2,
+        )
+    )
+    if cfg.steps == 0:  # stages 1 and 0 only: a start for several variants' stage 2 (`init_from`)
+        model.eval()
+        save_pretrained(model, out)
+        return model
+    train_vlm(model, train_data, cfg, variant, out=out, val=val_data)
+    return model
