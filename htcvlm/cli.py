@@ -1,7 +1,8 @@
-"""Model-core commands (info, train, eval, retrieval, analyze), carried by the `onetoken` CLI
-(`llm_worker.cli`) and runnable alone as `python -m htcvlm.cli` (for hosts without the service).
+"""Model-core commands (info, train, eval, retrieval, analyze) and the pieces of the command-line shell
+they share with the service commands. `llm_worker.cli.main` is the one entry point (`onetoken`); this
+module has none, since the model core cannot import the service.
 
-Flags and ONETOKEN_* environment variables are read here and in llm_worker.cli, nowhere else.
+ONETOKEN_* variables are read through `env` (here and in llm_worker.cli), and only by the CLI.
 """
 
 from __future__ import annotations
@@ -9,15 +10,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_args
 
 from htcvlm.config import PRESETS, FusionMode, HTCConfig
-from htcvlm.train.recipe import RECIPES, TrainConfig
+from htcvlm.train.recipe import RECIPES, TrainConfig, Variant
 
 logger = logging.getLogger(__name__)
+
+
+def env(name: str, default: str = "") -> str:
+    """The value of ONETOKEN_<name> ("" when unset and no default): the one way the CLI reads its
+    environment."""
+    return os.environ.get(f"ONETOKEN_{name}", default)
 
 
 def _human(n: float) -> str:
@@ -205,15 +211,6 @@ def add_command(
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    log_level = os.environ.get("ONETOKEN_LOG_LEVEL", "WARNING").upper()
-    parser = argparse.ArgumentParser(prog="onetoken", description=__doc__, formatter_class=HelpFormatter)
-    add_log_level(parser, log_level)
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_model_commands(sub, common_options(log_level))
-    return parser
-
-
 def add_model_commands(
     sub: argparse._SubParsersAction, common: argparse.ArgumentParser, model: str | None = None
 ) -> None:
@@ -221,7 +218,7 @@ def add_model_commands(
     each takes the options of `common` too. `model`: the folder `serve` loads by default, which `info`
     describes by default (None: ONETOKEN_MODEL, else the shipped model, resolved when run)."""
 
-    threads = int(os.environ.get("ONETOKEN_THREADS", "2"))
+    threads = int(env("THREADS", "2"))
     threads_help = "torch threads [$ONETOKEN_THREADS]"
 
     info = add_command(
@@ -230,7 +227,7 @@ def add_model_commands(
     which = info.add_mutually_exclusive_group()
     which.add_argument(
         "--model",
-        default=model or os.environ.get("ONETOKEN_MODEL"),
+        default=model or env("MODEL") or None,
         help="checkpoint folder, loaded as serve loads it; the default is serve's [$ONETOKEN_MODEL]"
         + ("" if model else " (default: the shipped model, htcvlm/models/tiny)"),
     )
@@ -243,7 +240,7 @@ def add_model_commands(
     train.add_argument("--out", required=True, help="checkpoint folder; rerun with it to resume")
     train.add_argument(
         "--variant",
-        choices=("hybrid", "continuous", "discrete", "upper"),
+        choices=get_args(Variant),
         default="hybrid",
         help="the compressed token's channels, or upper: hybrid inputs, uncompressed",
     )
@@ -328,15 +325,3 @@ def _add_recipe_flags(train: argparse.ArgumentParser) -> None:
     flag("--seed", type=int)
     flag("--bf16", "autocast to bfloat16 (GPU hosts)", action="store_true")
     flag("--grad-checkpointing", "trade compute for memory (GPU hosts)", action="store_true")
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    logging.basicConfig(level=args.log_level, format=fmt)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from local folders only
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

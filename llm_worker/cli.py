@@ -24,7 +24,7 @@ from typing import get_args
 from cache.dtypes import KV_DTYPES
 from cache.factory import DEFAULT_STORE_URL
 from encoder_service.config import Backend
-from htcvlm.cli import HelpFormatter, add_command, add_log_level, add_model_commands, common_options
+from htcvlm.cli import HelpFormatter, add_command, add_log_level, add_model_commands, common_options, env
 from htcvlm.defaults import DEFAULT_MODEL_DIR
 from llm_worker.config import DEFAULT_INDEX_DIR, WorkerConfig
 
@@ -33,10 +33,6 @@ logger = logging.getLogger(__name__)
 EXIT_ERROR = 1
 EXIT_SOME_FAILED = 3  # the command finished, but some of the files it was given failed
 DEFAULT_REPORT_DIR = ".onetoken/reports"
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"ONETOKEN_{name}", default)
 
 
 def version() -> str:
@@ -70,7 +66,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
 
 def default_model() -> str:
     """The model serve loads unless told: ONETOKEN_MODEL, else the shipped one (`info` describes it too)."""
-    return _env("MODEL", str(DEFAULT_MODEL_DIR))
+    return env("MODEL", str(DEFAULT_MODEL_DIR))
 
 
 def add_service_options(p: argparse.ArgumentParser, in_workdir: bool = False) -> None:
@@ -79,38 +75,38 @@ def add_service_options(p: argparse.ArgumentParser, in_workdir: bool = False) ->
     p.add_argument("--model", default=default_model(), help="checkpoint folder [$ONETOKEN_MODEL]")
     store_help = "record store: a path or lmdb://, redis://, rediss://"
     if in_workdir:
-        store, index_dir = os.environ.get("ONETOKEN_STORE"), os.environ.get("ONETOKEN_INDEX_DIR")
+        store, index_dir = env("STORE") or None, env("INDEX_DIR") or None
         store_help += " (default: $ONETOKEN_STORE, else WORKDIR/records)"
         index_help = "FAISS index folder (default: $ONETOKEN_INDEX_DIR, else WORKDIR/index)"
     else:
-        store, index_dir = _env("STORE", DEFAULT_STORE_URL), _env("INDEX_DIR", DEFAULT_INDEX_DIR)
+        store, index_dir = env("STORE", DEFAULT_STORE_URL), env("INDEX_DIR", DEFAULT_INDEX_DIR)
         store_help += " [$ONETOKEN_STORE]"
         index_help = "FAISS index folder [$ONETOKEN_INDEX_DIR]"
     p.add_argument("--store", default=store, help=store_help)
     p.add_argument("--index-dir", default=index_dir, help=index_help)
     p.add_argument(
         "--index-spec",
-        default=_env("INDEX_SPEC", "Flat"),
+        default=env("INDEX_SPEC", "Flat"),
         help="FAISS factory string, e.g. IVF4096,Flat for large collections [$ONETOKEN_INDEX_SPEC]",
     )
     p.add_argument(
         "--kv-dtype",
         choices=KV_DTYPES,
-        default=_env("KV_DTYPE", "fp16"),
+        default=env("KV_DTYPE", "fp16"),
         help="how stored K/V state is kept [$ONETOKEN_KV_DTYPE]",
     )
     p.add_argument(
         "--encoder-backend",
         choices=get_args(Backend),
-        default=_env("ENCODER_BACKEND", "ray"),
+        default=env("ENCODER_BACKEND", "ray"),
         help="serve's encoders: Ray actors, or one in-process encoder [$ONETOKEN_ENCODER_BACKEND]",
     )
     p.add_argument(
-        "--encoders", type=int, default=int(_env("ENCODERS", "1")), help="encoder actors [$ONETOKEN_ENCODERS]"
+        "--encoders", type=int, default=int(env("ENCODERS", "1")), help="encoder actors [$ONETOKEN_ENCODERS]"
     )
     p.add_argument(
         "--ray-address",
-        default=_env("RAY_ADDRESS", ""),
+        default=env("RAY_ADDRESS", ""),
         help="join the Ray cluster at this address (default: a local Ray) [$ONETOKEN_RAY_ADDRESS]",
     )
 
@@ -246,7 +242,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    log_level = _env("LOG_LEVEL", "WARNING").upper()
+    log_level = env("LOG_LEVEL", "WARNING").upper()
     parser = argparse.ArgumentParser(prog="onetoken", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"onetoken {version()}")
     add_log_level(parser, log_level)
@@ -259,11 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_service_options(serve)
     serve.add_argument(
         "--host",
-        default=_env("HOST", "127.0.0.1"),
+        default=env("HOST", "127.0.0.1"),
         help="interface to listen on; 0.0.0.0 for other hosts [$ONETOKEN_HOST]",
     )
     serve.add_argument(
-        "--port", type=int, default=int(_env("PORT", "50051")), help="gRPC port [$ONETOKEN_PORT]"
+        "--port", type=int, default=int(env("PORT", "50051")), help="gRPC port [$ONETOKEN_PORT]"
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -291,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ingest.set_defaults(func=cmd_ingest)
 
-    address = _env("ADDRESS", "127.0.0.1:50051")
+    address = env("ADDRESS", "127.0.0.1:50051")
     address_help = "the server's host:port [$ONETOKEN_ADDRESS]"
     encode = add_command(
         sub,

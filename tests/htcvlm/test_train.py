@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from htcvlm.checkpoint import load_pretrained, save_pretrained
-from htcvlm.cli import main
 from htcvlm.data import dataset as dataset_module
 from htcvlm.data.dataset import ProceduralVQA
 from htcvlm.data.scenes import COLORS, GRID, SHAPES
@@ -23,6 +22,7 @@ from htcvlm.train.loop import _load_state, _state_tensors
 from htcvlm.train.recipe import TrainConfig
 from htcvlm.train.run import init_weights
 from htcvlm.train.stages import CellHeads, answer_loss, cell_accuracy, train_vision, train_vlm
+from llm_worker.cli import main
 
 from .helpers import make_model
 
