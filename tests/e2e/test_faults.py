@@ -19,6 +19,7 @@ from llm_worker.client import OneTokenClient
 from tests.cache.helpers import RedisServer
 from tests.conftest import QUESTION
 from tests.htcvlm.helpers import png_bytes as png
+from tests.polling import poll_until
 
 from .conftest import ServerThread, worker_config
 
@@ -94,13 +95,6 @@ def test_full_decode_queue_is_resource_exhausted(model_dir: Path, tmp_path: Path
     finally:
         gate.set()
         server.stop()
-
-
-def poll_until(condition, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.005)
 
 
 def test_an_evicted_record_asks_for_the_bytes_again(model_dir: Path, tmp_path: Path):

@@ -20,6 +20,7 @@ from htcvlm.generation import GenerationOptions, RowState
 from llm_worker.client import OneTokenClient
 from tests.conftest import QUESTION
 from tests.htcvlm.helpers import png_bytes as png
+from tests.polling import poll_until
 
 
 def stored_record(server, image_id: str):
@@ -168,10 +169,8 @@ def test_deadline_stops_the_generation(server, client, monkeypatch):
     with pytest.raises(grpc.RpcError) as err:
         client.stub.Ask(client.ask_request(QUESTION, image_id=image_id, max_new_tokens=200), timeout=0.3)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    deadline = time.monotonic() + 10
-    while scheduler.active and time.monotonic() < deadline:  # the row leaves at the next step
-        time.sleep(0.01)
-    assert scheduler.active == 0 and scheduler.steps - before < 100
+    poll_until(lambda: scheduler.active == 0)  # the row leaves at the next step
+    assert scheduler.steps - before < 100
     monkeypatch.undo()
     assert_serving(client)
 
@@ -218,9 +217,6 @@ def test_a_cancelled_stream_stops_its_generation(server, client):
     for _ in range(3):
         next(stream)
     stream.cancel()
-    deadline = time.monotonic() + 10
-    while scheduler.active and time.monotonic() < deadline:  # the row leaves at the next step
-        time.sleep(0.01)
-    assert scheduler.active == 0
+    poll_until(lambda: scheduler.active == 0)  # the row leaves at the next step
     assert scheduler.steps - before < 140  # far fewer than the 150 steps it asked for
     assert_serving(client)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -12,6 +11,7 @@ from htcvlm.generation import GenerationOptions, RowState
 from llm_worker.errors import DecodeQueueFullError, DecoderUnavailableError
 from llm_worker.scheduler import AskJob, DecodeScheduler
 from tests.htcvlm.helpers import QUESTIONS, png_bytes
+from tests.polling import poll_until
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +78,7 @@ def test_cancelled_ask_stops_generating(model, records):
     try:
         long_job, long_c = job(model, records[0], QUESTIONS[0], max_new_tokens=200)
         scheduler.submit(long_job)
-        deadline = time.monotonic() + 10
-        while len(long_c.tokens) < 3 and time.monotonic() < deadline:
-            time.sleep(0.005)
+        poll_until(lambda: len(long_c.tokens) >= 3)
         long_job.cancel()
         assert long_c.done.wait(10)
         assert 3 <= len(long_c.tokens) < 200
@@ -189,10 +187,3 @@ def test_a_dead_loop_is_reported_and_can_be_started_again(model, records):
         assert collector.done.wait(10) and collector.error is None and len(collector.tokens) == 2
     finally:
         scheduler.stop()
-
-
-def poll_until(condition, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition never held"
-        time.sleep(0.005)
