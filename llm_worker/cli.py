@@ -27,6 +27,7 @@ from encoder_service.config import Backend
 from htcvlm.cli import HelpFormatter, add_command, add_log_level, add_model_commands, common_options, env
 from htcvlm.defaults import DEFAULT_MODEL_DIR
 from llm_worker.config import DEFAULT_INDEX_DIR, WorkerConfig
+from llm_worker.security import Role
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,23 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         port=getattr(args, "port", 0),
         index_dir=args.index_dir,
         index_spec=args.index_spec,
+        **security_options(args),
     )
+
+
+def security_options(args: argparse.Namespace) -> dict[str, object]:
+    """serve's TLS and token settings (absent for the other service commands, which bind nothing)."""
+    from llm_worker.security import TokenTable
+
+    if not hasattr(args, "tls_cert"):
+        return {}
+    return {
+        "tls_cert": args.tls_cert or None,
+        "tls_key": args.tls_key or None,
+        "tls_client_ca": args.tls_client_ca or None,
+        "tokens": TokenTable.load(args.tokens_file or None, env("TOKENS") or None),
+        "insecure": args.insecure,
+    }
 
 
 def default_model() -> str:
@@ -114,7 +131,23 @@ def add_service_options(p: argparse.ArgumentParser, in_workdir: bool = False) ->
 def cmd_serve(args: argparse.Namespace) -> int:
     from llm_worker.server import serve
 
-    asyncio.run(serve(worker_config(args)))
+    try:
+        config = worker_config(args)
+    except (ValueError, OSError) as e:  # a setting that cannot work: say why before loading anything
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(config))
+    return 0
+
+
+def cmd_token_new(args: argparse.Namespace) -> int:
+    from llm_worker.security import new_token
+
+    token, line = new_token(args.role)
+    print(f"token: {token}")
+    print("give it to the client (--token or ONETOKEN_TOKEN); add this line to the server's tokens file")
+    print("(--tokens-file) or ONETOKEN_TOKENS; the server keeps only the digest:")
+    print(line)
     return 0
 
 
@@ -167,7 +200,13 @@ def _one_line(error: Exception) -> str:
 def _client(args: argparse.Namespace):
     from llm_worker.client import OneTokenClient
 
-    return OneTokenClient(args.address)
+    return OneTokenClient(
+        args.address,
+        tls_ca=args.tls_ca or None,
+        cert=args.tls_cert or None,
+        key=args.tls_key or None,
+        token=args.token or None,
+    )
 
 
 def read_image_file(name: str) -> bytes:
@@ -241,6 +280,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(worker_config(args), workdir, images=args.images)
 
 
+def add_client_options(p: argparse.ArgumentParser, address: str) -> None:
+    """Where the server is and how to reach it: address, TLS, bearer token."""
+    p.add_argument("--address", default=address, help="the server's host:port [$ONETOKEN_ADDRESS]")
+    p.add_argument(
+        "--tls-ca",
+        default=env("TLS_CA"),
+        help="PEM CA the server's certificate is signed by: use TLS [$ONETOKEN_TLS_CA]",
+    )
+    p.add_argument(
+        "--tls-cert",
+        default=env("TLS_CLIENT_CERT"),
+        help="PEM client certificate, for mutual TLS [$ONETOKEN_TLS_CLIENT_CERT]",
+    )
+    p.add_argument(
+        "--tls-key", default=env("TLS_CLIENT_KEY"), help="PEM key of --tls-cert [$ONETOKEN_TLS_CLIENT_KEY]"
+    )
+    p.add_argument(
+        "--token", default=env("TOKEN"), help="bearer token, if the server wants one [$ONETOKEN_TOKEN]"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     log_level = env("LOG_LEVEL", "WARNING").upper()
     parser = argparse.ArgumentParser(prog="onetoken", description=__doc__, formatter_class=HelpFormatter)
@@ -261,7 +321,33 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--port", type=int, default=int(env("PORT", "50051")), help="gRPC port [$ONETOKEN_PORT]"
     )
+    serve.add_argument(
+        "--tls-cert", default=env("TLS_CERT"), help="PEM certificate: serve TLS [$ONETOKEN_TLS_CERT]"
+    )
+    serve.add_argument("--tls-key", default=env("TLS_KEY"), help="PEM key of --tls-cert [$ONETOKEN_TLS_KEY]")
+    serve.add_argument(
+        "--tls-client-ca",
+        default=env("TLS_CLIENT_CA"),
+        help="PEM CA: mutual TLS, clients need a certificate it signed [$ONETOKEN_TLS_CLIENT_CA]",
+    )
+    serve.add_argument(
+        "--tokens-file",
+        default=env("TOKENS_FILE"),
+        help="'ROLE SHA256' lines (roles reader, writer, admin; see `onetoken token new`): calls need "
+        "a bearer token [$ONETOKEN_TOKENS_FILE; $ONETOKEN_TOKENS holds such lines inline]",
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve a non-loopback address without TLS and tokens (refused otherwise)",
+    )
     serve.set_defaults(func=cmd_serve)
+
+    token = add_command(sub, "token", "make bearer tokens for the server's roles", common)
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    new = add_command(token_sub, "new", "print a new random token and the line that grants it a role", common)
+    new.add_argument("--role", choices=get_args(Role), required=True, help="what the token may do")
+    new.set_defaults(func=cmd_token_new)
 
     ingest = add_command(
         sub,
@@ -288,7 +374,6 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.set_defaults(func=cmd_ingest)
 
     address = env("ADDRESS", "127.0.0.1:50051")
-    address_help = "the server's host:port [$ONETOKEN_ADDRESS]"
     encode = add_command(
         sub,
         "encode",
@@ -301,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  2  bad usage",
     )
     encode.add_argument("images", nargs="+", help="image files (a folder: use `onetoken ingest`)")
-    encode.add_argument("--address", default=address, help=address_help)
+    add_client_options(encode, address)
     encode.set_defaults(func=cmd_encode)
 
     ask = add_command(sub, "ask", "ask a question about an image through a running server", common)
@@ -313,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens", type=int, default=0, help="answer length limit (0: the server's default)"
     )
     ask.add_argument("--stream", action="store_true", help="print the answer token by token as it is decoded")
-    ask.add_argument("--address", default=address, help=address_help)
+    add_client_options(ask, address)
     ask.set_defaults(func=cmd_ask)
 
     search = add_command(sub, "search", "the most similar encoded images, through a running server", common)
@@ -321,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--image", help="an image file (encoded first if needed)")
     which.add_argument("--image-id", help="the SHA-256 of an encoded image")
     search.add_argument("-k", type=int, default=5, help="how many images to list")
-    search.add_argument("--address", default=address, help=address_help)
+    add_client_options(search, address)
     search.set_defaults(func=cmd_search)
 
     demo = add_command(sub, "demo", "the main job: serve, ingest a sample corpus, ask, search", common)

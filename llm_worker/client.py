@@ -7,6 +7,7 @@ Errors arrive as `grpc.RpcError` with the server's status code and message.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 
@@ -15,21 +16,43 @@ from onetoken.v1 import onetoken_pb2_grpc as pb_grpc
 
 
 class OneTokenClient:
-    def __init__(self, address: str, max_message_mb: int = 64, timeout_s: float | None = 60.0) -> None:
+    """`tls_ca`: talk TLS, trusting this CA's PEM (with `cert`/`key` too: mutual TLS); `token`: sent as
+    `authorization: Bearer <token>` on every call."""
+
+    def __init__(
+        self,
+        address: str,
+        max_message_mb: int = 64,
+        timeout_s: float | None = 60.0,
+        *,
+        tls_ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        token: str | None = None,
+    ) -> None:
         limit = max_message_mb * 1024 * 1024
-        self.channel = grpc.insecure_channel(
-            address,
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
-        )
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        if tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=Path(tls_ca).read_bytes(),
+                private_key=Path(key).read_bytes() if key else None,
+                certificate_chain=Path(cert).read_bytes() if cert else None,
+            )
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.OneTokenStub(self.channel)
         self.timeout_s = timeout_s
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
 
     def encode(self, image: bytes, source_uri: str = "") -> pb.EncodeImageResponse:
         return self.stub.EncodeImage(
-            pb.EncodeImageRequest(image=image, source_uri=source_uri), timeout=self.timeout_s
+            pb.EncodeImageRequest(image=image, source_uri=source_uri),
+            timeout=self.timeout_s,
+            metadata=self.metadata,
         )
 
     @staticmethod
@@ -53,10 +76,14 @@ class OneTokenClient:
         return request
 
     def ask(self, question: str, **kwargs: object) -> pb.AskResponse:
-        return self.stub.Ask(self.ask_request(question, **kwargs), timeout=self.timeout_s)  # type: ignore[arg-type]
+        return self.stub.Ask(
+            self.ask_request(question, **kwargs), timeout=self.timeout_s, metadata=self.metadata
+        )  # type: ignore[arg-type]
 
     def ask_stream(self, question: str, **kwargs: object) -> Iterator[pb.AskStreamResponse]:
-        return self.stub.AskStream(self.ask_request(question, **kwargs), timeout=self.timeout_s)  # type: ignore[arg-type]
+        return self.stub.AskStream(
+            self.ask_request(question, **kwargs), timeout=self.timeout_s, metadata=self.metadata
+        )  # type: ignore[arg-type]
 
     def search(
         self,
@@ -72,13 +99,17 @@ class OneTokenClient:
             request.latent.values.extend(latent)
         elif image_id is not None:
             request.image_id = image_id
-        return self.stub.Search(request, timeout=self.timeout_s)
+        return self.stub.Search(request, timeout=self.timeout_s, metadata=self.metadata)
 
     def get_image(self, image_id: str) -> pb.ImageInfo:
-        return self.stub.GetImage(pb.GetImageRequest(image_id=image_id), timeout=self.timeout_s)
+        return self.stub.GetImage(
+            pb.GetImageRequest(image_id=image_id), timeout=self.timeout_s, metadata=self.metadata
+        )
 
     def delete_image(self, image_id: str) -> pb.DeleteImageResponse:
-        return self.stub.DeleteImage(pb.DeleteImageRequest(image_id=image_id), timeout=self.timeout_s)
+        return self.stub.DeleteImage(
+            pb.DeleteImageRequest(image_id=image_id), timeout=self.timeout_s, metadata=self.metadata
+        )
 
     def close(self) -> None:
         self.channel.close()

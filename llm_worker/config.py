@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from cache.factory import StoreConfig
 from encoder_service.config import EncoderConfig
+from llm_worker.security import TokenTable, is_loopback
 
 DEFAULT_INDEX_DIR = ".onetoken/index"
 
@@ -26,6 +27,11 @@ class WorkerConfig:
     index_refresh_s: float = 30.0  # pick up records other processes (ingest) stored; 0 disables
     device: str = "auto"  # the decoding model's device: auto = cuda when available
     health_check_s: float = 5.0  # how often health (decoding loop, store) is checked for the health service
+    tls_cert: str | None = None  # PEM files: serve TLS with this certificate and key
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # mutual TLS: clients need a certificate this CA signed
+    tokens: TokenTable = field(default_factory=lambda: TokenTable(()))  # empty: no authentication
+    insecure: bool = False  # allow a non-loopback address without TLS and tokens
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -37,6 +43,16 @@ class WorkerConfig:
             raise ValueError(f"index_refresh_s must be >= 0, got {self.index_refresh_s}")
         if self.health_check_s <= 0:
             raise ValueError(f"health_check_s must be > 0, got {self.health_check_s}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and its key (--tls-cert and --tls-key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("mutual TLS (--tls-client-ca) needs the server's own --tls-cert and --tls-key")
+        if not is_loopback(self.host) and not (self.tls_cert and self.tokens) and not self.insecure:
+            raise ValueError(
+                f"refusing to serve on {self.host} without TLS and tokens: anyone who can reach it could "
+                "read and delete every record. Give --tls-cert/--tls-key and --tokens-file (or "
+                "ONETOKEN_TOKENS), serve on 127.0.0.1, or pass --insecure on a network you trust"
+            )
 
     @property
     def address(self) -> str:

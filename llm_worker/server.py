@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from llm_worker.config import WorkerConfig
 from llm_worker.handlers import OneTokenServicer
+from llm_worker.security import AuthInterceptor, server_credentials
 from llm_worker.service import OneTokenService
 from onetoken.v1 import onetoken_pb2 as pb
 from onetoken.v1 import onetoken_pb2_grpc as pb_grpc
@@ -73,8 +74,12 @@ async def watch_health(service: OneTokenService, servicer: health.aio.HealthServ
 async def start(config: WorkerConfig, service: OneTokenService | None = None) -> RunningServer:
     service = service or await OneTokenService.open(config)
     limit = config.max_message_mb * 1024 * 1024
+    interceptors: list[grpc.aio.ServerInterceptor] = []  # wrappers around every call, outermost first
+    if config.tokens:
+        interceptors.append(AuthInterceptor(config.tokens))
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        interceptors=interceptors,
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
     )
     pb_grpc.add_OneTokenServicer_to_server(OneTokenServicer(service), server)
     health_servicer = health.aio.HealthServicer()
@@ -83,7 +88,11 @@ async def start(config: WorkerConfig, service: OneTokenService | None = None) ->
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_insecure_port(config.address)
+    if config.tls_cert and config.tls_key:
+        credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        port = server.add_secure_port(config.address, credentials)
+    else:
+        port = server.add_insecure_port(config.address)
     if port == 0:
         await service.close()
         raise OSError(f"cannot bind {config.address}")
@@ -91,7 +100,9 @@ async def start(config: WorkerConfig, service: OneTokenService | None = None) ->
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     watcher = asyncio.get_running_loop().create_task(watch_health(service, health_servicer))
-    logger.info("OneToken serving on %s:%d", config.host, port)
+    tls = "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext"
+    auth = f"{len(config.tokens.entries)} tokens" if config.tokens else "no authentication"
+    logger.info("OneToken serving on %s:%d (%s, %s)", config.host, port, tls, auth)
     return RunningServer(server, service, health_servicer, port, watcher)
 
 
