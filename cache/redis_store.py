@@ -7,6 +7,11 @@ cluster client they split per node, which multi-key commands (MGET) across hash 
 (see `cache.keys` for the slot design). This class speaks to one node; Redis Cluster needs a
 `RedisCluster` client in its place and a SCAN per primary in `iter_ids`.
 
+Least privilege: the store sends only GET, SET, EXISTS, DEL and SCAN, on keys under its prefix. An ACL
+user for it (`redis_acl_rule(prefix)`, e.g. `ACL SETUSER onetoken on >PASSWORD resetkeys ~onetoken:*
+resetchannels -@all +get +set +exists +del +scan`) can do nothing else: no FLUSHALL, CONFIG, KEYS,
+EVAL or MODULE, and no key outside the prefix.
+
 Under `maxmemory` with an LRU policy Redis may evict any record: that is an ordinary miss here, and
 `cache.records.lookup` tells it apart from an image never seen by asking the vector index.
 """
@@ -34,6 +39,15 @@ T = TypeVar("T")
 # Worth retrying: the server is restarting, loading its AOF (BusyLoadingError is a ConnectionError),
 # or the network dropped. AuthenticationError is a ConnectionError too but is not transient; see _call.
 _TRANSIENT: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
+
+
+COMMANDS = ("get", "set", "exists", "del", "scan")  # every command the store sends
+
+
+def redis_acl_rule(prefix: str = DEFAULT_PREFIX) -> str:
+    """The ACL rules (after `ACL SETUSER NAME on >PASSWORD`) that let a user run exactly this store."""
+    commands = " ".join(f"+{c}" for c in COMMANDS)
+    return f"resetkeys ~{check_name('prefix', prefix)}:* resetchannels -@all {commands}"
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from cache.errors import StoreUnavailableError
 from cache.factory import StoreConfig, open_store
 from cache.index import IndexConfig, LatentIndex
 from cache.records import LookupStatus, get_record, lookup, put_records
-from cache.redis_store import RedisConfig, RedisStore
+from cache.redis_store import RedisConfig, RedisStore, redis_acl_rule
 from cache.retry import RetryPolicy
 from cache.store import RecordStore
 
@@ -163,6 +163,28 @@ def test_tls_from_a_rediss_url(redis_server: StartServer, tmp_path: Path) -> Non
     plain = server.url.replace("rediss://", "redis://").split("?")[0]
     with open_store(StoreConfig(plain, retry_s=0.3)) as store, pytest.raises(StoreUnavailableError):
         store.get(key_of(1))
+
+
+def test_a_least_privilege_acl_user_over_tls_runs_the_store_and_nothing_else(
+    redis_server: StartServer, tmp_path: Path
+) -> None:
+    """The documented ACL (only GET, SET, EXISTS, DEL, SCAN under the prefix), over TLS: every store
+    operation works, and the same credentials can neither flush the server nor touch other keys."""
+    rule = redis_acl_rule("onetoken").split()
+    server = redis_server(
+        "--user", "default", "off", "--user", "onetoken", "on", ">s3cret", *rule,
+        tls_dir=make_tls_certs(tmp_path / "tls"),
+    )  # fmt: skip
+    url = server.url.replace("rediss://", "rediss://onetoken:s3cret@")
+    with open_store(StoreConfig(url)) as store:
+        put_records(store, [make_record(i) for i in range(3)])
+        assert get_record(store, key_of(1)) is not None and store.contains(key_of(2))
+        assert store.count(FINGERPRINT) == 3 and store.delete(key_of(0)) and store.get(key_of(0)) is None
+    raw = redis.Redis.from_url(url)
+    for forbidden in (raw.flushall, lambda: raw.set("other:key", b"x"), lambda: raw.config_get("*")):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            forbidden()
+    raw.close()
 
 
 def test_scan_pages_are_joined_without_duplicates(redis_url: str) -> None:
