@@ -37,3 +37,23 @@ def test_redis_persists_and_encoders_reserve_gpus(compose_config: str):
 def test_dockerfile_pins_the_cpu_torch_by_default():
     text = (ROOT / "Dockerfile").read_text()
     assert "torch==2.13.0" in text and "whl/cpu" in text
+
+
+def test_compose_is_secured_by_default():
+    """The worker on 0.0.0.0 would refuse to start without TLS and tokens; Ray needs its token; the
+    dashboard (arbitrary code by design) is not published. Read from the file itself, no Docker needed."""
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    worker_env = services["llm-worker"]["environment"]
+    for name in ("ONETOKEN_TLS_CERT", "ONETOKEN_TLS_KEY", "ONETOKEN_TOKENS_FILE"):
+        assert worker_env[name].startswith("/run/secrets/onetoken/"), name
+    assert "./secrets:/run/secrets/onetoken:ro" in services["llm-worker"]["volumes"]
+    assert "secure_channel" in " ".join(services["llm-worker"]["healthcheck"]["test"])
+    for name, service in services.items():
+        published = " ".join(str(p) for p in service.get("ports", []))
+        assert "8265" not in published, name
+        if name != "redis":
+            assert service["environment"]["RAY_AUTH_MODE"] == "token", name
+            assert service["environment"]["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?"), name
