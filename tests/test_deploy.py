@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,8 +17,12 @@ def compose_config() -> str:
     tool = shutil.which("docker-compose")
     if tool is None:
         pytest.skip("docker-compose is not installed (Debian: apt-get install docker-compose)")
+    command = [tool, "-f", str(ROOT / "docker-compose.yml"), "config"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN"}
+    unset = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    assert unset.returncode != 0 and "RAY_AUTH_TOKEN" in unset.stderr  # the Ray secret is required
     result = subprocess.run(
-        [tool, "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True, text=True, timeout=60
+        command, capture_output=True, text=True, timeout=60, env={**env, "RAY_AUTH_TOKEN": "test-secret"}
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
