@@ -4,11 +4,14 @@ in `llm_worker.cli`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from cache.factory import StoreConfig
 from encoder_service.config import EncoderConfig
 
 DEFAULT_INDEX_DIR = ".onetoken/index"
+
+LogFormat = Literal["plain", "json"]  # how serve writes its log lines: text, or one JSON object each
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,8 @@ class WorkerConfig:
     index_refresh_s: float = 30.0  # pick up records other processes (ingest) stored; 0 disables
     device: str = "auto"  # the decoding model's device: auto = cuda when available
     health_check_s: float = 5.0  # how often health (decoding loop, store) is checked for the health service
+    metrics_port: int | None = None  # Prometheus metrics on host:metrics_port; 0 picks a free port; None: off
+    log_format: LogFormat = "plain"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -37,6 +42,13 @@ class WorkerConfig:
             raise ValueError(f"index_refresh_s must be >= 0, got {self.index_refresh_s}")
         if self.health_check_s <= 0:
             raise ValueError(f"health_check_s must be > 0, got {self.health_check_s}")
+        if self.metrics_port is not None:
+            if not 0 <= self.metrics_port <= 65535:
+                raise ValueError(f"metrics_port must be in [0, 65535] or None (off), got {self.metrics_port}")
+            if self.metrics_port == self.port != 0:
+                raise ValueError(f"metrics_port and port are both {self.port}: give the metrics another port")
+        if self.log_format not in get_args(LogFormat):
+            raise ValueError(f"log_format must be one of {get_args(LogFormat)}, got {self.log_format!r}")
 
     @property
     def address(self) -> str:
