@@ -3,7 +3,7 @@
 Configuration comes from flags, whose defaults come from ONETOKEN_* environment variables (read here and
 nowhere else): ONETOKEN_MODEL, ONETOKEN_STORE, ONETOKEN_INDEX_DIR, ONETOKEN_INDEX_SPEC, ONETOKEN_KV_DTYPE,
 ONETOKEN_ENCODER_BACKEND, ONETOKEN_ENCODERS, ONETOKEN_RAY_ADDRESS, ONETOKEN_HOST, ONETOKEN_PORT,
-ONETOKEN_ADDRESS (for the client commands), ONETOKEN_LOG_LEVEL.
+ONETOKEN_METRICS_PORT, ONETOKEN_LOG_FORMAT, ONETOKEN_ADDRESS (for the client commands), ONETOKEN_LOG_LEVEL.
 
 Exit status: 0 done; 1 error (nothing done, or a run stopped: the message says why, and how to resume);
 2 bad usage; 3 done, but some files failed (ingest and encode: each named with its reason).
@@ -26,7 +26,7 @@ from cache.factory import DEFAULT_STORE_URL
 from encoder_service.config import Backend
 from htcvlm.cli import HelpFormatter, add_command, add_log_level, add_model_commands, common_options, env
 from htcvlm.defaults import DEFAULT_MODEL_DIR
-from llm_worker.config import DEFAULT_INDEX_DIR, WorkerConfig
+from llm_worker.config import DEFAULT_INDEX_DIR, LogFormat, WorkerConfig
 from llm_worker.security import Role
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         encoder=encoder,
         host=getattr(args, "host", "127.0.0.1"),
         port=getattr(args, "port", 0),
+        metrics_port=getattr(args, "metrics_port", None),
+        log_format=getattr(args, "log_format", "plain"),
         index_dir=args.index_dir,
         index_spec=args.index_spec,
         **security_options(args),
@@ -340,6 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--insecure",
         action="store_true",
         help="serve a non-loopback address without TLS and tokens (refused otherwise)",
+    )
+    metrics_port = env("METRICS_PORT")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(metrics_port) if metrics_port else None,
+        help="serve Prometheus metrics at http://HOST:METRICS_PORT/metrics, on the gRPC host (0: a free "
+        "port; default: off) [$ONETOKEN_METRICS_PORT]",
+    )
+    serve.add_argument(
+        "--log-format",
+        choices=get_args(LogFormat),
+        default=env("LOG_FORMAT", "plain"),
+        help="log lines as text or one JSON object each; one request line per call shows at the default "
+        "--log-level (WARNING) and INFO, with the request's content at DEBUG [$ONETOKEN_LOG_FORMAT]",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -4,12 +4,15 @@ in `llm_worker.cli`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from cache.factory import StoreConfig
 from encoder_service.config import EncoderConfig
 from llm_worker.security import TokenTable, is_loopback
 
 DEFAULT_INDEX_DIR = ".onetoken/index"
+
+LogFormat = Literal["plain", "json"]  # how serve writes its log lines: text, or one JSON object each
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class WorkerConfig:
     tls_client_ca: str | None = None  # mutual TLS: clients need a certificate this CA signed
     tokens: TokenTable = field(default_factory=lambda: TokenTable(()))  # empty: no authentication
     insecure: bool = False  # allow a non-loopback address without TLS and tokens
+    metrics_port: int | None = None  # Prometheus metrics on host:metrics_port; 0 picks a free port; None: off
+    log_format: LogFormat = "plain"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -53,6 +58,13 @@ class WorkerConfig:
                 "read and delete every record. Give --tls-cert/--tls-key and --tokens-file (or "
                 "ONETOKEN_TOKENS), serve on 127.0.0.1, or pass --insecure on a network you trust"
             )
+        if self.metrics_port is not None:
+            if not 0 <= self.metrics_port <= 65535:
+                raise ValueError(f"metrics_port must be in [0, 65535] or None (off), got {self.metrics_port}")
+            if self.metrics_port == self.port != 0:
+                raise ValueError(f"metrics_port and port are both {self.port}: give the metrics another port")
+        if self.log_format not in get_args(LogFormat):
+            raise ValueError(f"log_format must be one of {get_args(LogFormat)}, got {self.log_format!r}")
 
     @property
     def address(self) -> str:

@@ -1,7 +1,9 @@
 """gRPC handlers: request messages in, response messages out, and the one place errors become codes.
 
 Every domain error maps to one status code with a message that says what to do; anything unexpected is
-logged and returned as INTERNAL. No error ends the server.
+logged and returned as INTERNAL. No error ends the server. What a call learns that its request line and
+metrics report (the image id, the tokens generated) is told with `note`; timing, codes and counting are
+the interceptor's (`llm_worker.interceptors`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from llm_worker.errors import (
     ImageNotFoundError,
     InvalidRequestError,
 )
+from llm_worker.request_log import note
 from llm_worker.service import AskCall, OneTokenService, Timings
 from onetoken.v1 import onetoken_pb2 as pb
 from onetoken.v1 import onetoken_pb2_grpc as pb_grpc
@@ -82,6 +85,10 @@ async def _guard(context: grpc.aio.ServicerContext, method: str, call: Callable[
         raise AssertionError("unreachable: abort raises") from exc
 
 
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1e3
+
+
 def _timings(t: Timings) -> pb.Timings:
     return pb.Timings(queue_ms=t.queue_ms, encode_ms=t.encode_ms, decode_ms=t.decode_ms, total_ms=t.total_ms)
 
@@ -93,6 +100,7 @@ class OneTokenServicer(pb_grpc.OneTokenServicer):
     async def EncodeImage(self, request: pb.EncodeImageRequest, context: Any) -> pb.EncodeImageResponse:
         async def run() -> pb.EncodeImageResponse:
             encoded = await self.service.encode(request.image, request.source_uri)
+            note(image_id=encoded.image_id)
             return pb.EncodeImageResponse(
                 image_id=encoded.image_id, cached=encoded.cached, latent_dim=len(encoded.latent)
             )
@@ -107,17 +115,21 @@ class OneTokenServicer(pb_grpc.OneTokenServicer):
         which = request.WhichOneof("image")
         if which is None:
             raise InvalidRequestError("set image_id or image_bytes")
-        return await self.service.ask(
+        note(image_id=request.image_id)  # known before the call can fail ("" when asked by bytes)
+        call = await self.service.ask(
             request.question,
             options,
             image_id=request.image_id if which == "image_id" else None,
             image_bytes=request.image_bytes if which == "image_bytes" else None,
         )
+        note(image_id=call.image_id)
+        return call
 
     async def Ask(self, request: pb.AskRequest, context: Any) -> pb.AskResponse:
         async def run() -> pb.AskResponse:
             call = await self._start_ask(request)
             answer = await call.answer()
+            note(tokens=len(answer.token_ids), first_token_s=_seconds(call.timings.first_token_ms))
             return pb.AskResponse(
                 image_id=call.image_id,
                 answer=answer.text,
@@ -135,6 +147,7 @@ class OneTokenServicer(pb_grpc.OneTokenServicer):
             generated, last = 0, None
             async for event in call.events():
                 generated += event.finished != "eos"  # the EOS token is not part of the answer
+                note(tokens=generated, first_token_s=_seconds(call.timings.first_token_ms))
                 message = pb.AskStreamResponse(
                     text=event.text, token_id=event.token_id, image_id=call.image_id
                 )
@@ -155,6 +168,7 @@ class OneTokenServicer(pb_grpc.OneTokenServicer):
     async def Search(self, request: pb.SearchRequest, context: Any) -> pb.SearchResponse:
         async def run() -> pb.SearchResponse:
             which = request.WhichOneof("query")
+            note(image_id=request.image_id)
             hits = await self.service.search(
                 request.k,
                 image_id=request.image_id if which == "image_id" else None,
@@ -169,6 +183,7 @@ class OneTokenServicer(pb_grpc.OneTokenServicer):
 
     async def GetImage(self, request: pb.GetImageRequest, context: Any) -> pb.ImageInfo:
         async def run() -> pb.ImageInfo:
+            note(image_id=request.image_id)
             info = await self.service.get_image(request.image_id)
             return pb.ImageInfo(
                 image_id=info.image_id,
@@ -186,6 +201,7 @@ class OneTokenServicer(pb_grpc.OneTokenServicer):
 
     async def DeleteImage(self, request: pb.DeleteImageRequest, context: Any) -> pb.DeleteImageResponse:
         async def run() -> pb.DeleteImageResponse:
+            note(image_id=request.image_id)
             return pb.DeleteImageResponse(deleted=await self.service.delete_image(request.image_id))
 
         return await _guard(context, "DeleteImage", run)

@@ -63,6 +63,9 @@ class DecodeScheduler:
         self.steps = 0  # forwards run, prefills excluded (for tests and metrics)
         self.max_rows_seen = 0  # the largest batch one forward has carried
         self.active = 0  # rows being decoded now
+        self.batches = 0  # turns that decoded: one token for every running row (metrics)
+        self.rows_decoded = 0  # rows summed over those turns: rows_decoded / batches is the mean batch
+        self.tokens_generated = 0  # tokens handed to callers, EOS excluded: their answers' lengths (metrics)
 
     def start(self) -> None:
         """Start the decoding thread, or a fresh one if the last one died (its rows were failed)."""
@@ -135,6 +138,8 @@ class DecodeScheduler:
         if not self._jobs:
             return
         self.max_rows_seen = max(self.max_rows_seen, len(self._jobs))
+        self.batches += 1
+        self.rows_decoded += len(self._jobs)
         events, failed = self._running.step()
         self.steps += len(self._running) > 0  # the step ran a forward for the rows that go on
         for event in events:
@@ -144,6 +149,7 @@ class DecodeScheduler:
             except Exception as exc:  # a caller that cannot take its tokens stops being decoded
                 failed[event.row] = exc
                 continue
+            self.tokens_generated += event.finished != "eos"  # the EOS token is not part of the answer
             if event.finished:
                 _end([self._jobs.pop(event.row)], None)
         for row_id, exc in failed.items():

@@ -52,6 +52,7 @@ class Timings:
     encode_ms: float = 0.0
     decode_ms: float = 0.0
     total_ms: float = 0.0
+    first_token_ms: float | None = None  # None until the first token arrives
 
 
 @dataclass
@@ -81,6 +82,8 @@ class AskCall:
             while (item := await self.queue.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
+                if self.timings.first_token_ms is None:
+                    self.timings.first_token_ms = (time.perf_counter() - self.started) * 1e3
                 yield item
             end = time.perf_counter()
             if self.job.started_at:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_client.parser import text_string_to_metric_families
 
 from llm_worker.client import OneTokenClient
 from tests.cache.helpers import free_port
@@ -166,3 +169,52 @@ def test_client_commands_import_no_model_stack(served):
     # the Ask reached the server (an unknown id: NOT_FOUND, exit 1) with nothing heavy imported
     assert out.stdout.splitlines()[-1] == "heavy:  code: 1", out.stdout
     assert "NOT_FOUND" in out.stderr
+
+
+def test_serve_shows_json_request_lines_and_serves_metrics_at_the_default_log_level(
+    model_dir: Path, tmp_path: Path
+):
+    """`--log-format json --metrics-port N` with no --log-level: every line JSON, one request line per
+    call (never the question), and the calls counted at http://127.0.0.1:N/metrics."""
+    port, metrics_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "ONETOKEN_LOG_LEVEL"}
+    env |= {
+        "ONETOKEN_MODEL": str(model_dir),
+        "ONETOKEN_STORE": str(tmp_path / "records"),
+        "ONETOKEN_INDEX_DIR": str(tmp_path / "index"),
+        "ONETOKEN_ENCODER_BACKEND": "local",
+    }
+    flags = ["--port", str(port), "--metrics-port", str(metrics_port), "--log-format", "json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llm_worker.cli", "serve", *flags],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with OneTokenClient(f"127.0.0.1:{port}") as client:
+            client.wait_ready(timeout_s=60)
+            image_id = client.encode(png_bytes(5)).image_id
+            client.ask(QUESTION, image_id=image_id, max_new_tokens=2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+            scraped = reply.read().decode()
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    counted = {
+        (s.labels["method"], s.labels["code"]): s.value
+        for family in text_string_to_metric_families(scraped)
+        for s in family.samples
+        if s.name == "onetoken_rpcs_total"
+    }
+    assert counted == {("EncodeImage", "OK"): 1, ("Ask", "OK"): 1}
+    assert f"metrics at http://127.0.0.1:{metrics_port}/metrics" in out
+    logged = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    requests = [e for e in logged if e["logger"] == "onetoken.requests"]
+    assert [(e["method"], e["code"], e["image_id"]) for e in requests] == [
+        ("EncodeImage", "OK", image_id[:12]),
+        ("Ask", "OK", image_id[:12]),
+    ]
+    assert requests[1]["tokens"] == 2 and QUESTION not in out

@@ -11,7 +11,8 @@ import pytest
 
 from htcvlm.checkpoint import load_pretrained
 from htcvlm.defaults import DEFAULT_MODEL_DIR
-from llm_worker.cli import build_parser, main
+from llm_worker.cli import build_parser, main, worker_config
+from llm_worker.config import WorkerConfig
 from tests.llm_worker.helpers import onetoken
 
 
@@ -123,3 +124,35 @@ def test_demo_keeps_its_store_and_index_in_its_workdir(
     assert (workdir / "records").is_dir() and (workdir / "index" / "manifest.json").is_file()
     assert len(list((workdir / "reports").glob("ingest-*.jsonl"))) == 1
     assert not (tmp_path / ".onetoken").exists()
+
+
+def test_serve_takes_metrics_port_and_log_format_from_flags_or_variables(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("ONETOKEN_METRICS_PORT", "ONETOKEN_LOG_FORMAT"):
+        monkeypatch.delenv(name, raising=False)
+    config = worker_config(build_parser().parse_args(["serve"]))
+    assert (config.metrics_port, config.log_format) == (None, "plain")  # metrics off by default
+    monkeypatch.setenv("ONETOKEN_METRICS_PORT", "0")
+    monkeypatch.setenv("ONETOKEN_LOG_FORMAT", "json")
+    config = worker_config(build_parser().parse_args(["serve"]))
+    assert (config.metrics_port, config.log_format) == (0, "json")
+    args = build_parser().parse_args(["serve", "--metrics-port", "9464", "--log-format", "plain"])
+    assert (worker_config(args).metrics_port, worker_config(args).log_format) == (9464, "plain")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--log-format", "xml"])
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"metrics_port": -1}, "metrics_port must be in [0, 65535]"),
+        ({"metrics_port": 50051, "port": 50051}, "give the metrics another port"),
+        ({"log_format": "xml"}, "log_format must be one of ('plain', 'json')"),
+    ],
+)
+def test_worker_config_refuses_bad_metrics_and_log_settings(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        WorkerConfig(**changes)
+    assert message in str(err.value)
+    WorkerConfig(metrics_port=0, port=0)  # two free ports, chosen apart
