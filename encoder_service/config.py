@@ -16,7 +16,7 @@ class EncoderConfig:
     model_dir: str = str(DEFAULT_MODEL_DIR)  # a OneToken checkpoint folder
     kv_dtype: KvDtype = "fp16"
     backend: Backend = "ray"  # "local": in-process, no Ray (tests, small setups)
-    num_actors: int = 1
+    num_actors: int = 1  # 0: one per GPU the Ray cluster has (`pool.actor_count`), or one without GPUs
     num_gpus_per_actor: float | None = None  # None: 1 where Ray sees GPUs, else CPU actors
     max_batch: int = 16  # dynamic batcher: images per compress() call
     max_wait_ms: float = 5.0  # how long the first image of a batch waits for company
@@ -37,7 +37,11 @@ class EncoderConfig:
             raise ValueError(
                 f"max_pixels can be at most Pillow's {2 * Image.MAX_IMAGE_PIXELS}, got {self.max_pixels}"
             )
-        for name in ("num_actors", "max_batch", "max_queue", "max_pixels"):
+        if self.num_actors < 0:
+            raise ValueError(
+                f"num_actors must be >= 0 (0: one per GPU of the cluster), got {self.num_actors}"
+            )
+        for name in ("max_batch", "max_queue", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0 or self.batch_timeout_s <= 0:

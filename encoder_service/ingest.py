@@ -33,7 +33,7 @@ from cache.sync import build_from_store
 from encoder_service.config import EncoderConfig
 from encoder_service.encoder import Encoder
 from encoder_service.errors import EncoderError
-from encoder_service.pool import actor_resources, init_ray
+from encoder_service.pool import actor_count, actor_resources, init_ray
 from htcvlm.errors import CheckpointError, HTCError
 
 logger = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ def ingest(
 ) -> IngestSummary:
     """Encode every file named by `inputs` (see `expand_inputs`) into `store`, and index the latents.
 
-    Ray Data pipeline: paths -> `read_files` tasks -> `Encoder` actors (`config.num_actors` of them, one
+    Ray Data pipeline: paths -> `read_files` tasks -> `Encoder` actors (`actor_count(config)` of them, one
     GPU each where the cluster has GPUs) in batches of `batch_size` -> rows streamed back to this process,
     counted under a progress bar. With `index_dir`, the encoded and cached latents go into the
     `LatentIndex` there (see `IndexSink`: a saved one is topped up, else one is built from the store).
@@ -236,7 +236,7 @@ def ingest(
                 Encoder,
                 fn_constructor_args=(config, store),
                 batch_size=batch_size,
-                compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+                compute=ray.data.ActorPoolStrategy(size=actor_count(config)),
                 # Not Ray Data's default of restarting actors forever: its actors' constructor arguments
                 # live in the object store, so Ray warns on every run that a restart may fail
                 # (ray-project/ray#53727). A crashed encoder stops the run instead; rerunning resumes it.

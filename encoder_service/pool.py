@@ -92,6 +92,18 @@ def actor_resources(config: EncoderConfig) -> dict[str, float]:
     return {"num_gpus": gpus, "num_cpus": 0 if gpus else 1}
 
 
+def actor_count(config: EncoderConfig) -> int:
+    """`config.num_actors`, or for 0 as many actors as the cluster's GPUs hold at `actor_resources` each
+    (one on a cluster without GPUs): `docker-compose up --scale encoder=8` then gives 8 encoders."""
+    if config.num_actors:
+        return config.num_actors
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    per_actor = actor_resources(config)["num_gpus"]
+    return max(1, int(gpus // per_actor)) if per_actor else 1
+
+
 class RayEncoderPool(EncoderPool):
     """`num_actors` Ray actors wrapping `Encoder`. Made by `start()` (async: actors load the model).
 
@@ -117,7 +129,7 @@ class RayEncoderPool(EncoderPool):
             max_restarts=-1,  # a crashed actor comes back (the model loads again)
             max_task_retries=3,  # and the batch it was running is retried there
         )
-        actors = [remote.remote(config, store) for _ in range(config.num_actors)]
+        actors = [remote.remote(config, store) for _ in range(actor_count(config))]
         try:
             infos = await asyncio.wait_for(
                 asyncio.gather(*(a.info.remote() for a in actors)), config.batch_timeout_s
@@ -126,7 +138,7 @@ class RayEncoderPool(EncoderPool):
             for actor in actors:
                 ray.kill(actor)
             raise EncoderUnavailableError(
-                f"{config.num_actors} encoder actors ({actor_resources(config)} each) did not start within "
+                f"{len(actors)} encoder actors ({actor_resources(config)} each) did not start within "
                 f"{config.batch_timeout_s:.0f} s: {e!r}; check the cluster's free resources and the model "
                 f"folder {config.model_dir}"
             ) from e

@@ -121,7 +121,10 @@ def add_service_options(p: argparse.ArgumentParser, in_workdir: bool = False) ->
         help="serve's encoders: Ray actors, or one in-process encoder [$ONETOKEN_ENCODER_BACKEND]",
     )
     p.add_argument(
-        "--encoders", type=int, default=int(env("ENCODERS", "1")), help="encoder actors [$ONETOKEN_ENCODERS]"
+        "--encoders",
+        type=int,
+        default=int(env("ENCODERS", "1")),
+        help="encoder actors; 0: one per GPU of the Ray cluster [$ONETOKEN_ENCODERS]",
     )
     p.add_argument(
         "--ray-address",

@@ -62,3 +62,15 @@ def test_compose_is_secured_by_default():
         if name != "redis":
             assert service["environment"]["RAY_AUTH_MODE"] == "token", name
             assert service["environment"]["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?"), name
+
+
+def test_compose_waits_for_redis_scales_encoders_and_keeps_the_venv_out():
+    import yaml
+
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    for name in ("llm-worker", "ingest"):
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
+        command = services[name]["command"]
+        assert command[command.index("--encoders") + 1] == "0", name  # one actor per cluster GPU
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv/" in ignored and ".git/" in ignored and "secrets/" in ignored

@@ -17,7 +17,7 @@ def test_defaults_are_valid() -> None:
     [
         ({"backend": "threads"}, "backend must be one of ('ray', 'local')"),
         ({"kv_dtype": "fp8"}, "kv_dtype must be one of"),
-        ({"num_actors": 0}, "num_actors must be >= 1"),
+        ({"num_actors": -1}, "num_actors must be >= 0"),
         ({"max_batch": 0}, "max_batch must be >= 1"),
         ({"max_queue": 0}, "max_queue must be >= 1"),
         ({"max_wait_ms": -1.0}, "max_wait_ms >= 0"),

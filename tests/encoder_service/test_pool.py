@@ -13,7 +13,7 @@ import pytest
 from cache.errors import StoreUnavailableError
 from cache.factory import StoreConfig
 from encoder_service.errors import EncoderUnavailableError
-from encoder_service.pool import LocalEncoderPool, RayEncoderPool, actor_resources, open_pool
+from encoder_service.pool import LocalEncoderPool, RayEncoderPool, actor_count, actor_resources, open_pool
 from htcvlm.checkpoint import load_pretrained
 from htcvlm.record import image_id_of
 from tests.cache.helpers import RedisServer, redis_unreachable
@@ -48,6 +48,21 @@ def test_actor_resources_follow_the_cluster(model_dir: Path, ray_cluster: None) 
         "num_gpus": 0.5,
         "num_cpus": 0,
     }
+
+
+def test_zero_actors_means_one_per_gpu_of_the_cluster(model_dir: Path, monkeypatch) -> None:
+    """--encoders 0 follows the cluster, so `--scale encoder=8` (one GPU each) gives 8 encoder actors."""
+    import ray
+
+    gpus = {"GPU": 0.0}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, **gpus})
+    assert actor_count(encoder_config(model_dir, num_actors=0)) == 1  # no GPUs: one CPU actor
+    gpus["GPU"] = 8.0
+    assert actor_count(encoder_config(model_dir, num_actors=0)) == 8
+    assert actor_count(encoder_config(model_dir, num_actors=0, num_gpus_per_actor=0.5)) == 16
+    assert actor_count(encoder_config(model_dir, num_actors=3)) == 3  # a number given is kept
+    with pytest.raises(ValueError, match="num_actors must be >= 0"):
+        encoder_config(model_dir, num_actors=-1)
 
 
 async def test_ray_pool_encodes_and_serves_cached_images(
