@@ -289,8 +289,11 @@ class OneTokenService:
         blobs = await asyncio.to_thread(self.store.get_many, [self._key(h.image_id) for h in hits])
         found = []
         for hit, blob in zip(hits, blobs, strict=True):
+            if blob is None:  # deleted or evicted since it was indexed (here or by another process)
+                logger.info("search left out image %s: its record is gone from the store", hit.image_id)
+                continue
             try:
-                source_uri = read_metadata(blob)["source_uri"] if blob is not None else ""
+                source_uri = read_metadata(blob)["source_uri"]
             except CorruptRecordError as e:  # one damaged record must not fail every search near it
                 self.damaged_hits += 1
                 logger.warning("search dropped image %s: its stored record is damaged (%s)", hit.image_id, e)

@@ -209,6 +209,16 @@ def test_a_damaged_record_does_not_stop_the_refresh_indexing_the_others(server, 
     assert outcomes[1].image_id not in service.index
 
 
+def test_search_never_returns_an_image_whose_record_is_gone(server, client):
+    """A record deleted or evicted behind this worker's index (another worker, Redis LRU) is left out."""
+    ids = [client.encode(png(90 + i)).image_id for i in range(3)]
+    service = server.service
+    service.store.delete(RecordKey(service.fingerprint, ids[1]))  # the index still holds it
+    assert ids[1] in service.index
+    hits = [h.image_id for h in client.search(len(service.index), image_id=ids[0]).hits]
+    assert ids[1] not in hits and ids[0] in hits and ids[2] in hits
+
+
 def test_a_cancelled_stream_stops_its_generation(server, client):
     image_id = client.encode(png(61)).image_id
     scheduler = server.service.scheduler
