@@ -70,9 +70,13 @@ def init_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    if address is None:
-        # A local cluster of this process only: no token to share, so no token auth.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address is None and "RAY_AUTH_MODE" not in os.environ:
+        # A local cluster of this process. Ray's servers listen on every interface (Ray 2.60 cannot bind
+        # them to loopback alone) and its protocol runs pickled code, so Ray's own default for a local
+        # cluster stands: token authentication, with a token it makes (~/.ray/auth_token) and hands to
+        # its processes. Setting the mode here would come too late for this process's cached Ray config,
+        # so it stays unset; only Ray's line announcing that default is kept off the console.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(
         address=address,
         include_dashboard=False,

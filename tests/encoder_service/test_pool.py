@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,33 @@ async def test_store_outage_reaches_the_caller_as_itself_and_the_pool_recovers(
     finally:
         await pool.close()
         server.kill()
+
+
+LOCAL_RAY = """
+import os, subprocess, sys
+from encoder_service.pool import init_ray
+import ray
+init_ray(None)
+address = ray.get_runtime_context().gcs_address
+print("mode:", os.environ.get("RAY_AUTH_MODE"))
+# a process without the token, as anything else that reaches the ports would be, is refused
+intruder = subprocess.run(
+    [sys.executable, "-c", f"import ray; ray.init(address={address!r})"],
+    env={**os.environ, "RAY_AUTH_MODE": "disabled", "HOME": "/nonexistent"},
+    capture_output=True, text=True, timeout=60,
+)
+refused = "InvalidAuthToken" in intruder.stderr or "Unauthenticated" in intruder.stderr
+print("intruder:", intruder.returncode, refused)
+ray.shutdown()
+"""
+
+
+def test_the_local_ray_that_onetoken_starts_refuses_callers_without_its_token(tmp_path: Path) -> None:
+    """Ray 2.60 cannot bind a local cluster to loopback alone, so its token authentication stays on."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"} | {"HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", LOCAL_RAY], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert "mode: token" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "intruder: 1 True" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "Token authentication is enabled" not in done.stderr  # Ray's announcement stays off the console
