@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -119,6 +121,7 @@ class HealthWatch:
     """The statuses the standard health service streams for one service name, collected in a thread."""
 
     def __init__(self, address: str, service: str) -> None:
+        self.address = address
         self.channel = grpc.insecure_channel(address)
         self.calls = health_pb2_grpc.HealthStub(self.channel).Watch(
             health_pb2.HealthCheckRequest(service=service), timeout=120
@@ -146,24 +149,31 @@ class HealthWatch:
         self.channel.close()
 
 
+@contextmanager
+def watching(server: ServerThread) -> Iterator[list[HealthWatch]]:
+    """Health watches of "" and the API, each seen SERVING first; closed, and the server stopped, after."""
+    watches = [HealthWatch(server.address, name) for name in ("", "onetoken.v1.OneToken")]
+    try:
+        for watch in watches:
+            watch.wait_for("SERVING")
+        yield watches
+    finally:
+        for watch in watches:
+            watch.close()
+        server.stop()
+
+
 def test_health_is_not_serving_while_the_decoding_loop_is_down(model_dir: Path, tmp_path: Path):
     config = worker_config(
         model_dir, str(tmp_path / "db"), tmp_path / "index", "onetoken", health_check_s=0.2
     )
     server = ServerThread(config)
-    watches = [HealthWatch(server.address, name) for name in ("", "onetoken.v1.OneToken")]
-    try:
-        for watch in watches:
-            watch.wait_for("SERVING")
+    with watching(server) as watches:
         server.service.scheduler.stop()  # what a dying loop looks like from outside
         for watch in watches:  # reported, restarted, then healthy again
             watch.wait_for("SERVING", "NOT_SERVING", "SERVING")
         with OneTokenClient(server.address) as client:
             assert client.ask(QUESTION, image=png(4), max_new_tokens=2).usage.completion_tokens == 2
-    finally:
-        for watch in watches:
-            watch.close()
-        server.stop()
 
 
 def test_health_follows_the_store_down_and_back(model_dir: Path, tmp_path: Path):
@@ -173,21 +183,15 @@ def test_health_follows_the_store_down_and_back(model_dir: Path, tmp_path: Path)
     private.start()
     config = worker_config(model_dir, private.url, tmp_path / "index", "onetoken", health_check_s=0.2)
     config = replace(config, store=replace(config.store, retry_s=0.5))
-    server = ServerThread(config)
-    watches = [HealthWatch(server.address, name) for name in ("", "onetoken.v1.OneToken")]
     try:
-        for watch in watches:
-            watch.wait_for("SERVING")
-        private.stop()
-        for watch in watches:
-            watch.wait_for("SERVING", "NOT_SERVING")
-        private.start()
-        for watch in watches:
-            watch.wait_for("SERVING", "NOT_SERVING", "SERVING")
-        with OneTokenClient(server.address) as client:
-            assert client.ask(QUESTION, image=png(5), max_new_tokens=2).usage.completion_tokens == 2
+        with watching(ServerThread(config)) as watches:
+            private.stop()
+            for watch in watches:
+                watch.wait_for("SERVING", "NOT_SERVING")
+            private.start()
+            for watch in watches:
+                watch.wait_for("SERVING", "NOT_SERVING", "SERVING")
+            with OneTokenClient(watches[0].address) as client:
+                assert client.ask(QUESTION, image=png(5), max_new_tokens=2).usage.completion_tokens == 2
     finally:
-        for watch in watches:
-            watch.close()
-        server.stop()
         private.kill()

@@ -30,14 +30,9 @@ def write_corpus(folder: Path, good: int = 2) -> Path:
     return folder
 
 
-def test_ingest_prints_its_bar_and_summary_only_and_exits_3_when_files_failed(
-    model_dir: Path, tmp_path: Path
-):
-    """No Ray lines (core_worker, progress bars, executor INFO) among ours; a report folder that does not
-    exist yet is made; the summary names the report; the exit status says files failed."""
-    corpus = write_corpus(tmp_path / "corpus")
-    report = tmp_path / "new" / "folder" / "failed.jsonl"
-    store = [
+def service_flags(model_dir: Path, tmp_path: Path) -> list[str]:
+    """The model, and a store and index of the test's own."""
+    return [
         "--model",
         str(model_dir),
         "--store",
@@ -45,6 +40,16 @@ def test_ingest_prints_its_bar_and_summary_only_and_exits_3_when_files_failed(
         "--index-dir",
         str(tmp_path / "index"),
     ]
+
+
+def test_ingest_prints_its_bar_and_summary_only_and_exits_3_when_files_failed(
+    model_dir: Path, tmp_path: Path
+):
+    """No Ray lines (core_worker, progress bars, executor INFO) among ours; a report folder that does not
+    exist yet is made; the summary names the report; the exit status says files failed."""
+    corpus = write_corpus(tmp_path / "corpus")
+    report = tmp_path / "new" / "folder" / "failed.jsonl"
+    store = service_flags(model_dir, tmp_path)
     result = onetoken("ingest", str(corpus), *store, "--report", str(report), cwd=tmp_path, timeout=300)
 
     assert result.returncode == 3, result.stderr
@@ -70,14 +75,7 @@ def test_ingest_keeps_every_runs_report_and_exits_0_when_all_went_well(
     """Without --report each run gets its own report under .onetoken/reports; a clean run writes none."""
     corpus = write_corpus(tmp_path / "corpus")
     monkeypatch.chdir(tmp_path)
-    store = [
-        "--model",
-        str(model_dir),
-        "--store",
-        str(tmp_path / "records"),
-        "--index-dir",
-        str(tmp_path / "index"),
-    ]
+    store = service_flags(model_dir, tmp_path)
 
     printed = []
     for _ in range(2):
