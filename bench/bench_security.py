@@ -96,7 +96,7 @@ def main() -> None:
             encoder=EncoderConfig(backend="local"),
             port=0,
             index_dir=str(root / "plain-index"),
-            index_refresh_s=0,
+            index_follow_s=0,
         )
         secured = replace(
             base,

@@ -165,7 +165,7 @@ def main() -> None:
             encoder=EncoderConfig(model_dir=args.model, backend="local"),
             port=0,
             index_dir=str(root / "serve-index"),
-            index_refresh_s=0,
+            index_follow_s=0,
         )
         rows = asyncio.run(serve_and_measure(worker, paths, args))
     print(f"\nAsk over gRPC, {args.asks} asks per level, {args.tokens} greedy tokens each")

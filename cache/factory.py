@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from cache.feed import DEFAULT_FEED_LENGTH
 from cache.keys import DEFAULT_PREFIX, check_name
 from cache.retry import RetryPolicy
 from cache.store import RecordStore
@@ -28,11 +29,15 @@ class StoreConfig:
     url: str = DEFAULT_STORE_URL
     key_prefix: str = DEFAULT_PREFIX  # namespaces every key: several deployments can share one Redis
     retry_s: float = 10.0  # how long a network store retries one call before StoreUnavailableError
+    # Changes kept per model in the change feed: an index that falls further behind rebuilds.
+    feed_length: int = DEFAULT_FEED_LENGTH
 
     def __post_init__(self) -> None:
         check_name("key_prefix", self.key_prefix)
         if self.retry_s < 0:
             raise ValueError(f"retry_s must be >= 0, got {self.retry_s}")
+        if self.feed_length <= 0:
+            raise ValueError(f"feed_length must be positive, got {self.feed_length}")
         scheme = urlsplit(self.url).scheme
         if scheme not in SCHEMES:
             choices = "redis://, rediss://, lmdb:// or a path"
@@ -46,10 +51,15 @@ def open_store(config: StoreConfig) -> RecordStore:
         from cache.redis_store import RedisConfig, RedisStore  # redis-py only where Redis is used
 
         retry = RetryPolicy(total_s=config.retry_s)
-        return RedisStore(RedisConfig(url=config.url, key_prefix=config.key_prefix, retry=retry))
+        return RedisStore(
+            RedisConfig(
+                url=config.url, key_prefix=config.key_prefix, retry=retry, feed_length=config.feed_length
+            )
+        )
     from cache.lmdb_store import LmdbConfig, LmdbStore
 
-    return LmdbStore(LmdbConfig(path=lmdb_path(config.url), key_prefix=config.key_prefix))
+    path = lmdb_path(config.url)
+    return LmdbStore(LmdbConfig(path=path, key_prefix=config.key_prefix, feed_length=config.feed_length))
 
 
 def lmdb_path(url: str) -> str:

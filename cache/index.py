@@ -11,10 +11,12 @@ left, which IVF does not, so after a removal every IVF hit came back under anoth
 it reconstruction (search by image id) and removal.
 
 On disk a directory holds `index.faiss`, `ids.npy` (n x 32 uint8 SHA-256 digests, loaded with
-allow_pickle=False) and `manifest.json` (fingerprint, spec, dim, count, SHA-256 of both files),
-written last and atomically. The store is the source of truth: `cache.sync.load_or_rebuild` rebuilds
-whenever the files are missing, corrupt, of another model or spec, or lack a record the store holds.
-Indexed ids the store no longer holds are kept; `cache.records.lookup` reports them as evicted.
+allow_pickle=False) and `manifest.json` (fingerprint, spec, dim, count, SHA-256 of both files, and
+`feed`: the position in the store's change feed that the index reflects), written last and
+atomically. The store is the source of truth: `cache.sync.load_or_rebuild` follows the feed from that
+position, and rebuilds whenever the files are missing, corrupt, of another model or spec, or behind a
+trimmed feed. Deleted records leave the index through the feed; evicted ones (Redis under maxmemory)
+are kept, so that `cache.records.lookup` can report them as evicted.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from cache.errors import (
     IndexStaleError,
     NotIndexedError,
 )
+from cache.feed import FeedPosition
 from cache.keys import check_name
 
 logger = logging.getLogger(__name__)
@@ -100,6 +103,9 @@ class LatentIndex:
         self._set_index(inner)
         self._ids: dict[int, str] = {}
         self._lock = threading.Lock()
+        # The store's change feed up to here is in the index (`cache.sync.follow` moves it on); None
+        # when unknown (an index saved before the feed existed), which `load_or_rebuild` rebuilds.
+        self.feed: FeedPosition | None = None
 
     def _set_index(self, index: faiss.Index) -> None:
         ivf = _extract_ivf(index)
@@ -235,6 +241,8 @@ class LatentIndex:
                 "count": len(self._ids),
                 **{f"{name}_sha256": _sha256_file(tmp[name]) for name in _FILES},
             }
+            if self.feed is not None:
+                manifest["feed"] = self.feed.to_dict()
             tmp["manifest.json"].write_text(json.dumps(manifest, indent=2))
             # the manifest moves last: a crash in between leaves a checksum mismatch, seen as corrupt
             for name in (*_FILES, "manifest.json"):
@@ -249,6 +257,7 @@ class LatentIndex:
             if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
                 raise IndexCorruptError(f"unknown manifest format in {d}")
             count = int(manifest["count"])
+            feed = FeedPosition.from_dict(manifest["feed"]) if "feed" in manifest else None
             for name in _FILES:
                 if _sha256_file(d / name) != manifest[f"{name}_sha256"]:
                     raise IndexCorruptError(f"{d / name} does not match its manifest checksum")
@@ -271,6 +280,7 @@ class LatentIndex:
         self = cls(fingerprint, config)
         self._set_index(index)
         self._ids = {faiss_id(h): h for h in (row.tobytes().hex() for row in digests)}
+        self.feed = feed
         return self
 
 

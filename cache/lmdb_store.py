@@ -4,6 +4,11 @@ LMDB is memory-mapped and copy-on-write: readers never block writers or each oth
 leaves a half-written record, and several processes on one machine may open the same directory (open
 it after forking, never before). Keys are the same strings as on Redis, so the two stores list and
 scan alike.
+
+The change feed (`cache.feed`) of a model is a log in the same key space, written in the same write
+transaction as the records: `<prefix>:<fingerprint>:feed:<seq, 20 digits>` -> `put:<image id>` or
+`delete:<image id>`, and `<prefix>:<fingerprint>:feedstate` -> "<written> <trimmed>" (changes ever
+appended, changes trimmed from the start). Keys sort, so a log read is one cursor walk.
 """
 
 from __future__ import annotations
@@ -11,12 +16,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import lmdb
 
 from cache.errors import StoreFullError
+from cache.feed import DEFAULT_FEED_LENGTH, OPS, Change, FeedPosition, FeedRead, Op, check_trimmed
 from cache.keys import DEFAULT_PREFIX, RecordKey, check_name, record_key_prefix
 from cache.store import RecordStore
 
@@ -31,11 +39,12 @@ class LmdbConfig:
     # at paper size (512 KiB each).
     map_size: int = 1 << 40
     sync: bool = True  # fsync on commit: a put that returned survives a power cut
+    feed_length: int = DEFAULT_FEED_LENGTH  # changes kept per model in the change feed
 
     def __post_init__(self) -> None:
         check_name("key_prefix", self.key_prefix)
-        if self.map_size <= 0:
-            raise ValueError(f"map_size must be positive, got {self.map_size}")
+        if self.map_size <= 0 or self.feed_length <= 0:
+            raise ValueError(f"map_size and feed_length must be positive, got {self}")
 
 
 # LMDB allows one open environment per directory and process: stores of one directory share it (the
@@ -75,15 +84,44 @@ class LmdbStore(RecordStore):
     def _k(self, key: RecordKey) -> bytes:
         return key.to_str(self.config.key_prefix).encode()
 
+    def _feed(self, fingerprint: str) -> str:
+        return f"{self.config.key_prefix}:{check_name('fingerprint', fingerprint)}:feed"
+
+    def _state(self, txn: lmdb.Transaction, fingerprint: str) -> tuple[int, int]:
+        """(changes ever written, changes trimmed) of a model's feed."""
+        raw = txn.get(f"{self._feed(fingerprint)}state".encode())
+        if raw is None:
+            return 0, 0
+        written, trimmed = raw.split()
+        return int(written), int(trimmed)
+
+    def _append(self, txn: lmdb.Transaction, fingerprint: str, changes: Sequence[Change]) -> None:
+        """Append `changes` to a model's feed inside the write transaction `txn`, then trim its start."""
+        feed = self._feed(fingerprint)
+        written, trimmed = self._state(txn, fingerprint)
+        for change in changes:
+            written += 1
+            txn.put(f"{feed}:{written:020d}".encode(), f"{change.op}:{change.image_id}".encode())
+        while written - trimmed > self.config.feed_length:
+            trimmed += 1
+            txn.delete(f"{feed}:{trimmed:020d}".encode())
+        txn.put(f"{feed}state".encode(), f"{written} {trimmed}".encode())
+
     def put(self, key: RecordKey, blob: bytes) -> None:
         self.put_many([(key, blob)])
 
     def put_many(self, items: Sequence[tuple[RecordKey, bytes]]) -> None:
+        changes: dict[str, list[Change]] = defaultdict(list)
+        for key, _ in items:
+            changes[key.fingerprint].append(Change("put", key.image_id))
         try:
-            # one write transaction per batch: one fsync instead of one per record
+            # one write transaction per batch: one fsync instead of one per record, and the feed
+            # entries commit with the records or not at all
             with self._env.begin(write=True) as txn:
                 for key, blob in items:
                     txn.put(self._k(key), blob)
+                for fingerprint, appended in changes.items():
+                    self._append(txn, fingerprint, appended)
         except lmdb.MapFullError as e:
             raise StoreFullError(
                 f"LMDB store at {self.config.path} is full at map_size={self.config.map_size}; "
@@ -105,7 +143,33 @@ class LmdbStore(RecordStore):
 
     def delete(self, key: RecordKey) -> bool:
         with self._env.begin(write=True) as txn:
-            return txn.delete(self._k(key))
+            deleted = txn.delete(self._k(key))
+            if deleted:
+                self._append(txn, key.fingerprint, [Change("delete", key.image_id)])
+            return deleted
+
+    def feed_position(self, fingerprint: str) -> FeedPosition:
+        with self._env.begin() as txn:
+            written, _ = self._state(txn, fingerprint)
+        return FeedPosition(str(written) if written else "", written)
+
+    def read_feed(self, fingerprint: str, after: FeedPosition, limit: int = 1024) -> FeedRead:
+        feed = f"{self._feed(fingerprint)}:".encode()
+        changes: list[Change] = []
+        with self._env.begin() as txn:  # one snapshot: the state and the entries agree
+            written, trimmed = self._state(txn, fingerprint)
+            check_trimmed(fingerprint, after, trimmed, written)
+            cursor = txn.cursor()
+            if cursor.set_range(feed + f"{after.seq + 1:020d}".encode()):
+                for raw_key, raw in cursor.iternext():
+                    if not raw_key.startswith(feed) or len(changes) == limit:
+                        break
+                    op, image_id = raw.decode().split(":")
+                    if op not in OPS:
+                        raise ValueError(f"unknown change {raw!r} in the feed of model {fingerprint}")
+                    changes.append(Change(cast(Op, op), image_id))
+        seq = after.seq + len(changes)
+        return FeedRead(changes, FeedPosition(str(seq) if seq else after.offset, seq))
 
     def iter_ids(self, fingerprint: str) -> Iterator[str]:
         start = record_key_prefix(fingerprint, self.config.key_prefix).encode()

@@ -7,10 +7,18 @@ cluster client they split per node, which multi-key commands (MGET) across hash 
 (see `cache.keys` for the slot design). This class speaks to one node; Redis Cluster needs a
 `RedisCluster` client in its place and a SCAN per primary in `iter_ids`.
 
-Least privilege: the store sends only GET, SET, EXISTS, DEL and SCAN, on keys under its prefix. An ACL
-user for it (`redis_acl_rule(prefix)`, e.g. `ACL SETUSER onetoken on >PASSWORD resetkeys ~onetoken:*
-resetchannels -@all +get +set +exists +del +scan`) can do nothing else: no FLUSHALL, CONFIG, KEYS,
-EVAL or MODULE, and no key outside the prefix.
+The change feed (`cache.feed`) of a model is a Redis Stream, `<prefix>:<fingerprint>:feed`, with one
+entry per put or delete (`op`, `id`), appended in the same MULTI/EXEC as the write and trimmed
+approximately (`XADD MAXLEN ~`) to `feed_length` entries. XINFO STREAM's `entries-added` minus its
+`length` is how many changes were trimmed (the store never XDELs), which tells a reader whether it fell
+behind: this needs Redis 7.0 or newer. On a Redis Cluster the feed key and a record key lie in different
+slots, so the two could not share a MULTI; this class speaks to one node.
+
+Least privilege: the store sends only GET, SET, EXISTS, DEL, SCAN, MULTI, EXEC, XADD, XRANGE and XINFO
+STREAM, on keys under its prefix. An ACL user for it (`redis_acl_rule(prefix)`, e.g. `ACL SETUSER
+onetoken on >PASSWORD resetkeys ~onetoken:* resetchannels -@all +get +set +exists +del +scan +multi
++exec +xadd +xrange +xinfo|stream`) can do nothing else: no FLUSHALL, CONFIG, KEYS, EVAL or MODULE, and
+no key outside the prefix.
 
 Under `maxmemory` with an LRU policy Redis may evict any record: that is an ordinary miss here, and
 `cache.records.lookup` tells it apart from an image never seen by asking the vector index.
@@ -21,13 +29,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from cache.errors import StoreFullError, StoreUnavailableError
+from cache.feed import DEFAULT_FEED_LENGTH, OPS, Change, FeedPosition, FeedRead, Op, check_trimmed
 from cache.keys import DEFAULT_PREFIX, RecordKey, check_name, record_key_prefix
 from cache.retry import RetryPolicy, call_with_retry
 from cache.store import RecordStore
@@ -41,7 +50,8 @@ T = TypeVar("T")
 _TRANSIENT: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
 
 
-COMMANDS = ("get", "set", "exists", "del", "scan")  # every command the store sends
+# every command the store sends
+COMMANDS = ("get", "set", "exists", "del", "scan", "multi", "exec", "xadd", "xrange", "xinfo|stream")
 
 
 def redis_acl_rule(prefix: str = DEFAULT_PREFIX) -> str:
@@ -60,6 +70,7 @@ class RedisConfig:
     socket_connect_timeout_s: float = 1.0
     max_connections: int = 64
     scan_count: int = 1000  # keys per SCAN page
+    feed_length: int = DEFAULT_FEED_LENGTH  # changes kept per model in the change feed (about)
 
     def __post_init__(self) -> None:
         check_name("key_prefix", self.key_prefix)
@@ -105,8 +116,15 @@ class RedisStore(RecordStore):
     def _k(self, key: RecordKey) -> str:
         return key.to_str(self.config.key_prefix)
 
+    def _feed(self, fingerprint: str) -> str:
+        return f"{self.config.key_prefix}:{check_name('fingerprint', fingerprint)}:feed"
+
+    def _append(self, pipe: redis.client.Pipeline, key: RecordKey, op: Op) -> None:
+        fields = {"op": op, "id": key.image_id}
+        pipe.xadd(self._feed(key.fingerprint), fields, maxlen=self.config.feed_length, approximate=True)
+
     def put(self, key: RecordKey, blob: bytes) -> None:
-        self._call("SET", lambda: self._client.set(self._k(key), blob))
+        self.put_many([(key, blob)])
 
     def get(self, key: RecordKey) -> bytes | None:
         return self._call("GET", lambda: self._client.get(self._k(key)))
@@ -115,19 +133,28 @@ class RedisStore(RecordStore):
         return bool(self._call("EXISTS", lambda: self._client.exists(self._k(key))))
 
     def delete(self, key: RecordKey) -> bool:
+        def run() -> bool:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.delete(self._k(key))
+            self._append(pipe, key, "delete")
+            return bool(pipe.execute()[0])
+
         # after a retried DEL that had already landed this says False: the key is gone either way
-        return bool(self._call("DEL", lambda: self._client.delete(self._k(key))))
+        return self._call("DEL", run)
 
     def put_many(self, items: Sequence[tuple[RecordKey, bytes]]) -> None:
         def run() -> None:
-            pipe = self._client.pipeline(transaction=False)
+            # one MULTI/EXEC: the feed entries land with the records or not at all
+            pipe = self._client.pipeline(transaction=True)
             for key, blob in items:
                 pipe.set(self._k(key), blob)
+                self._append(pipe, key, "put")
             pipe.execute()
 
         if items:
-            # a retried batch repeats every SET; SET is idempotent, so that is safe
-            self._call(f"pipelined SET x{len(items)}", run)
+            # a retried batch repeats every SET and appends its changes again; both are idempotent
+            # for readers, so that is safe
+            self._call(f"SET x{len(items)}", run)
 
     def get_many(self, keys: Sequence[RecordKey]) -> list[bytes | None]:
         def run() -> list[bytes | None]:
@@ -156,5 +183,53 @@ class RedisStore(RecordStore):
             if cursor == 0:
                 return
 
+    def _feed_state(self, info: Any) -> tuple[FeedPosition, int]:
+        """(the position after the last change, changes trimmed) from XINFO STREAM's reply, or from
+        its error where the stream does not exist (nothing written yet, or the key was lost)."""
+        if isinstance(info, Exception):
+            if "no such key" not in str(info):
+                raise info
+            return FeedPosition(), 0
+        written, length = int(info["entries-added"]), int(info["length"])
+        return FeedPosition(_text(info["last-generated-id"]), written), written - length
+
+    def feed_position(self, fingerprint: str) -> FeedPosition:
+        def run() -> Any:
+            try:
+                return self._client.xinfo_stream(self._feed(fingerprint))
+            except redis.ResponseError as e:  # no such key: nothing written yet
+                return e
+
+        return self._feed_state(self._call("XINFO STREAM", run))[0]
+
+    def read_feed(self, fingerprint: str, after: FeedPosition, limit: int = 1024) -> FeedRead:
+        feed = self._feed(fingerprint)
+
+        def run() -> list[Any]:
+            # one MULTI/EXEC: the trimmed count is the one the entries were read under
+            pipe = self._client.pipeline(transaction=True)
+            pipe.xrange(feed, f"({after.offset}" if after.offset else "-", "+", count=limit)
+            pipe.xinfo_stream(feed)
+            return pipe.execute(raise_on_error=False)
+
+        entries, info = self._call("XRANGE", run)
+        if isinstance(entries, Exception):
+            raise entries
+        head, trimmed = self._feed_state(info)
+        check_trimmed(fingerprint, after, trimmed, head.seq)
+        changes = []
+        for _, fields in entries:
+            op, image_id = _text(fields[b"op"]), _text(fields[b"id"])
+            if op not in OPS:
+                raise ValueError(f"unknown change {fields!r} in the feed of model {fingerprint}")
+            changes.append(Change(cast(Op, op), image_id))
+        if not changes:
+            return FeedRead([], after)
+        return FeedRead(changes, FeedPosition(_text(entries[-1][0]), after.seq + len(changes)))
+
     def close(self) -> None:
         self._pool.disconnect()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

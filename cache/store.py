@@ -12,6 +12,10 @@ any thread: implementations are thread-safe.
   `get_many` returns one entry per key, in order, None for each miss. Batches are not atomic.
 - `iter_ids(fingerprint) -> Iterator[str]`: image ids of one model's stored records, in no set order.
 - `count(fingerprint) -> int`: how many records of one model are stored (a full key scan on Redis).
+- `feed_position(fingerprint) -> FeedPosition`: the position after every change written so far to the
+  model's change feed (`cache.feed`), which every put and delete appends to atomically with the write.
+- `read_feed(fingerprint, after, limit) -> FeedRead`: up to `limit` changes after `after`, in order;
+  `FeedTrimmedError` if changes after it were trimmed (the reader rebuilds from the store).
 - `close()`: release connections or the environment; the store is unusable afterwards.
 
 Network backends raise StoreUnavailableError once their bounded retries are spent; no method returns
@@ -25,6 +29,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 
+from cache.feed import FeedPosition, FeedRead
 from cache.keys import RecordKey
 
 logger = logging.getLogger(__name__)
@@ -56,6 +61,12 @@ class RecordStore(ABC):
 
     def count(self, fingerprint: str) -> int:
         return sum(1 for _ in self.iter_ids(fingerprint))
+
+    @abstractmethod
+    def feed_position(self, fingerprint: str) -> FeedPosition: ...
+
+    @abstractmethod
+    def read_feed(self, fingerprint: str, after: FeedPosition, limit: int = 1024) -> FeedRead: ...
 
     @abstractmethod
     def close(self) -> None: ...

@@ -8,7 +8,10 @@ passed over, so one bad record never stops the others from being indexed. A stor
 
 - `stored_latents(store, fingerprint, image_ids)`: (ids, latents) batches of the records that are usable.
 - `build_from_store` / `load_or_rebuild`: a whole index from the store (start-up, ingest without one).
-- `catch_up(index, store)`: index what other processes stored since (the worker's periodic refresh).
+- `follow(index, store)`: apply the store's change feed since the index's position (`cache.feed`):
+  records other processes stored are indexed, deleted ones removed; the worker calls it every fraction
+  of a second. It reads only the changes, never the whole store; an index that fell behind a trimmed
+  feed is rebuilt.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import logging
 import os
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cache.errors import CorruptRecordError, FingerprintMismatchError, IndexCorruptError, IndexStaleError
+from cache.feed import FeedTrimmedError
 from cache.index import IndexConfig, LatentIndex
 from cache.keys import RecordKey
 from cache.serde import deserialize
@@ -56,25 +61,59 @@ def stored_latents(
             yield ids, np.stack(rows)
 
 
-def catch_up(index: LatentIndex, store: RecordStore, batch: int = BATCH) -> int:
-    """Index every usable stored record of the index's model that it does not hold; returns how many."""
-    missing = [i for i in store.iter_ids(index.fingerprint) if i not in index]
-    added = 0
-    for ids, latents in stored_latents(store, index.fingerprint, missing, batch):
-        added += index.add(ids, latents)
-    return added
+@dataclass(frozen=True)
+class Followed:
+    added: int  # records indexed
+    removed: int  # deleted records dropped from the index
+    changes: int  # feed entries read
+
+
+def follow(index: LatentIndex, store: RecordStore, batch: int = BATCH) -> Followed:
+    """Apply every change in the store's feed after `index.feed` and move it on. Raises FeedTrimmedError
+    if changes after it were trimmed (`follow_or_rebuild` handles it)."""
+    if index.feed is None:
+        raise FeedTrimmedError(f"the index of model {index.fingerprint} has no feed position")
+    added = removed = changes = 0
+    while True:
+        read = store.read_feed(index.fingerprint, index.feed, limit=batch)
+        if not read.changes:
+            return Followed(added, removed, changes)
+        changes += len(read.changes)
+        last: dict[str, str] = {}  # image id -> its last op in this batch: what the store holds now
+        for change in read.changes:
+            last.pop(change.image_id, None)  # re-inserted so that the order is the last op's
+            last[change.image_id] = change.op
+        removed += index.remove([i for i, op in last.items() if op == "delete"])
+        new = [i for i, op in last.items() if op == "put" and i not in index]
+        for ids, latents in stored_latents(store, index.fingerprint, new, batch):
+            added += index.add(ids, latents)
+        index.feed = read.position
+
+
+def follow_or_rebuild(index: LatentIndex, store: RecordStore, batch: int = BATCH) -> tuple[LatentIndex, bool]:
+    """`follow`, or where the index cannot follow (no position, or the feed trimmed changes it had not
+    read) a new index built from the store; returns (the index, whether it was rebuilt)."""
+    try:
+        follow(index, store, batch)
+        return index, False
+    except FeedTrimmedError as e:
+        logger.warning("rebuilding the index of model %s from the store: %s", index.fingerprint, e)
+        return build_from_store(store, index.fingerprint, index.config, batch), True
 
 
 def build_from_store(
     store: RecordStore, fingerprint: str, config: IndexConfig, batch: int = BATCH
 ) -> LatentIndex:
-    """A fresh index of every record of `fingerprint` in `store` (trained on a random sample first)."""
+    """A fresh index of every record of `fingerprint` in `store` (trained on a random sample first), at
+    the feed position from before the listing: changes made while it is built are followed later."""
     index = LatentIndex(fingerprint, config)
+    index.feed = store.feed_position(fingerprint)
     image_ids = list(store.iter_ids(fingerprint))
     if not index.is_trained and image_ids:
         sample = random.Random(0).sample(image_ids, min(config.train_sample, len(image_ids)))
         index.train(np.concatenate([x for _, x in stored_latents(store, fingerprint, sample, batch)]))
-    catch_up(index, store, batch)
+    for ids, latents in stored_latents(store, fingerprint, image_ids, batch):
+        index.add(ids, latents)
     logger.info("built %s index of %s latents for model %s", config.spec, len(index), fingerprint)
     return index
 
@@ -82,20 +121,18 @@ def build_from_store(
 def load_or_rebuild(
     directory: str | os.PathLike[str], store: RecordStore, fingerprint: str, config: IndexConfig
 ) -> LatentIndex:
-    """The saved index in `directory` if it is sound and covers the store, else one rebuilt and saved."""
+    """The saved index in `directory` brought up to date by the change feed, or, if it is missing,
+    unsound, of another model or behind a trimmed feed, one rebuilt from the store; saved if it moved."""
     if not (Path(directory) / "manifest.json").exists():
         reason = "no saved index"
     else:
         try:
             index = LatentIndex.load(directory, fingerprint, config)
-            stored = set(store.iter_ids(fingerprint))
-            missing = stored.difference(index.image_ids())
-            if not missing:
-                if len(index) > len(stored):
-                    logger.info("%s indexed images have no stored record (evicted)", len(index) - len(stored))
-                return index
-            reason = f"stale: {len(missing)} stored records are not indexed"
-        except (IndexCorruptError, IndexStaleError) as e:
+            followed = follow(index, store)
+            if followed.changes:
+                index.save(directory)
+            return index
+        except (IndexCorruptError, IndexStaleError, FeedTrimmedError) as e:
             reason = str(e)
     logger.warning("rebuilding the index in %s from the store: %s", directory, reason)
     index = build_from_store(store, fingerprint, config)

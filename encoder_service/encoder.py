@@ -22,6 +22,7 @@ from cache.factory import StoreConfig, open_store
 from cache.records import put_records
 from cache.serde import check_source_uri
 from cache.sync import stored_latents
+from cache.timed import StoreCall, StoreCalls, TimedStore
 from encoder_service.config import EncoderConfig
 from htcvlm.checkpoint import load_pretrained
 from htcvlm.errors import ImageTooLargeError
@@ -42,17 +43,24 @@ class EncodeOutcome:
     too_large: bool = False  # failed because of the pixel limit
 
 
+@dataclass(frozen=True)
+class EncodedBatch:
+    outcomes: list[EncodeOutcome]  # one per image, in order
+    store_calls: list[StoreCall]  # the encoder's store calls since its last batch, timed where they ran
+
+
 class Encoder:
     """Loads the model once (`load_pretrained`) and opens the store; `encode` does the rest.
 
     `images_compressed` counts images that went through the model: the evidence that cached images cost
-    no model work.
+    no model work. Every store call is timed; `encode_batch` hands the timings back with the outcomes.
     """
 
     def __init__(self, config: EncoderConfig, store: StoreConfig) -> None:
         self.config = config
         self.model = load_pretrained(config.model_dir, config.device)
-        self.store = open_store(store)
+        self.store_calls = StoreCalls()
+        self.store = TimedStore(open_store(store), self.store_calls)
         self.images_compressed = 0  # model work done, for tests and metrics
         logger.info("encoder ready: model %s on %s", self.fingerprint[:12], self.model.device)
 
@@ -120,6 +128,11 @@ class Encoder:
             for record in records:
                 outcomes[record.image_id] = EncodeOutcome(record.image_id, "encoded", record.latent.numpy())
         return [outcomes[i] for i in ids]
+
+    def encode_batch(self, images: Sequence[bytes], source_uris: Sequence[str] | None = None) -> EncodedBatch:
+        """`encode`, with the store calls it made (and any made since the last batch) for metrics."""
+        outcomes = self.encode(images, source_uris)
+        return EncodedBatch(outcomes, self.store_calls.take())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Ray Data stage: rows of (path, data, error) from the reader -> one row of results each.

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cache.factory import StoreConfig
+from cache.timed import StoreCall
 from encoder_service.batcher import DynamicBatcher
 from encoder_service.config import EncoderConfig
-from encoder_service.encoder import EncodeOutcome, Encoder
+from encoder_service.encoder import EncodedBatch, EncodeOutcome, Encoder
 from encoder_service.errors import EncoderUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,13 @@ class EncoderPool:
         self.batcher = DynamicBatcher(
             self.run_batch, config.max_batch, config.max_wait_ms, config.max_queue, max_inflight
         )
+        # Given the store calls the encoders made (timed in their own processes), batch by batch.
+        self.on_store_calls: Callable[[list[StoreCall]], None] | None = None
+
+    def _outcomes(self, batch: EncodedBatch) -> list[EncodeOutcome]:
+        if self.on_store_calls is not None and batch.store_calls:
+            self.on_store_calls(batch.store_calls)
+        return batch.outcomes
 
     async def encode(self, image: bytes, source_uri: str = "") -> EncodeOutcome:
         """The outcome for one image; QueueFullError when too many wait, EncoderUnavailableError when no
@@ -57,7 +65,7 @@ class LocalEncoderPool(EncoderPool):
         self.fingerprint, self.latent_dim = self.encoder.info()
 
     async def run_batch(self, images: Sequence[bytes], uris: Sequence[str]) -> list[EncodeOutcome]:
-        return await asyncio.to_thread(self.encoder.encode, images, uris)
+        return self._outcomes(await asyncio.to_thread(self.encoder.encode_batch, images, uris))
 
     async def close(self) -> None:
         await super().close()
@@ -157,8 +165,8 @@ class RayEncoderPool(EncoderPool):
         n = min(range(len(self.actors)), key=self.busy.__getitem__)
         self.busy[n] += 1
         try:
-            ref = self.actors[n].encode.remote(list(images), list(uris))
-            return await asyncio.wait_for(ref, timeout=self.config.batch_timeout_s)
+            ref = self.actors[n].encode_batch.remote(list(images), list(uris))
+            return self._outcomes(await asyncio.wait_for(ref, timeout=self.config.batch_timeout_s))
         except (ray.exceptions.RayActorError, TimeoutError) as e:
             raise EncoderUnavailableError(
                 f"no encoder could finish a batch of {len(images)} images (limit "

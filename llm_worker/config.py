@@ -27,7 +27,10 @@ class WorkerConfig:
     max_decode_batch: int = 32  # rows decoded together, one forward per step
     max_pending_asks: int = 256  # Asks waiting for a decode slot before RESOURCE_EXHAUSTED
     default_max_new_tokens: int = 32
-    index_refresh_s: float = 30.0  # pick up records other processes (ingest) stored; 0 disables
+    # How often the index reads the store's change feed: records other processes (other workers,
+    # ingest) store or delete are searchable here within about this long. 0 disables.
+    index_follow_s: float = 0.25
+    index_save_s: float = 60.0  # how often a changed index is saved (and at shutdown)
     device: str = "auto"  # the decoding model's device: auto = cuda when available
     health_check_s: float = 5.0  # how often health (decoding loop, store) is checked for the health service
     tls_cert: str | None = None  # PEM files: serve TLS with this certificate and key
@@ -44,8 +47,10 @@ class WorkerConfig:
         for name in ("max_message_mb", "max_decode_batch", "max_pending_asks", "default_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.index_refresh_s < 0:
-            raise ValueError(f"index_refresh_s must be >= 0, got {self.index_refresh_s}")
+        if self.index_follow_s < 0:
+            raise ValueError(f"index_follow_s must be >= 0, got {self.index_follow_s}")
+        if self.index_save_s <= 0:
+            raise ValueError(f"index_save_s must be > 0, got {self.index_save_s}")
         if self.health_check_s <= 0:
             raise ValueError(f"health_check_s must be > 0, got {self.health_check_s}")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -14,15 +14,22 @@ Where each metric comes from; every one is counted in the gRPC worker's process:
   `onetoken_encoder_images_total{outcome}` (encoded: model work; cached: already stored, no model work;
   failed: not a usable image; images/s is its rate) and `onetoken_encoder_batch_errors_total{kind}`.
   Images that `onetoken ingest` encodes on Ray Data never pass through the worker and are not counted;
-  the encoders' own store writes are not timed here either (they happen in the actors);
-- the worker's record store (`watch` wraps it in `MeteredStore`): `onetoken_store_operation_duration_seconds
-  {op}` and `onetoken_store_errors_total{op,kind}`, for every call the worker makes (Ask, Search and
-  GetImage reads, deletes, health probes, index refreshes) after start-up;
+- the record store: `onetoken_store_operation_duration_seconds{op,caller}` and
+  `onetoken_store_errors_total{op,kind,caller}`. caller="worker": every call the worker makes (Ask,
+  Search and GetImage reads, deletes, health probes, the change feed) after start-up, through the
+  `cache.timed.TimedStore` that `watch` wraps its store in; caller="encoder": the encoders' calls
+  (cache checks, record writes), timed in their own processes (Ray actors included) and handed back
+  with each batch;
+- the index (`on_index_sync`): `onetoken_index_sync_duration_seconds{kind}` (kind="follow": one read of
+  the change feed; "rebuild": the index rebuilt from the store after it fell behind a trimmed feed) and
+  `onetoken_index_changes_total{op}` (records the feed added to or removed from the index);
 - read from the service when scraped (`ServiceCollector`): `onetoken_generated_tokens_total`,
   `onetoken_decode_batches_total` and `onetoken_decode_rows_total` (mean decode batch size: the ratio of
   their rates), `onetoken_decode_batch_size` and `onetoken_decode_queue_depth` (now), from the
-  `DecodeScheduler`; `onetoken_encoder_queue_depth` from the batcher; `onetoken_index_images`; and the
-  `seen_by="search"` part of `onetoken_corrupt_records_total` (Search hits dropped as damaged).
+  `DecodeScheduler`; `onetoken_encoder_queue_depth` from the batcher; `onetoken_index_images`;
+  `onetoken_index_feed_lag` (changes in the store's feed that the index has not applied; one feed
+  read per scrape); and the `seen_by="search"` part of `onetoken_corrupt_records_total` (Search hits
+  dropped as damaged).
 """
 
 from __future__ import annotations
@@ -30,7 +37,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -38,8 +44,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from cache.keys import RecordKey
 from cache.store import RecordStore
+from cache.sync import Followed
+from cache.timed import StoreCall, TimedStore
 from encoder_service.batcher import RunBatch
 from encoder_service.encoder import EncodeOutcome
 from llm_worker.request_log import Call
@@ -99,15 +106,28 @@ class Metrics:
         )
         self.store_seconds = Histogram(
             "onetoken_store_operation_duration_seconds",
-            "record store call latency by operation",
-            ["op"],
+            "record store call latency by operation and caller (worker or encoder)",
+            ["op", "caller"],
             buckets=STORE_BUCKETS,
             registry=r,
         )
         self.store_errors = Counter(
             "onetoken_store_errors",
-            "record store calls that raised, by operation and error type",
-            ["op", "kind"],
+            "record store calls that raised, by operation, error type and caller",
+            ["op", "kind", "caller"],
+            registry=r,
+        )
+        self.index_sync_seconds = Histogram(
+            "onetoken_index_sync_duration_seconds",
+            "index syncs with the store: follow (one change feed read) or rebuild",
+            ["kind"],
+            buckets=STORE_BUCKETS,
+            registry=r,
+        )
+        self.index_changes = Counter(
+            "onetoken_index_changes",
+            "records the change feed added to or removed from the index",
+            ["op"],
             registry=r,
         )
         self.data_loss_calls = 0  # RPCs that ended DATA_LOSS: a record failed its checksum
@@ -140,68 +160,37 @@ class Metrics:
 
         return observed
 
+    def observe_store_call(self, op: str, seconds: float, error: BaseException | None, caller: str) -> None:
+        self.store_seconds.labels(op, caller).observe(seconds)
+        if error is not None:
+            self.store_errors.labels(op, type(error).__name__, caller).inc()
+
+    def observe_encoder_store_calls(self, calls: list[StoreCall]) -> None:
+        for call in calls:
+            self.store_seconds.labels(call.op, "encoder").observe(call.seconds)
+            if call.error is not None:
+                self.store_errors.labels(call.op, call.error, "encoder").inc()
+
+    def observe_index_sync(self, kind: str, seconds: float, followed: Followed) -> None:
+        self.index_sync_seconds.labels(kind).observe(seconds)
+        self.index_changes.labels("added").inc(followed.added)
+        self.index_changes.labels("removed").inc(followed.removed)
+
+    def timed(self, store: RecordStore, caller: str) -> TimedStore:
+        """`store` with every call timed into these metrics under `caller`."""
+        return TimedStore(
+            store, lambda op, seconds, error: self.observe_store_call(op, seconds, error, caller)
+        )
+
     def watch(self, service: OneTokenService) -> None:
-        """Meter a service before it serves: its store calls, its encoder batches, and its state when
-        scraped."""
-        service.store = MeteredStore(service.store, self)
+        """Meter a service before it serves: its and its encoders' store calls, its encoder batches, its
+        index syncs, and its state when scraped."""
+        service.store = self.timed(service.store, caller="worker")
+        service.encoders.on_store_calls = self.observe_encoder_store_calls
+        service.on_index_sync = self.observe_index_sync
         batcher = service.encoders.batcher
         batcher.run_batch = self.observe_batches(batcher.run_batch)
         self.registry.register(ServiceCollector(service, self))
-
-
-class MeteredStore(RecordStore):
-    """The store it wraps, each call timed by operation and its errors counted by type; the contract is
-    the wrapped store's (`cache.store`)."""
-
-    def __init__(self, inner: RecordStore, metrics: Metrics) -> None:
-        self.inner = inner
-        self.metrics = metrics
-
-    @contextmanager
-    def _measure(self, op: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        except Exception as e:
-            self.metrics.store_errors.labels(op, type(e).__name__).inc()
-            raise
-        finally:
-            self.metrics.store_seconds.labels(op).observe(time.perf_counter() - started)
-
-    def put(self, key: RecordKey, blob: bytes) -> None:
-        with self._measure("put"):
-            self.inner.put(key, blob)
-
-    def get(self, key: RecordKey) -> bytes | None:
-        with self._measure("get"):
-            return self.inner.get(key)
-
-    def contains(self, key: RecordKey) -> bool:
-        with self._measure("contains"):
-            return self.inner.contains(key)
-
-    def delete(self, key: RecordKey) -> bool:
-        with self._measure("delete"):
-            return self.inner.delete(key)
-
-    def put_many(self, items: Sequence[tuple[RecordKey, bytes]]) -> None:
-        with self._measure("put_many"):
-            self.inner.put_many(items)
-
-    def get_many(self, keys: Sequence[RecordKey]) -> list[bytes | None]:
-        with self._measure("get_many"):
-            return self.inner.get_many(keys)
-
-    def iter_ids(self, fingerprint: str) -> Iterator[str]:
-        with self._measure("iter_ids"):  # from the first id to the last (or until the caller stops)
-            yield from self.inner.iter_ids(fingerprint)
-
-    def count(self, fingerprint: str) -> int:
-        with self._measure("count"):
-            return self.inner.count(fingerprint)
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class ServiceCollector(Collector):
@@ -237,9 +226,19 @@ class ServiceCollector(Collector):
             "distinct images queued or being encoded",
             value=self.service.encoders.batcher.pending,
         )
-        yield GaugeMetricFamily(
-            "onetoken_index_images", "images in the vector index", value=len(self.service.index)
-        )
+        index = self.service.index
+        yield GaugeMetricFamily("onetoken_index_images", "images in the vector index", value=len(index))
+        if index.feed is not None:
+            try:
+                head = self.service.store.feed_position(index.fingerprint)
+            except Exception as e:  # a scrape must not fail with the store; the store metrics show it
+                logger.info("index feed lag not measured: %s", e)
+            else:
+                yield GaugeMetricFamily(
+                    "onetoken_index_feed_lag",
+                    "changes in the store's feed not yet applied to the index",
+                    value=max(0, head.seq - index.feed.seq),
+                )
         corrupt = CounterMetricFamily(
             "onetoken_corrupt_records",
             "stored records that failed their checksum: a DATA_LOSS call, or a Search hit left out",

@@ -10,19 +10,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from cache.errors import CorruptRecordError, NotIndexedError
 from cache.factory import open_store
+from cache.feed import FeedTrimmedError
 from cache.index import IndexConfig, LatentIndex
 from cache.keys import RecordKey
 from cache.records import LookupStatus, delete_record, get_records, lookup
 from cache.serde import check_source_uri, read_metadata
 from cache.store import RecordStore
-from cache.sync import catch_up, load_or_rebuild
+from cache.sync import Followed, build_from_store, follow, load_or_rebuild
 from encoder_service.pool import EncoderPool, open_pool
 from htcvlm.checkpoint import load_pretrained
 from htcvlm.decode import Answer, check_records, encode_questions
@@ -133,9 +134,11 @@ class OneTokenService:
         self.scheduler.start()
         self._index_dirty = False
         self.damaged_hits = 0  # search hits dropped because their record is damaged (logged with ids)
-        self._refresher: asyncio.Task[None] | None = None
-        if config.index_refresh_s > 0:
-            self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+        # Told of every index sync: ("follow" or "rebuild", seconds, the feed changes it applied).
+        self.on_index_sync: Callable[[str, float, Followed], None] | None = None
+        self._follower: asyncio.Task[None] | None = None
+        if config.index_follow_s > 0:
+            self._follower = asyncio.get_running_loop().create_task(self._follow_loop())
 
     @classmethod
     async def open(cls, config: WorkerConfig) -> OneTokenService:
@@ -157,8 +160,8 @@ class OneTokenService:
         return cls(config, model, store, index, encoders)
 
     async def close(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
+        if self._follower is not None:
+            self._follower.cancel()
         self.scheduler.stop()
         await self.encoders.close()
         await self.save_index()
@@ -341,24 +344,42 @@ class OneTokenService:
 
     # ---- the index ----
 
-    async def refresh_index(self) -> int:
-        """Index records that other processes (an ingest run) stored since; returns how many were added."""
-        added = await asyncio.to_thread(catch_up, self.index, self.store)
-        if added:
-            logger.info("indexed %d records stored by other processes", added)
-            self._index_dirty = True
-        return added
+    async def follow_index(self) -> Followed:
+        """Apply the store's change feed since the index's position: records that other processes (other
+        workers, ingest) stored are indexed, deleted ones removed. An index that fell behind a trimmed
+        feed is rebuilt from the store (searches meanwhile use the old one)."""
+        started = time.perf_counter()
+        try:
+            followed = await asyncio.to_thread(follow, self.index, self.store)
+            kind = "follow"
+        except FeedTrimmedError as e:
+            logger.warning("rebuilding the index from the store: %s", e)
+            self.index = await asyncio.to_thread(
+                build_from_store, self.store, self.fingerprint, self.index.config
+            )
+            followed, kind = Followed(len(self.index), 0, 0), "rebuild"
+        if kind == "rebuild":
+            logger.info("rebuilt the index from the store: %d images", len(self.index))
+        elif followed.added or followed.removed:
+            logger.info("index followed the store: %d added, %d removed", followed.added, followed.removed)
+        self._index_dirty |= kind == "rebuild" or bool(followed.added or followed.removed)
+        if self.on_index_sync is not None:
+            self.on_index_sync(kind, time.perf_counter() - started, followed)
+        return followed
 
     async def save_index(self) -> None:
         if self._index_dirty:
             self._index_dirty = False
             await asyncio.to_thread(self.index.save, self.config.index_dir)
 
-    async def _refresh_loop(self) -> None:
+    async def _follow_loop(self) -> None:
+        last_save = time.monotonic()
         while True:
-            await asyncio.sleep(self.config.index_refresh_s)
+            await asyncio.sleep(self.config.index_follow_s)
             try:
-                await self.refresh_index()
-                await self.save_index()
+                await self.follow_index()
+                if time.monotonic() - last_save >= self.config.index_save_s:
+                    last_save = time.monotonic()
+                    await self.save_index()
             except Exception:  # the next round retries; a store outage must not end the loop
-                logger.exception("index refresh failed")
+                logger.exception("following the change feed failed")

@@ -11,6 +11,7 @@ import redis
 
 from cache.errors import StoreUnavailableError
 from cache.factory import StoreConfig, open_store
+from cache.feed import FeedPosition
 from cache.index import IndexConfig, LatentIndex
 from cache.records import LookupStatus, get_record, lookup, put_records
 from cache.redis_store import RedisConfig, RedisStore, redis_acl_rule
@@ -168,8 +169,9 @@ def test_tls_from_a_rediss_url(redis_server: StartServer, tmp_path: Path) -> Non
 def test_a_least_privilege_acl_user_over_tls_runs_the_store_and_nothing_else(
     redis_server: StartServer, tmp_path: Path
 ) -> None:
-    """The documented ACL (only GET, SET, EXISTS, DEL, SCAN under the prefix), over TLS: every store
-    operation works, and the same credentials can neither flush the server nor touch other keys."""
+    """The documented ACL (only the store's commands, on keys under the prefix), over TLS: every store
+    operation works, the change feed included, and the same credentials can neither flush the server nor
+    touch other keys."""
     rule = redis_acl_rule("onetoken").split()
     server = redis_server(
         "--user", "default", "off", "--user", "onetoken", "on", ">s3cret", *rule,
@@ -180,6 +182,9 @@ def test_a_least_privilege_acl_user_over_tls_runs_the_store_and_nothing_else(
         put_records(store, [make_record(i) for i in range(3)])
         assert get_record(store, key_of(1)) is not None and store.contains(key_of(2))
         assert store.count(FINGERPRINT) == 3 and store.delete(key_of(0)) and store.get(key_of(0)) is None
+        read = store.read_feed(FINGERPRINT, FeedPosition())
+        assert [c.op for c in read.changes] == ["put"] * 3 + ["delete"]
+        assert read.position == store.feed_position(FINGERPRINT)
     raw = redis.Redis.from_url(url)
     for forbidden in (raw.flushall, lambda: raw.set("other:key", b"x"), lambda: raw.config_get("*")):
         with pytest.raises(redis.exceptions.NoPermissionError):

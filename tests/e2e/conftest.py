@@ -57,7 +57,7 @@ def worker_config(model_dir: Path, store_url: str, index_dir: Path, prefix: str,
         encoder=EncoderConfig(model_dir=str(model_dir), kv_dtype="fp32", backend="local"),
         port=0,
         index_dir=str(index_dir),
-        index_refresh_s=0,
+        index_follow_s=0,
     )
     return replace(config, **changes)
 

@@ -143,7 +143,13 @@ def test_a_scrape_counts_exactly_the_calls_made(observed: ServerThread):
     assert value(m, "onetoken_encoder_queue_depth") == 0
 
     # the worker's store reads: Ask, AskStream, the unknown id's Ask, and Search (its query and its hits)
-    assert value(m, "onetoken_store_operation_duration_seconds_count", op="get_many") == 5
+    assert value(m, "onetoken_store_operation_duration_seconds_count", op="get_many", caller="worker") == 5
+    # the encoder's, timed where it ran: a cache check per batch, one write of the new record
+    encoder_ops = by(m, "onetoken_store_operation_duration_seconds_count", "caller", "op")
+    assert {op: n for (caller, op), n in encoder_ops.items() if caller == "encoder"} == {
+        "get_many": 2,
+        "put_many": 1,
+    }
     assert by(m, "onetoken_store_errors_total", "op", "kind") == {}
     assert value(m, "onetoken_index_images") == len(observed.service.index) == 1
     assert by(m, "onetoken_corrupt_records_total", "seen_by") == {("request",): 0, ("search",): 0}
@@ -163,7 +169,26 @@ def test_damaged_records_are_counted_where_they_are_seen(observed: ServerThread)
     assert by(m, "onetoken_corrupt_records_total", "seen_by") == {("request",): 1, ("search",): 1}
     assert value(m, "onetoken_rpcs_total", method="Ask", code="DATA_LOSS") == 1
     # the test's own put and get went through the metered store too
-    assert value(m, "onetoken_store_operation_duration_seconds_count", op="put") == 1
+    assert value(m, "onetoken_store_operation_duration_seconds_count", op="put", caller="worker") == 1
+
+
+def test_index_syncs_and_the_feed_lag_are_measured(observed: ServerThread):
+    """Records another process stores show as feed lag until the index follows; the follow is timed and
+    its changes counted."""
+    from encoder_service.encoder import Encoder
+
+    service = observed.service
+    other = Encoder(service.config.encoder, service.config.store)
+    try:
+        other.encode([png(30 + i) for i in range(3)])
+    finally:
+        other.close()
+    assert value(scrape(observed.running.metrics_port), "onetoken_index_feed_lag") == 3
+    assert observed.call(service.follow_index()).added == 3
+    m = scrape(observed.running.metrics_port)
+    assert value(m, "onetoken_index_feed_lag") == 0 and value(m, "onetoken_index_images") == 3
+    assert value(m, "onetoken_index_sync_duration_seconds_count", kind="follow") == 1
+    assert by(m, "onetoken_index_changes_total", "op") == {("added",): 3, ("removed",): 0}
 
 
 def test_metrics_off_opens_no_port_and_on_opens_one_that_closes_with_the_server(

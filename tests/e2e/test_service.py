@@ -176,7 +176,7 @@ def test_deadline_stops_the_generation(server, client, monkeypatch):
 
 
 def test_records_stored_by_another_process_become_searchable(server, client):
-    """An ingest run writes records beside a running worker; the worker's index refresh picks them up."""
+    """An ingest run writes records beside a running worker; the worker's index follows the change feed."""
     from encoder_service.encoder import Encoder
 
     config = server.service.config
@@ -186,12 +186,12 @@ def test_records_stored_by_another_process_become_searchable(server, client):
     finally:
         other.close()
     assert outcome.image_id not in server.service.index
-    assert server.call(server.service.refresh_index()) == 1
+    assert server.call(server.service.follow_index()).added == 1
     hits = client.search(1, image_id=outcome.image_id).hits
     assert hits[0].image_id == outcome.image_id and hits[0].source_uri == "other://70"
 
 
-def test_a_damaged_record_does_not_stop_the_refresh_indexing_the_others(server, client):
+def test_a_damaged_record_does_not_stop_the_index_following_the_others(server, client):
     """The refresh read records with get_records, which raised on the first damaged one: as long as one
     existed, it indexed nothing, every round."""
     from encoder_service.encoder import Encoder
@@ -204,7 +204,7 @@ def test_a_damaged_record_does_not_stop_the_refresh_indexing_the_others(server, 
     service = server.service
     key = RecordKey(service.fingerprint, outcomes[1].image_id)
     service.store.put(key, b"\xff" * 8 + service.store.get(key)[8:])
-    assert server.call(service.refresh_index()) == 2
+    assert server.call(service.follow_index()).added == 2
     assert outcomes[0].image_id in service.index and outcomes[2].image_id in service.index
     assert outcomes[1].image_id not in service.index
 
