@@ -181,7 +181,7 @@ class HTCConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """Every setting but the derived fields, and but OMIT_AT_DEFAULT fields that hold their default."""
+        """Every setting except the derived fields and OMIT_AT_DEFAULT fields that hold their default."""
         return _settings(self)
 
     def to_json(self) -> str:

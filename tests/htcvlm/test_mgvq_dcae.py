@@ -84,6 +84,16 @@ def test_the_published_encoder_reduces_by_the_downsample_and_quantizes_per_group
     assert torch.allclose(groups.norm(dim=2), torch.ones(2, 4, 4, 3), atol=1e-5)
 
 
+def test_the_default_dcae_settings_give_the_papers_q_at_336_px():
+    config = HTCConfig.from_name("paper", mgvq=MGVQConfig(encoder="dcae"))
+    with torch.device("meta"):  # shapes only: the full-size encoder has 87 M parameters
+        out = MGVQ(config.mgvq).encode(torch.empty(1, 3, 336, 336))
+    assert (
+        out.quantized.shape == (1, 32, 21, 21) and out.quantized.flatten(1).shape[1] == config.q_dim == 14112
+    )
+    assert out.indices.shape == (1, 8, 21, 21)
+
+
 def test_the_published_encoder_has_no_decoder_here():
     model = MGVQ(SMALL)
     assert model.decoder is None
