@@ -7,13 +7,18 @@ field is derived in `__post_init__`, so a config is always self-consistent and v
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal, get_args
 
 ChannelMode = Literal["hybrid", "continuous", "discrete"]
 FusionMode = Literal["pre", "post", "mean"]
 VisualAttention = Literal["isolated", "causal"]
 ProjectorKind = Literal["linear", "mlp2x_gelu"]
+MGVQEncoder = Literal["conv", "dcae"]
+
+# Field metadata of a setting added after checkpoints were fingerprinted: to_dict() leaves it out while it
+# holds its default, so those checkpoints keep their fingerprint and their config.json still loads.
+OMIT_AT_DEFAULT = {"omit_at_default": True}
 
 
 def _check_literal(name: str, value: str, allowed: Any) -> None:
@@ -49,14 +54,40 @@ class MGVQConfig:
     codebook_size: int = 16384  # entries of the one codebook, across all groups
     base_channels: int = 128  # width of the first conv stage; doubles with each downsampling
     commitment: float = 0.25  # beta of the commitment loss (VQ-VAE)
+    # "conv": the small conv stack trained here (base_channels). "dcae": the published MGVQ encoder
+    # (htcvlm/mgvq_dcae.py), built to load MGVQ's released checkpoints (htcvlm/formats/mgvq.py).
+    encoder: MGVQEncoder = field(default="conv", metadata=OMIT_AT_DEFAULT)
+    # "dcae" only, the paper's f16 tokenizer by default: after a stem that halves the image, one stage per
+    # width and depth, each but the last ending in a 2x downsampling (MGVQ's width_list and depth_list
+    # less their unused stage 0); the last `attention_stages` stages use linear-attention blocks.
+    stage_widths: tuple[int, ...] = field(default=(256, 512, 512, 1024), metadata=OMIT_AT_DEFAULT)
+    stage_depths: tuple[int, ...] = field(default=(4, 8, 2, 2), metadata=OMIT_AT_DEFAULT)
+    attention_stages: int = field(default=2, metadata=OMIT_AT_DEFAULT)
 
     def __post_init__(self) -> None:
+        _check_literal("encoder", self.encoder, MGVQEncoder)
+        # JSON gives lists: hold tuples, so that configs compare and hash by value
+        object.__setattr__(self, "stage_widths", tuple(self.stage_widths))
+        object.__setattr__(self, "stage_depths", tuple(self.stage_depths))
+        if self.encoder == "dcae":
+            self._check_dcae()
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
             raise ValueError(f"downsample must be a power of two, got {self.downsample}")
         if self.latent_channels % self.groups:
             raise ValueError(f"latent_channels {self.latent_channels} not divisible by groups {self.groups}")
         if self.codebook_size % self.groups:
             raise ValueError(f"codebook_size {self.codebook_size} not divisible by groups {self.groups}")
+
+    def _check_dcae(self) -> None:
+        n = len(self.stage_widths)
+        if n == 0 or len(self.stage_depths) != n:
+            raise ValueError(f"stage_widths {self.stage_widths} and stage_depths {self.stage_depths} differ")
+        if min(self.stage_depths) < 1:
+            raise ValueError(f"every stage needs a block, got stage_depths {self.stage_depths}")
+        if self.downsample != 2**n:
+            raise ValueError(f"{n} stages downsample by {2**n}, not {self.downsample}")
+        if not 0 <= self.attention_stages <= n:
+            raise ValueError(f"attention_stages {self.attention_stages} not within 0..{n} stages")
 
 
 @dataclass(frozen=True)
@@ -150,8 +181,8 @@ class HTCConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        derived = {f.name for f in fields(self) if not f.init}
-        return {k: v for k, v in asdict(self).items() if k not in derived}
+        """Every setting except the derived fields and OMIT_AT_DEFAULT fields that hold their default."""
+        return _settings(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -174,6 +205,16 @@ class HTCConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
         return replace(PRESETS[name], **overrides)
+
+
+def _settings(config: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if not f.init or (f.metadata.get("omit_at_default") and value == f.default):
+            continue
+        out[f.name] = _settings(value) if is_dataclass(value) else value
+    return out
 
 
 PRESETS: dict[str, HTCConfig] = {

@@ -1,9 +1,10 @@
 """MGVQ: a multi-group vector-quantized image tokenizer (the discrete channel's Q in Eq. 4).
 
-A conv encoder reduces the image by `downsample`; the latent's channels are split into G groups and each
-group vector is matched by cosine nearest neighbour against its own slice of one shared codebook. The
-quantized latent, flattened, is q (32 x 21 x 21 = 14112 values at 336 px). A conv decoder reconstructs the
-image so the tokenizer can be trained on reconstruction + commitment loss (stage 1).
+An encoder (the small conv stack trained here, or the published DC-AE style one of htcvlm/mgvq_dcae.py)
+reduces the image by `downsample`; the latent's channels are split into G groups and each group vector is
+matched by cosine nearest neighbour against its own slice of one shared codebook. The quantized latent,
+flattened, is q (32 x 21 x 21 = 14112 values at 336 px). With the conv encoder, a conv decoder reconstructs
+the image so the tokenizer can be trained on reconstruction + commitment loss (stage 1).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from htcvlm.config import MGVQConfig
+from htcvlm.mgvq_dcae import DCAEEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -62,36 +64,51 @@ def _groups(channels: int) -> int:
     return next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
 
 
+def _conv_encoder(config: MGVQConfig, widths: list[int]) -> nn.Sequential:
+    # No conv block runs at full resolution: the first layer already halves the image. Full-resolution
+    # blocks cost most of the FLOPs and little quality for a tokenizer this coarse.
+    enc: list[nn.Module] = [nn.Conv2d(3, widths[0], 4, stride=2, padding=1)]
+    for i in range(len(widths) - 1):
+        enc += [_block(widths[i], widths[i]), nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1)]
+    enc += [_block(widths[-1], widths[-1]), nn.Conv2d(widths[-1], config.latent_channels, 1)]
+    return nn.Sequential(*enc)
+
+
+def _conv_decoder(config: MGVQConfig, widths: list[int]) -> nn.Sequential:
+    dec: list[nn.Module] = [nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1)]
+    for i in reversed(range(1, len(widths))):
+        dec += [
+            _block(widths[i], widths[i]),
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(widths[i], widths[i - 1], 3, padding=1),
+        ]
+    dec += [_block(widths[0], widths[0]), nn.ConvTranspose2d(widths[0], 3, 4, stride=2, padding=1)]
+    return nn.Sequential(*dec)
+
+
 class MGVQ(nn.Module):
-    """Image in [0, 1], (B, 3, S, S) -> quantized latent (B, C, S/f, S/f) and back."""
+    """Image in [0, 1], (B, 3, S, S) -> quantized latent (B, C, S/f, S/f) and back.
+
+    `config.encoder` picks the encoder: "conv", the small conv stack trained here with its decoder, or
+    "dcae", the published MGVQ encoder (htcvlm/mgvq_dcae.py) loaded from MGVQ's checkpoints; its decoder is
+    not built, as OneToken only encodes with it. Both encoders take [-1, 1]; encode() converts.
+    """
 
     def __init__(self, config: MGVQConfig) -> None:
         super().__init__()
         self.config = config
         stages = config.downsample.bit_length() - 1  # log2(downsample) stride-2 stages
         widths = [config.base_channels * min(2**i, 4) for i in range(stages)]
-        # No conv block runs at full resolution: the first layer already halves the image. Full-resolution
-        # blocks cost most of the FLOPs and little quality for a tokenizer this coarse.
-        enc: list[nn.Module] = [nn.Conv2d(3, widths[0], 4, stride=2, padding=1)]
-        for i in range(stages - 1):
-            enc += [_block(widths[i], widths[i]), nn.Conv2d(widths[i], widths[i + 1], 4, stride=2, padding=1)]
-        enc += [_block(widths[-1], widths[-1]), nn.Conv2d(widths[-1], config.latent_channels, 1)]
-        self.encoder = nn.Sequential(*enc)
+        self.encoder = DCAEEncoder(config) if config.encoder == "dcae" else _conv_encoder(config, widths)
         self.quantizer = MultiGroupQuantizer(config)
-        dec: list[nn.Module] = [nn.Conv2d(config.latent_channels, widths[-1], 3, padding=1)]
-        for i in reversed(range(1, stages)):
-            dec += [
-                _block(widths[i], widths[i]),
-                nn.Upsample(scale_factor=2, mode="nearest"),
-                nn.Conv2d(widths[i], widths[i - 1], 3, padding=1),
-            ]
-        dec += [_block(widths[0], widths[0]), nn.ConvTranspose2d(widths[0], 3, 4, stride=2, padding=1)]
-        self.decoder = nn.Sequential(*dec)
+        self.decoder: nn.Module | None = _conv_decoder(config, widths) if config.encoder == "conv" else None
 
     def encode(self, pixels: torch.Tensor) -> QuantizerOutput:
-        return self.quantizer(self.encoder(pixels * 2 - 1))  # the conv stack works on [-1, 1]
+        return self.quantizer(self.encoder(pixels * 2 - 1))  # both encoders work on [-1, 1]
 
     def decode(self, quantized: torch.Tensor) -> torch.Tensor:
+        if self.decoder is None:
+            raise ValueError(f"the {self.config.encoder!r} MGVQ encoder has no decoder here: it only encodes")
         return (self.decoder(quantized) + 1) / 2
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:

@@ -27,6 +27,7 @@ def test_shipped_fingerprint_is_stable(shipped):
     with safe_open(str(DEFAULT_MODEL_DIR / WEIGHTS_FILE), "pt") as f:
         written = f.metadata()["fingerprint"]
     assert shipped.fingerprint() == written
+    assert shipped.hash_weights() == written  # from scratch: a stamp beside the weights is not consulted
     assert load_pretrained(DEFAULT_MODEL_DIR).fingerprint() == written
 
 
