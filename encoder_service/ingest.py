@@ -29,7 +29,7 @@ from tqdm import tqdm
 from cache.errors import CacheError, IndexCorruptError, IndexStaleError
 from cache.factory import StoreConfig, open_store
 from cache.index import IndexConfig, LatentIndex
-from cache.sync import build_from_store
+from cache.sync import build_from_store, follow_or_rebuild
 from encoder_service.config import EncoderConfig
 from encoder_service.encoder import Encoder
 from encoder_service.errors import EncoderError
@@ -316,6 +316,11 @@ class IndexSink:
         if not self.fingerprint:
             return
         if self.index is not None:
+            if self.index.feed is not None:
+                # move its feed position past this run's writes (and apply other writers' changes), so
+                # the worker that loads it next reads only what came after
+                with open_store(self.store) as store:
+                    self.index, _ = follow_or_rebuild(self.index, store)
             self.index.save(self.index_dir)
             return
         # add() found no usable saved index: build one (an INFO line), not load_or_rebuild's warning

@@ -103,6 +103,8 @@ def test_ingest_reports_bad_files_indexes_good_ones_and_resumes(
     assert (more.encoded, more.cached, more.failed, more.report_path) == (1, 0, 0, None)
     index = LatentIndex.load(index_dir, fingerprint, IndexConfig(dim=64))
     assert sorted(index.image_ids()) == sorted([*ids, image_id_of(png(9))])
+    with open_store(store) as opened:  # saved at the feed's end: a worker loading it reads nothing again
+        assert index.feed == opened.feed_position(fingerprint)
 
 
 def test_a_report_of_a_run_without_failures_is_not_written(
