@@ -41,7 +41,38 @@ def test_redis_persists_and_encoders_reserve_gpus(compose_config: str):
 
 def test_dockerfile_pins_the_cpu_torch_by_default():
     text = (ROOT / "Dockerfile").read_text()
-    assert "torch==2.13.0" in text and "whl/cpu" in text
+    assert "torch==2.13.0" in text and "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text
+    # faiss-gpu replaces faiss-cpu where asked, never beside it
+    assert "ARG FAISS=faiss-cpu" in text and "pip uninstall -y faiss-cpu" in text
+
+
+def test_compose_builds_for_gpus_and_its_drivers_join_ray_with_a_node_of_their_own():
+    """The gRPC worker and ingest are Ray drivers: in a container without a Ray node they could not join
+    the cluster (Ray fails after ~70 s), so their entrypoint starts a node that joins the head and offers
+    nothing to schedule, and they connect to it; the image has CUDA torch and faiss-gpu."""
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    build = compose["x-onetoken"]["build"]["args"]
+    assert "cu12" in build["TORCH_INDEX"] and "faiss-gpu-cu12" in build["FAISS"]
+    services = compose["services"]
+    for name in ("llm-worker", "ingest"):
+        entrypoint = services[name]["entrypoint"]
+        script = entrypoint[2]
+        assert entrypoint[:2] == ["sh", "-c"] and script.startswith("ray start --address=ray-head:6380 ")
+        assert "--num-cpus=0 --num-gpus=0" in script and script.endswith('&& exec onetoken "$$@"'), name
+        assert services[name]["environment"]["ONETOKEN_RAY_ADDRESS"] == "auto", name
+    head = services["ray-head"]["command"]
+    assert "--port=6380" in head and not any("dashboard-host" in a for a in head)
+
+
+def test_the_worker_serves_metrics_inside_the_compose_network_only():
+    import yaml
+
+    worker = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["llm-worker"]
+    command = worker["command"]
+    assert command[command.index("--metrics-port") + 1] == "9464"
+    assert worker["expose"] == ["9464"] and not any("9464" in str(p) for p in worker["ports"])
 
 
 def test_compose_is_secured_by_default():
