@@ -5,23 +5,26 @@ backend from the URL's scheme. The worker, the encoders and ingest all open thei
 - `redis://[user:password@]host:port/db` and `rediss://...` (TLS; `?ssl_cert_reqs=...&ssl_ca_certs=...` as
   redis-py reads them): a `RedisStore`; the key prefix namespaces its keys, `retry_s` bounds reconnects.
 - `lmdb:///abs/path`, `lmdb://rel/path` or a plain path: the embedded `LmdbStore` (created if absent).
+- `tiered:HOT|COLD`: a `TieredStore`, records on the COLD store (any of the above) with a bounded hot
+  tier in front, `memory:SIZE` (this process) or a Redis URL (shared); see `cache.tiered`.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 from cache.feed import DEFAULT_FEED_LENGTH
 from cache.keys import DEFAULT_PREFIX, check_name
 from cache.retry import RetryPolicy
 from cache.store import RecordStore
+from cache.tiered import HotTier, MemoryTier, TieredStore, parse_size, split_tiered_url
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STORE_URL = ".onetoken/records"  # a plain path: the embedded LMDB store, no server needed
-SCHEMES = ("redis", "rediss", "lmdb", "")  # "" is a plain path
+SCHEMES = ("redis", "rediss", "lmdb", "tiered", "")  # "" is a plain path
 
 
 @dataclass(frozen=True)
@@ -40,26 +43,58 @@ class StoreConfig:
             raise ValueError(f"feed_length must be positive, got {self.feed_length}")
         scheme = urlsplit(self.url).scheme
         if scheme not in SCHEMES:
-            choices = "redis://, rediss://, lmdb:// or a path"
+            choices = "redis://, rediss://, lmdb://, tiered:HOT|COLD or a path"
             raise ValueError(f"unknown store URL scheme {scheme!r} in {self.url!r}; use {choices}")
+        if scheme == "tiered":
+            hot, cold = split_tiered_url(self.url)
+            if not hot.startswith(("memory:", "redis://", "rediss://")):
+                raise ValueError(f"a tiered store's hot tier is memory:SIZE or a Redis URL, got {hot!r}")
+            if hot.startswith("memory:"):
+                parse_size(hot.removeprefix("memory:"))
+            if urlsplit(cold).scheme == "tiered":
+                raise ValueError(f"a tiered store's cold tier cannot be tiered itself: {self.url!r}")
+            replace(self, url=cold)  # a config of the cold URL alone: validated like any other
 
 
 def open_store(config: StoreConfig) -> RecordStore:
     """Open the store `config.url` names (see the module docstring); `close()` it when done."""
     scheme = urlsplit(config.url).scheme
+    if scheme == "tiered":
+        hot_url, cold_url = split_tiered_url(config.url)
+        cold = open_store(replace(config, url=cold_url))
+        try:
+            hot = _open_hot_tier(config, hot_url)
+        except BaseException:
+            cold.close()
+            raise
+        return TieredStore(hot, cold)
     if scheme in ("redis", "rediss"):
-        from cache.redis_store import RedisConfig, RedisStore  # redis-py only where Redis is used
-
-        retry = RetryPolicy(total_s=config.retry_s)
-        return RedisStore(
-            RedisConfig(
-                url=config.url, key_prefix=config.key_prefix, retry=retry, feed_length=config.feed_length
-            )
-        )
+        return _open_redis(config, feed=True)
     from cache.lmdb_store import LmdbConfig, LmdbStore
 
     path = lmdb_path(config.url)
     return LmdbStore(LmdbConfig(path=path, key_prefix=config.key_prefix, feed_length=config.feed_length))
+
+
+def _open_redis(config: StoreConfig, feed: bool) -> RecordStore:
+    from cache.redis_store import RedisConfig, RedisStore  # redis-py only where Redis is used
+
+    retry = RetryPolicy(total_s=config.retry_s)
+    return RedisStore(
+        RedisConfig(
+            url=config.url,
+            key_prefix=config.key_prefix,
+            retry=retry,
+            feed_length=config.feed_length,
+            feed=feed,
+        )
+    )
+
+
+def _open_hot_tier(config: StoreConfig, url: str) -> HotTier:
+    if url.startswith("memory:"):
+        return MemoryTier(parse_size(url.removeprefix("memory:")))
+    return _open_redis(replace(config, url=url), feed=False)  # a RedisStore has every method a hot tier needs
 
 
 def lmdb_path(url: str) -> str:

@@ -2,9 +2,9 @@
 
 Everything about the connection comes from the URL as redis-py reads it: `redis://user:password@host:port/db`
 for password/ACL, `rediss://` for TLS (with `ssl_ca_certs=`, `ssl_cert_reqs=` ... as query arguments).
-Batches are non-transactional pipelines of single-key commands: one round trip, no MULTI, and on a
-cluster client they split per node, which multi-key commands (MGET) across hash slots could not
-(see `cache.keys` for the slot design). This class speaks to one node; Redis Cluster needs a
+Batches are pipelines of single-key commands, one round trip (never MGET/MSET, which a cluster could not
+split across hash slots: see `cache.keys` for the slot design); writes and deletes are one MULTI/EXEC
+with their change feed entries (below). This class speaks to one node; Redis Cluster needs a
 `RedisCluster` client in its place and a SCAN per primary in `iter_ids`.
 
 The change feed (`cache.feed`) of a model is a Redis Stream, `<prefix>:<fingerprint>:feed`, with one
@@ -71,6 +71,9 @@ class RedisConfig:
     max_connections: int = 64
     scan_count: int = 1000  # keys per SCAN page
     feed_length: int = DEFAULT_FEED_LENGTH  # changes kept per model in the change feed (about)
+    # False for a cache in front of another store (a tiered store's hot tier): that store's feed is
+    # the one of record, and this one writes none
+    feed: bool = True
 
     def __post_init__(self) -> None:
         check_name("key_prefix", self.key_prefix)
@@ -134,9 +137,10 @@ class RedisStore(RecordStore):
 
     def delete(self, key: RecordKey) -> bool:
         def run() -> bool:
-            pipe = self._client.pipeline(transaction=True)
+            pipe = self._client.pipeline(transaction=self.config.feed)
             pipe.delete(self._k(key))
-            self._append(pipe, key, "delete")
+            if self.config.feed:
+                self._append(pipe, key, "delete")
             return bool(pipe.execute()[0])
 
         # after a retried DEL that had already landed this says False: the key is gone either way
@@ -145,10 +149,11 @@ class RedisStore(RecordStore):
     def put_many(self, items: Sequence[tuple[RecordKey, bytes]]) -> None:
         def run() -> None:
             # one MULTI/EXEC: the feed entries land with the records or not at all
-            pipe = self._client.pipeline(transaction=True)
+            pipe = self._client.pipeline(transaction=self.config.feed)
             for key, blob in items:
                 pipe.set(self._k(key), blob)
-                self._append(pipe, key, "put")
+                if self.config.feed:
+                    self._append(pipe, key, "put")
             pipe.execute()
 
         if items:

@@ -18,6 +18,7 @@ from cache.lmdb_store import LmdbConfig, LmdbStore
 from cache.redis_store import RedisConfig, RedisStore
 from cache.retry import RetryPolicy
 from cache.store import RecordStore
+from cache.tiered import MemoryTier, TieredStore
 
 from .helpers import RedisServer, purge_prefix, redis_unreachable
 
@@ -38,9 +39,17 @@ def lmdb_store(tmp_path: Path) -> Iterator[LmdbStore]:
     store.close()
 
 
-@pytest.fixture(params=["lmdb", "redis"])
+@pytest.fixture
+def tiered_store(tmp_path: Path) -> Iterator[TieredStore]:
+    """LMDB on disk behind a 64 KiB hot tier in memory: a few small records each, so tests evict."""
+    store = TieredStore(MemoryTier(64 << 10), LmdbStore(LmdbConfig(path=str(tmp_path / "cold"))))
+    yield store
+    store.close()
+
+
+@pytest.fixture(params=["lmdb", "redis", "tiered"])
 def store(request: pytest.FixtureRequest) -> RecordStore:
-    """Each backend in turn: every test that takes `store` runs against both."""
+    """Each backend in turn: every test that takes `store` runs against all three."""
     return request.getfixturevalue(f"{request.param}_store")
 
 

@@ -62,12 +62,14 @@ def worker_config(model_dir: Path, store_url: str, index_dir: Path, prefix: str,
     return replace(config, **changes)
 
 
-@pytest.fixture(scope="module", params=["lmdb", "redis"])
+@pytest.fixture(scope="module", params=["lmdb", "redis", "tiered"])
 def store_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
-    """(store URL, key prefix) of each backend in turn; Redis keys are removed afterwards."""
+    """(store URL, key prefix) of each backend in turn (tiered: LMDB behind a hot tier in memory too
+    small for every record); Redis keys are removed afterwards."""
     prefix = f"onetoken-e2e-{uuid.uuid4().hex[:10]}"
-    if request.param == "lmdb":
-        yield str(tmp_path_factory.mktemp("lmdb") / "records"), prefix
+    if request.param in ("lmdb", "tiered"):
+        path = tmp_path_factory.mktemp("lmdb") / "records"
+        yield (str(path) if request.param == "lmdb" else f"tiered:memory:256KiB|{path}"), prefix
         return
     url = request.getfixturevalue("redis_url")
     yield url, prefix
