@@ -4,6 +4,8 @@ backend from the URL's scheme. The worker, the encoders and ingest all open thei
 
 - `redis://[user:password@]host:port/db` and `rediss://...` (TLS; `?ssl_cert_reqs=...&ssl_ca_certs=...` as
   redis-py reads them): a `RedisStore`; the key prefix namespaces its keys, `retry_s` bounds reconnects.
+  `redis+cluster://host:port` and `rediss+cluster://...`: the same on a Redis Cluster, through any one
+  of its nodes.
 - `lmdb:///abs/path`, `lmdb://rel/path` or a plain path: the embedded `LmdbStore` (created if absent).
 - `tiered:HOT|COLD`: a `TieredStore`, records on the COLD store (any of the above) with a bounded hot
   tier in front, `memory:SIZE` (this process) or a Redis URL (shared); see `cache.tiered`.
@@ -24,7 +26,8 @@ from cache.tiered import HotTier, MemoryTier, TieredStore, parse_size, split_tie
 logger = logging.getLogger(__name__)
 
 DEFAULT_STORE_URL = ".onetoken/records"  # a plain path: the embedded LMDB store, no server needed
-SCHEMES = ("redis", "rediss", "lmdb", "tiered", "")  # "" is a plain path
+REDIS_SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
+SCHEMES = (*REDIS_SCHEMES, "lmdb", "tiered", "")  # "" is a plain path
 
 
 @dataclass(frozen=True)
@@ -43,11 +46,11 @@ class StoreConfig:
             raise ValueError(f"feed_length must be positive, got {self.feed_length}")
         scheme = urlsplit(self.url).scheme
         if scheme not in SCHEMES:
-            choices = "redis://, rediss://, lmdb://, tiered:HOT|COLD or a path"
+            choices = "redis://, rediss://, redis+cluster://, lmdb://, tiered:HOT|COLD or a path"
             raise ValueError(f"unknown store URL scheme {scheme!r} in {self.url!r}; use {choices}")
         if scheme == "tiered":
             hot, cold = split_tiered_url(self.url)
-            if not hot.startswith(("memory:", "redis://", "rediss://")):
+            if not hot.startswith(("memory:", *(f"{scheme}://" for scheme in REDIS_SCHEMES))):
                 raise ValueError(f"a tiered store's hot tier is memory:SIZE or a Redis URL, got {hot!r}")
             if hot.startswith("memory:"):
                 parse_size(hot.removeprefix("memory:"))
@@ -68,7 +71,7 @@ def open_store(config: StoreConfig) -> RecordStore:
             cold.close()
             raise
         return TieredStore(hot, cold)
-    if scheme in ("redis", "rediss"):
+    if scheme in REDIS_SCHEMES:
         return _open_redis(config, feed=True)
     from cache.lmdb_store import LmdbConfig, LmdbStore
 
@@ -80,9 +83,11 @@ def _open_redis(config: StoreConfig, feed: bool) -> RecordStore:
     from cache.redis_store import RedisConfig, RedisStore  # redis-py only where Redis is used
 
     retry = RetryPolicy(total_s=config.retry_s)
+    cluster = "+cluster://" in config.url.split("?")[0]
     return RedisStore(
         RedisConfig(
-            url=config.url,
+            url=config.url.replace("+cluster://", "://", 1) if cluster else config.url,
+            cluster=cluster,
             key_prefix=config.key_prefix,
             retry=retry,
             feed_length=config.feed_length,

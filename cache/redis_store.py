@@ -30,9 +30,12 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.exceptions import ClusterDownError, RedisClusterException, TryAgainError
 from redis.retry import Retry
 
 from cache.errors import StoreFullError, StoreUnavailableError
@@ -46,8 +49,16 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Worth retrying: the server is restarting, loading its AOF (BusyLoadingError is a ConnectionError),
-# or the network dropped. AuthenticationError is a ConnectionError too but is not transient; see _call.
-_TRANSIENT: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError)
+# the network dropped, or a cluster is failing over (no primary for a slot yet: CLUSTERDOWN, TRYAGAIN,
+# a topology the client cannot map). AuthenticationError is a ConnectionError too but is not
+# transient; see _call.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    RedisClusterException,
+)
 
 
 # every command the store sends
@@ -74,6 +85,7 @@ class RedisConfig:
     # False for a cache in front of another store (a tiered store's hot tier): that store's feed is
     # the one of record, and this one writes none
     feed: bool = True
+    cluster: bool = False  # a Redis Cluster: url names any one of its nodes
 
     def __post_init__(self) -> None:
         check_name("key_prefix", self.key_prefix)
@@ -84,20 +96,27 @@ class RedisConfig:
 class RedisStore(RecordStore):
     def __init__(self, config: RedisConfig) -> None:
         self.config = config
-        self._pool = redis.ConnectionPool.from_url(
-            config.url,
-            max_connections=config.max_connections,
-            socket_timeout=config.socket_timeout_s,
-            socket_connect_timeout=config.socket_connect_timeout_s,
+        connection = {
+            "max_connections": config.max_connections,
+            "socket_timeout": config.socket_timeout_s,
+            "socket_connect_timeout": config.socket_connect_timeout_s,
             # redis-py's own retries would run inside ours and stretch the time bound
-            retry=Retry(NoBackoff(), 0),
-        )
-        self._client = redis.Redis(connection_pool=self._pool)
-        logger.info("Redis store at %s with key prefix %s", self._safe_url(), config.key_prefix)
+            "retry": Retry(NoBackoff(), 0),
+        }
+        parts = urlsplit(config.url)
+        self._where = f"{parts.hostname or '?'}:{parts.port or 6379}{parts.path or '/0'}"
+        self._client: redis.Redis | RedisCluster
+        if config.cluster:
+            self._where = f"cluster via {self._where}"
+            self._client = self._call("connect", lambda: RedisCluster.from_url(config.url, **connection))
+        else:
+            self._client = redis.Redis(
+                connection_pool=redis.ConnectionPool.from_url(config.url, **connection)
+            )
+        logger.info("Redis store at %s with key prefix %s", self._where, config.key_prefix)
 
     def _safe_url(self) -> str:
-        kw = self._pool.connection_kwargs
-        return f"{kw.get('host', '?')}:{kw.get('port', '?')}/{kw.get('db', 0)}"
+        return self._where
 
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         def attempt() -> T:
@@ -113,8 +132,21 @@ class RedisStore(RecordStore):
                     f"Redis at {self._safe_url()} is out of memory under a noeviction policy: {e}; "
                     "raise maxmemory or choose an allkeys-lru policy"
                 ) from e
+            except _TRANSIENT:
+                if isinstance(getattr(self, "_client", None), RedisCluster):
+                    self._remap_cluster()
+                raise
 
         return call_with_retry(attempt, self.config.retry, _TRANSIENT, f"Redis {what} at {self._safe_url()}")
+
+    def _remap_cluster(self) -> None:
+        """After a failed call on a cluster, ask the nodes that answer who serves each slot now: the
+        client's map still names a primary that died, and its pipelines do not remap by themselves."""
+        assert isinstance(self._client, RedisCluster)
+        try:
+            self._client.nodes_manager.initialize()
+        except (*_TRANSIENT, redis.RedisError) as e:  # no node answers yet: the next attempt asks again
+            logger.info("cannot map the Redis Cluster's slots yet: %s", e)
 
     def _k(self, key: RecordKey) -> str:
         return key.to_str(self.config.key_prefix)
@@ -137,8 +169,14 @@ class RedisStore(RecordStore):
 
     def delete(self, key: RecordKey) -> bool:
         def run() -> bool:
-            pipe = self._client.pipeline(transaction=self.config.feed)
+            pipe = self._client.pipeline(transaction=self.config.feed and not self.config.cluster)
             pipe.delete(self._k(key))
+            if self.config.cluster and self.config.feed:  # the record first, then its change
+                deleted = bool(pipe.execute()[0])
+                pipe = self._client.pipeline(transaction=False)
+                self._append(pipe, key, "delete")
+                pipe.execute()
+                return deleted
             if self.config.feed:
                 self._append(pipe, key, "delete")
             return bool(pipe.execute()[0])
@@ -148,13 +186,19 @@ class RedisStore(RecordStore):
 
     def put_many(self, items: Sequence[tuple[RecordKey, bytes]]) -> None:
         def run() -> None:
-            # one MULTI/EXEC: the feed entries land with the records or not at all
-            pipe = self._client.pipeline(transaction=self.config.feed)
+            # one MULTI/EXEC: the feed entries land with the records or not at all (on a cluster: the
+            # records first, then their changes)
+            pipe = self._client.pipeline(transaction=self.config.feed and not self.config.cluster)
             for key, blob in items:
                 pipe.set(self._k(key), blob)
-                if self.config.feed:
+                if self.config.feed and not self.config.cluster:
                     self._append(pipe, key, "put")
             pipe.execute()
+            if self.config.feed and self.config.cluster:
+                pipe = self._client.pipeline(transaction=False)
+                for key, _ in items:
+                    self._append(pipe, key, "put")
+                pipe.execute()
 
         if items:
             # a retried batch repeats every SET and appends its changes again; both are idempotent
@@ -173,6 +217,13 @@ class RedisStore(RecordStore):
     def iter_ids(self, fingerprint: str) -> Iterator[str]:
         start = record_key_prefix(fingerprint, self.config.key_prefix)
         match = start + "*"  # prefix and fingerprint hold no glob characters (checked in keys.py)
+        if self.config.cluster:  # a SCAN of every primary, retried whole if a node fails midway
+            raw_keys = self._call(
+                "SCAN", lambda: set(self._client.scan_iter(match=match, count=self.config.scan_count))
+            )
+            for raw in raw_keys:
+                yield RecordKey.parse(raw.decode(), self.config.key_prefix).image_id
+            return
         seen: set[str] = set()  # SCAN may return a key more than once
         cursor = 0
         while True:
@@ -195,6 +246,7 @@ class RedisStore(RecordStore):
             if "no such key" not in str(info):
                 raise info
             return FeedPosition(), 0
+        info = {_text(k): v for k, v in _pairs(info).items()}  # a cluster's transactions leave replies raw
         written, length = int(info["entries-added"]), int(info["length"])
         return FeedPosition(_text(info["last-generated-id"]), written), written - length
 
@@ -223,7 +275,8 @@ class RedisStore(RecordStore):
         head, trimmed = self._feed_state(info)
         check_trimmed(fingerprint, after, trimmed, head.seq)
         changes = []
-        for _, fields in entries:
+        for _, raw_fields in entries:
+            fields = _pairs(raw_fields)
             op, image_id = _text(fields[b"op"]), _text(fields[b"id"])
             if op not in OPS:
                 raise ValueError(f"unknown change {fields!r} in the feed of model {fingerprint}")
@@ -233,8 +286,16 @@ class RedisStore(RecordStore):
         return FeedRead(changes, FeedPosition(_text(entries[-1][0]), after.seq + len(changes)))
 
     def close(self) -> None:
-        self._pool.disconnect()
+        if isinstance(self._client, RedisCluster):
+            self._client.close()
+        else:
+            self._client.connection_pool.disconnect()
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _pairs(reply: Any) -> dict[Any, Any]:
+    """A reply of field/value pairs as a dict: as parsed, or raw ([f1, v1, f2, v2, ...])."""
+    return reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))

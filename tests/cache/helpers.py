@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -75,9 +76,11 @@ def free_port() -> int:
 class RedisServer:
     """A private redis-server with its own port and directory, started and stopped by a test."""
 
-    def __init__(self, workdir: Path, *options: str, tls_dir: Path | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *options: str, tls_dir: Path | None = None, port: int | None = None
+    ) -> None:
         self.workdir = workdir
-        self.port = free_port()
+        self.port = free_port() if port is None else port
         self.options = options
         self.tls_dir = tls_dir  # ca.crt, server.crt, server.key: serve TLS only
         self.proc: subprocess.Popen[bytes] | None = None
@@ -144,3 +147,96 @@ def make_tls_certs(directory: Path) -> Path:
     sign = ("-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "ext")
     run("x509", "-req", "-in", "server.csr", *sign, "-out", "server.crt")
     return directory
+
+
+def free_cluster_port() -> int:
+    """A free port P for a cluster node: P + 10000 (its cluster bus) must be free too, so P <= 55535."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 55535)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+class RedisClusterNodes:
+    """A private Redis Cluster: `n` nodes on free ports (half primaries, each with one replica), made
+    with `redis-cli --cluster create`, failing over within about a second of a primary dying."""
+
+    def __init__(self, workdir: Path, n: int = 6) -> None:
+        self.nodes = [RedisServer(workdir / f"node-{i}", port=free_cluster_port()) for i in range(n)]
+        for node in self.nodes:
+            node.workdir.mkdir(parents=True)
+            node.options = (
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "1000", "--appendonly", "no",
+                # a replica takes over however long ago it last heard from its primary
+                "--cluster-replica-validity-factor", "0",
+            )  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        """The store URL of the cluster, through its first node."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "1", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        self.wait_until_ok()
+
+    def wait_until_ok(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        alive = [n for n in self.nodes if n.proc is not None]
+        while time.monotonic() < deadline:
+            states = []
+            for node in alive:
+                try:
+                    info = redis.Redis(port=node.port, socket_timeout=1).execute_command("CLUSTER INFO")
+                except redis.ConnectionError:
+                    states.append(False)
+                    continue
+                text = (
+                    info.decode()
+                    if isinstance(info, bytes)
+                    else "\n".join(f"{k}:{v}" for k, v in info.items())
+                )
+                states.append("cluster_state:ok" in text)
+            if all(states) and all(self._replica_synced(n) for n in alive):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+
+    @staticmethod
+    def _replica_synced(node: RedisServer) -> bool:
+        """True for a primary, and for a replica whose link to its primary is up."""
+        try:
+            info = redis.Redis(port=node.port, socket_timeout=1).info("replication")
+        except redis.ConnectionError:
+            return False
+        return info.get("role") == "master" or info.get("master_link_status") == "up"
+
+    def primary_of(self, key: str) -> RedisServer:
+        """The node that serves `key` now."""
+        client = redis.Redis(port=self.nodes[0].port)
+        slot = client.execute_command("CLUSTER KEYSLOT", key)
+        for shard in client.execute_command("CLUSTER SLOTS"):
+            if shard[0] <= slot <= shard[1]:
+                port = shard[2][1]
+                return next(n for n in self.nodes if n.port == port)
+        raise RuntimeError(f"no node serves slot {slot}")
+
+    def kill_all(self) -> None:
+        for node in self.nodes:
+            node.kill()

@@ -114,7 +114,7 @@ def test_open_store_redis_urls(redis_url: str) -> None:
         StoreConfig("rediss://127.0.0.1:1/0")
     ) as s:  # TLS is chosen by the scheme; no connection yet
         assert isinstance(s, RedisStore)
-        assert s._pool.connection_class.__name__ == "SSLConnection"
+        assert s._client.connection_pool.connection_class.__name__ == "SSLConnection"
 
 
 def test_open_store_refuses_unknown_urls() -> None:
