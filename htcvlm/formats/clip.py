@@ -17,6 +17,7 @@ from transformers import CLIPConfig, CLIPVisionConfig
 
 from htcvlm.config import CLIP_MEAN, CLIP_STD, VisionConfig
 from htcvlm.errors import CheckpointError
+from htcvlm.formats.hf_config import parse_config, read_config_json
 from htcvlm.formats.weights import load_weights, rename_keys
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -54,14 +55,12 @@ def vision_config(clip: CLIPVisionConfig, select_layer: int, source: str) -> tup
 def read_clip_folder(folder: Path) -> tuple[CLIPVisionConfig, dict[str, torch.Tensor]]:
     """A local CLIP folder (a CLIPModel's or a CLIPVisionModel's) -> its vision config and the tower's
     weights under our keys (`vision.*`). The text half, the projections and `logit_scale` are dropped."""
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder} is not a CLIP folder: it has no config.json")
-    raw = json.loads((folder / "config.json").read_text())
+    raw = read_config_json(folder)
     kind = raw.get("model_type")
     if kind == "clip":
-        clip = CLIPConfig.from_dict(raw).vision_config
+        clip = parse_config(CLIPConfig, raw, str(folder)).vision_config
     elif kind == "clip_vision_model":
-        clip = CLIPVisionConfig.from_dict(raw)
+        clip = parse_config(CLIPVisionConfig, raw, str(folder))
     else:
         raise CheckpointError(f"{folder}/config.json is a {kind!r} model, not CLIP (clip, clip_vision_model)")
     state = rename_keys(

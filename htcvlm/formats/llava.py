@@ -17,7 +17,6 @@ untrained, as in any HTC-VLM built from these parts before its training.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +33,7 @@ from htcvlm.formats.clip import (
     read_clip_folder,
     vision_config,
 )
+from htcvlm.formats.hf_config import parse_config, read_config_json
 from htcvlm.formats.llama_tokenizer import (
     added_tokens,
     base_vocab_size,
@@ -42,8 +42,6 @@ from htcvlm.formats.llama_tokenizer import (
 )
 from htcvlm.formats.weights import load_weights, rename_keys
 from htcvlm.model import HTCVLM
-
-logger = logging.getLogger(__name__)
 
 LlavaFormat = Literal["llava", "llava-hf"]
 NAME = "llava-1.5"
@@ -71,7 +69,7 @@ class ImportedModel:
 
 def detect_format(folder: Path) -> LlavaFormat:
     """Which LLaVA format a folder holds, from its config.json; anything else is a `CheckpointError`."""
-    raw = _config_json(folder)
+    raw = read_config_json(folder)
     kind = raw.get("model_type")
     if kind in ("llava", "llava_llama") and "mm_vision_tower" in raw:
         return "llava"
@@ -89,7 +87,7 @@ def read_llava(folder: str | Path, clip_folder: str | Path | None = None) -> Imp
     copy of the CLIP model its `mm_vision_tower` names; transformers' format holds its tower itself."""
     folder = Path(folder)
     fmt = detect_format(folder)
-    raw = _config_json(folder)
+    raw = read_config_json(folder)
     if fmt == "llava-hf":
         if clip_folder is not None:
             raise CheckpointError(f"{folder} holds its own vision tower (llava-hf): give no CLIP folder")
@@ -138,7 +136,7 @@ def _read_original(folder: Path, raw: dict[str, Any], clip_folder: Path) -> Impo
         ],
         source=source,
     )
-    text = LlamaConfig.from_dict(raw)
+    text = parse_config(LlamaConfig, raw, source)
     tokenizer_file = folder / "tokenizer.model"
     if not tokenizer_file.is_file():
         raise CheckpointError(f"{folder} is missing tokenizer.model")
@@ -163,7 +161,7 @@ def _read_original(folder: Path, raw: dict[str, Any], clip_folder: Path) -> Impo
 
 def _read_hf(folder: Path, raw: dict[str, Any]) -> ImportedModel:
     source = str(folder)
-    config = LlavaConfig.from_dict(raw)
+    config = parse_config(LlavaConfig, raw, source)
     text, clip = config.text_config, config.vision_config
     if text.model_type != "llama" or clip.model_type != "clip_vision_model":
         raise CheckpointError(
@@ -308,10 +306,3 @@ def _check_fits(
 def _require(raw: dict[str, Any], key: str, value: object, source: str) -> None:
     if key in raw and raw[key] != value:
         raise CheckpointError(f"{source}: {key} is {raw[key]!r}; only {value!r} is supported")
-
-
-def _config_json(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder} has no config.json (is it a downloaded model folder?)")
-    return json.loads(path.read_text())

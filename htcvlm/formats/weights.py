@@ -8,7 +8,6 @@ index (`model.safetensors.index.json`, `pytorch_model.bin.index.json`). Pickles 
 from __future__ import annotations
 
 import json
-import logging
 import pickle
 import re
 from collections.abc import Sequence
@@ -18,8 +17,6 @@ import torch
 from safetensors.torch import load_file
 
 from htcvlm.errors import CheckpointError
-
-logger = logging.getLogger(__name__)
 
 # Looked for in this order: an index names its shards; otherwise one file holds every weight.
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")

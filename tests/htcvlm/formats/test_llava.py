@@ -199,3 +199,30 @@ def test_hf_tokens_added_beyond_image_and_pad_are_refused(published, tmp_path):
     (folder / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="<im_start>"):
         read_llava(folder)
+
+
+def test_hf_padding_follows_an_explicit_do_pad(published, tmp_path):
+    """llava-hf's CLIPImageProcessor config cannot say LLaVA-1.5 pads (it is taken to); do_pad false can."""
+    folder = copy_of(published.hf, tmp_path)
+    path = folder / "preprocessor_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"do_pad": False}))
+    assert not read_llava(folder).config.preprocess.pad_to_square
+    path.unlink()
+    assert read_llava(folder).config.preprocess.pad_to_square
+
+
+def test_preprocessing_other_than_clips_is_refused(published, tmp_path):
+    clip = copy_of(published.clip, tmp_path)
+    path = clip / "preprocessor_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"resample": 2, "size": 64}))
+    with pytest.raises(CheckpointError, match=r"resample is 2, not bicubic.*size is 64"):
+        read_llava(published.original, clip)
+
+
+def test_config_transformers_refuses_is_a_checkpoint_error(published, tmp_path):
+    folder = copy_of(published.hf, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"]["num_attention_heads"] = 5  # 32 is not a multiple of 5
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="transformers refuses its LlavaConfig"):
+        read_llava(folder)
