@@ -69,7 +69,10 @@ class ImportedModel:
 
 def detect_format(folder: Path) -> LlavaFormat:
     """Which LLaVA format a folder holds, from its config.json; anything else is a `CheckpointError`."""
-    raw = read_config_json(folder)
+    return _format_of(read_config_json(folder), folder)
+
+
+def _format_of(raw: dict[str, Any], folder: Path) -> LlavaFormat:
     kind = raw.get("model_type")
     if kind in ("llava", "llava_llama") and "mm_vision_tower" in raw:
         return "llava"
@@ -86,9 +89,8 @@ def read_llava(folder: str | Path, clip_folder: str | Path | None = None) -> Imp
     """Read a LLaVA-1.5 checkpoint in either format. The original format needs `clip_folder`, the local
     copy of the CLIP model its `mm_vision_tower` names; transformers' format holds its tower itself."""
     folder = Path(folder)
-    fmt = detect_format(folder)
     raw = read_config_json(folder)
-    if fmt == "llava-hf":
+    if _format_of(raw, folder) == "llava-hf":
         if clip_folder is not None:
             raise CheckpointError(f"{folder} holds its own vision tower (llava-hf): give no CLIP folder")
         return _read_hf(folder, raw)

@@ -20,6 +20,10 @@ from htcvlm.images import pixels_from_bytes
 from htcvlm.model import HTCVLM
 from tests.htcvlm.formats.published import IMAGE_SIZE, Published, publish, write_shards
 
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
 STRINGS = [
     " USER: ",
     "\n",
@@ -113,6 +117,33 @@ def test_loads_strictly_and_image_features_equal_transformers(published, importe
             theirs = published.model.get_image_features(pixel_values=reference_pixels).pooler_output[0]
         assert ours.shape == (1, (IMAGE_SIZE // 8) ** 2, 64)
         torch.testing.assert_close(ours[0], theirs, rtol=0, atol=1e-5)
+
+
+def test_llava_prompt_logits_equal_transformers(published, imported):
+    """LLaVA-1.5's whole pass, [BOS, system, " USER: "] · image features · "\\n{q} ASSISTANT:" with plain
+    causal attention, from HTCVLM's parts equals LlavaForConditionalGeneration's logits (fp32)."""
+    model = build(imported)
+    tokenizer = imported.tokenizer
+    pixels = pixels_from_bytes(
+        photo_bytes(skimage.data.coffee()), IMAGE_SIZE, processing=imported.config.preprocess
+    )
+    # as LLaVA's tokenizer_image_token: the text on each side of <image> tokenized on its own
+    before = tokenizer(f"{SYSTEM} USER: ").input_ids
+    after = tokenizer("\nWhat is in the image? ASSISTANT:", add_special_tokens=False).input_ids
+    n_patches = imported.config.n_patches
+    ids = torch.tensor([before + [published.model.config.image_token_id] * n_patches + after])
+    with torch.no_grad():
+        theirs = published.model(input_ids=ids, pixel_values=model.vision_input(pixels[None])).logits
+        embeds = torch.cat(
+            [
+                model.embed_text(torch.tensor([before])),
+                model.continuous_tokens(pixels[None]),
+                model.embed_text(torch.tensor([after])),
+            ],
+            dim=1,
+        )
+        ours = model.llm(inputs_embeds=embeds).logits
+    torch.testing.assert_close(ours, theirs[..., : len(tokenizer)], rtol=0, atol=1e-5)
 
 
 def test_llm_weights_are_llavas(published, imported):
