@@ -110,8 +110,11 @@ class Encoder:
             n = first[image_id]
             try:
                 check_source_uri(uris[n])
+                model_config = self.model.config
                 pixels.append(
-                    pixels_from_bytes(images[n], self.model.config.image_size, self.config.max_pixels)
+                    pixels_from_bytes(
+                        images[n], model_config.image_size, self.config.max_pixels, model_config.preprocess
+                    )
                 )
                 todo.append(image_id)
             except ValueError as e:  # InvalidImageError, or a source URI no record can keep

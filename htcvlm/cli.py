@@ -142,7 +142,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     model = load_pretrained(args.model)
     data = ProceduralVQA("test", args.images, image_size=model.config.image_size)
-    pixels = torch.stack([to_pixels(data[i].image, model.config.image_size) for i in range(args.images)])
+    size, processing = model.config.image_size, model.config.preprocess
+    pixels = torch.stack([to_pixels(data[i].image, size, processing) for i in range(args.images)])
     weights = voco_attention(model, pixels)
     heatmap(weights, model.config.n_discrete).save(args.out)
     share = weights[:, : model.config.n_discrete].sum(dim=1).mean().item()

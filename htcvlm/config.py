@@ -7,7 +7,7 @@ field is derived in `__post_init__`, so a config is always self-consistent and v
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal, get_args
 
 ChannelMode = Literal["hybrid", "continuous", "discrete"]
@@ -15,6 +15,11 @@ FusionMode = Literal["pre", "post", "mean"]
 VisualAttention = Literal["isolated", "causal"]
 ProjectorKind = Literal["linear", "mlp2x_gelu"]
 MGVQEncoder = Literal["conv", "dcae"]
+ResizeMode = Literal["square", "shortest_edge"]
+
+# CLIP's pixel statistics (OpenAI's training set): the vision tower expects images normalized by them.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Field metadata of a setting added after checkpoints were fingerprinted: to_dict() leaves it out while it
 # holds its default, so those checkpoints keep their fingerprint and their config.json still loads.
@@ -25,6 +30,37 @@ def _check_literal(name: str, value: str, allowed: Any) -> None:
     options = get_args(allowed)
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+def _triple(name: str, value: Any, kind: type) -> tuple[Any, Any, Any]:
+    """A JSON list (or tuple) of three numbers as a tuple of `kind`, so configs compare equal."""
+    if len(value) != 3:
+        raise ValueError(f"{name} needs one value per RGB channel, got {value!r}")
+    return tuple(kind(v) for v in value)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ImageProcessing:
+    """How a decoded RGB image becomes the (3, S, S) pixels in [0, 1] that both channels see (S =
+    image_size); each channel then normalizes them its own way (the vision tower: VisionConfig.image_mean).
+
+    The defaults are the tiny model's: padded to a square with grey, the square resized to S. LLaVA-1.5
+    pads with CLIP's mean colour (122, 116, 104), then runs transformers' CLIPImageProcessor: the shortest
+    edge resized to S (bicubic) and the centre S x S cropped, which on a padded square is the same resize.
+    """
+
+    pad_to_square: bool = True  # LLaVA's expand2square: the whole image stays visible
+    pad_colour: tuple[int, int, int] = (127, 127, 127)
+    # "square": the (padded) image resized to S x S. "shortest_edge": CLIPImageProcessor's resize of the
+    # shortest edge to S, aspect kept, then a centre crop of S x S.
+    resize: ResizeMode = "square"
+
+    def __post_init__(self) -> None:
+        _check_literal("resize", self.resize, ResizeMode)
+        colour = _triple("pad_colour", self.pad_colour, int)
+        if not all(0 <= c <= 255 for c in colour):
+            raise ValueError(f"pad_colour values must be 0..255, got {self.pad_colour!r}")
+        object.__setattr__(self, "pad_colour", colour)
 
 
 @dataclass(frozen=True)
@@ -42,6 +78,15 @@ class VisionConfig:
     # learns edges and colors far faster from scratch on small images (the tiny model's choice).
     stem: Literal["patch", "conv"] = "patch"
     path: str | None = None  # local Hugging Face directory of a pretrained CLIP vision tower
+    # The tower's input normalization, (pixel - mean) / std per RGB channel: CLIP's unless a checkpoint says.
+    image_mean: tuple[float, float, float] = field(default=CLIP_MEAN, metadata=OMIT_AT_DEFAULT)
+    image_std: tuple[float, float, float] = field(default=CLIP_STD, metadata=OMIT_AT_DEFAULT)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_mean", _triple("image_mean", self.image_mean, float))
+        object.__setattr__(self, "image_std", _triple("image_std", self.image_std, float))
+        if not all(s > 0 for s in self.image_std):
+            raise ValueError(f"image_std values must be positive, got {self.image_std!r}")
 
 
 @dataclass(frozen=True)
@@ -124,6 +169,7 @@ class HTCConfig:
     fusion: FusionMode = "pre"
     n_voco: int = 1
     visual_attention: VisualAttention = "isolated"  # Eq. 6: each V_hy token sees only itself
+    preprocess: ImageProcessing = field(default_factory=ImageProcessing, metadata=OMIT_AT_DEFAULT)
     # Derived in __post_init__.
     n_patches: int = field(init=False)
     latent_side: int = field(init=False)
@@ -190,7 +236,12 @@ class HTCConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HTCConfig:
         data = dict(data)
-        nested = {"vision": VisionConfig, "mgvq": MGVQConfig, "llm": LLMConfig}
+        nested = {
+            "vision": VisionConfig,
+            "mgvq": MGVQConfig,
+            "llm": LLMConfig,
+            "preprocess": ImageProcessing,
+        }
         for key, sub in nested.items():
             if key in data:
                 data[key] = sub(**data[key])
@@ -207,11 +258,15 @@ class HTCConfig:
         return replace(PRESETS[name], **overrides)
 
 
+def _default_of(f: Field[Any]) -> Any:
+    return f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
+
+
 def _settings(config: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in fields(config):
         value = getattr(config, f.name)
-        if not f.init or (f.metadata.get("omit_at_default") and value == f.default):
+        if not f.init or (f.metadata.get("omit_at_default") and value == _default_of(f)):
             continue
         out[f.name] = _settings(value) if is_dataclass(value) else value
     return out

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from htcvlm.config import ImageProcessing
 from htcvlm.defaults import DEFAULT_MAX_PIXELS
 from htcvlm.errors import ImageTooLargeError, InvalidImageError
 
@@ -19,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # colour type -> samples per pixel
+_DEFAULT_PROCESSING = ImageProcessing()  # the tiny model's: grey padding to a square, resized
 # Adam7 interlacing: (first column, first row, column step, row step) of each of the seven passes
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 
@@ -129,20 +131,56 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def to_pixels(img: Image.Image, image_size: int) -> torch.Tensor:
-    """RGB image -> (3, S, S) float32 in [0, 1]: padded to a square (nothing cropped away), then resized."""
+def pad_to_square(img: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's expand2square: the image centred on a square of `colour`, nothing cropped away."""
     width, height = img.size
+    if width == height:
+        return img
     side = max(width, height)
-    if width != height:
-        # LLaVA's expand2square: pad with grey so the whole image stays visible.
-        square = Image.new("RGB", (side, side), (127, 127, 127))
-        square.paste(img, ((side - width) // 2, (side - height) // 2))
-        img = square
-    if side != image_size:
+    square = Image.new("RGB", (side, side), colour)
+    square.paste(img, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def resize_shortest_edge(img: Image.Image, size: int) -> Image.Image:
+    """CLIPImageProcessor's resize: the shortest edge to `size` (bicubic), the other edge truncated to
+    keep the aspect ratio, as transformers' get_resize_output_image_size computes it."""
+    width, height = img.size
+    short, long = sorted((width, height))
+    other = int(size * long / short)
+    target = (size, other) if width <= height else (other, size)  # PIL sizes are (width, height)
+    return img if img.size == target else img.resize(target, Image.Resampling.BICUBIC)
+
+
+def centre_crop(img: Image.Image, size: int) -> Image.Image:
+    """The centre size x size of an image at least that large, offsets rounded down as transformers does."""
+    width, height = img.size
+    if width < size or height < size:
+        raise ValueError(f"cannot crop {size} x {size} from a {width} x {height} image")
+    left, top = (width - size) // 2, (height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_pixels(
+    img: Image.Image, image_size: int, processing: ImageProcessing = _DEFAULT_PROCESSING
+) -> torch.Tensor:
+    """RGB image -> (3, S, S) float32 in [0, 1], as the checkpoint's `processing` says (padded to a square
+    and resized by default)."""
+    if processing.pad_to_square:
+        img = pad_to_square(img, processing.pad_colour)
+    if processing.resize == "shortest_edge":
+        img = centre_crop(resize_shortest_edge(img, image_size), image_size)
+    elif img.size != (image_size, image_size):
         img = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    # x / 255 in float32 is bit for bit CLIPImageProcessor's rescale (float64 x * (1 / 255), then float32)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (S, S, 3) -> (3, S, S)
 
 
-def pixels_from_bytes(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    return to_pixels(load_image(data, max_pixels), image_size)
+def pixels_from_bytes(
+    data: bytes,
+    image_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    processing: ImageProcessing = _DEFAULT_PROCESSING,
+) -> torch.Tensor:
+    return to_pixels(load_image(data, max_pixels), image_size, processing)

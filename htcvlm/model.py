@@ -27,10 +27,6 @@ from htcvlm.record import Record, image_id_of
 
 logger = logging.getLogger(__name__)
 
-# CLIP's pixel statistics: the vision tower expects images normalized by them.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 class DiscreteProjector(nn.Module):
     """P_d of Eq. 4: v_d = GELU(W2 GELU(W1 q)), reshaped into N_d anchor tokens."""
@@ -70,8 +66,9 @@ class HTCVLM(nn.Module):
         if config.channels != "discrete":
             self.vision = build_vision(config)
             self.proj_v = _continuous_projector(config.projector, self.vision.config.hidden_size, d)
-            self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+            mean, std = config.vision.image_mean, config.vision.image_std
+            self.register_buffer("clip_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("clip_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         if config.channels != "continuous":
             self.mgvq = MGVQ(config.mgvq)
         if config.channels == "hybrid":
@@ -94,9 +91,13 @@ class HTCVLM(nn.Module):
 
     # ---- the two channels and their fusion (Eq. 3-5) ----
 
+    def vision_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) in [0, 1] -> the tower's normalized input (what CLIPImageProcessor returns)."""
+        return (pixels - self.clip_mean) / self.clip_std
+
     def vision_patches(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) in [0, 1] -> (B, N, d_vision): the tower's selected patch tokens, before P_v."""
-        out = self.vision(pixel_values=(pixels - self.clip_mean) / self.clip_std, output_hidden_states=True)
+        out = self.vision(pixel_values=self.vision_input(pixels), output_hidden_states=True)
         return out.hidden_states[self.config.vision.select_layer][:, 1:]  # drop CLS
 
     def continuous_tokens(self, pixels: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
@@ -209,7 +210,8 @@ class HTCVLM(nn.Module):
         """Image file bytes -> one `Record` each. A bad image raises `InvalidImageError` before any work."""
         if not images:
             return []
-        pixels = torch.stack([pixels_from_bytes(b, self.config.image_size, max_pixels) for b in images])
+        size, processing = self.config.image_size, self.config.preprocess
+        pixels = torch.stack([pixels_from_bytes(b, size, max_pixels, processing) for b in images])
         ids = [image_id_of(b) for b in images]
         return self.compress_pixels(pixels, ids, source_uris)
 

@@ -106,7 +106,9 @@ def tensorize(model: HTCVLM, samples: Sequence[VQASample]) -> VQATensors:
         if s.image.size == (size, size):
             pixels[i] = torch.from_numpy(np.array(s.image.convert("RGB"))).permute(2, 0, 1)  # HWC -> CHW
         else:  # the same padding and resizing as compress() applies to image files
-            pixels[i] = (to_pixels(to_rgb(s.image), size) * 255).round().to(torch.uint8)
+            pixels[i] = (
+                (to_pixels(to_rgb(s.image), size, model.config.preprocess) * 255).round().to(torch.uint8)
+            )
         rows.append([(prompt_ids(q), answer_ids(a)) for q, a in [(s.question, s.answer), *s.more]])
     k = max(len(r) for r in rows)
     segments = torch.tensor([[len(p) + len(a) for p, a in r] + [0] * (k - len(r)) for r in rows])
