@@ -7,7 +7,7 @@ field is derived in `__post_init__`, so a config is always self-consistent and v
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Literal, get_args
 
 ChannelMode = Literal["hybrid", "continuous", "discrete"]
@@ -16,10 +16,34 @@ VisualAttention = Literal["isolated", "causal"]
 ProjectorKind = Literal["linear", "mlp2x_gelu"]
 
 
+# Field metadata of settings added after models were shipped: at its default such a field stays out of
+# `to_dict()`, so the JSON (and the fingerprint hashed from it) of every older model is unchanged, and
+# an older config.json without the field loads as the default.
+OMIT_IF_DEFAULT = {"omit_if_default": True}
+
+
 def _check_literal(name: str, value: str, allowed: Any) -> None:
     options = get_args(allowed)
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+def _default_of(f: Field[Any]) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def _to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as plain JSON-able data: nested configs as dicts, tuples as lists; derived
+    fields and `OMIT_IF_DEFAULT` fields at their default left out."""
+    out: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if not f.init or (f.metadata.get("omit_if_default") and value == _default_of(f)):
+            continue
+        out[f.name] = (
+            _to_dict(value) if is_dataclass(value) else list(value) if isinstance(value, tuple) else value
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -80,6 +104,45 @@ class LLMConfig:
 
 
 @dataclass(frozen=True)
+class LayoutConfig:
+    """The LLM's sequence around the image, a checkpoint's prompt format:
+
+        [BOS] · before_image · V_hy · separator · voco · prompt(question)
+
+    The text before the image is the same for every image: its key/value state is computed once per model
+    and shared by every record. The separator, like V_hy, is never seen by text, so a record stays the
+    voco tokens' state alone. Texts are tokenized piece by piece without special tokens, as LLaVA tokenizes
+    the chunks around `<image>`; `{system}` in before_image and prompt stands for `system`, `{question}`
+    in prompt for the asked question. The defaults are the tiny model's [V_hy; voco; "Question: … Answer:"].
+    """
+
+    bos: bool = field(default=False, metadata=OMIT_IF_DEFAULT)  # the tokenizer's BOS at position 0
+    system: str = field(default="", metadata=OMIT_IF_DEFAULT)  # the system prompt
+    # Fixed text between BOS and V_hy (LLaVA-built: "{system} USER: ").
+    before_image: str = field(default="", metadata=OMIT_IF_DEFAULT)
+    separator: str = field(default="", metadata=OMIT_IF_DEFAULT)  # between V_hy and voco (VoCo-LLaMA: "\n")
+    # Everything after the voco tokens (VoCo-LLaMA: "\n{system} USER: {question} ASSISTANT:").
+    prompt: str = field(default="Question: {question}\nAnswer:", metadata=OMIT_IF_DEFAULT)
+    # Whether text attends [BOS] + before_image (LLaVA-built) or only keys from the first voco on
+    # (VoCo-LLaMA). Text never attends V_hy or the separator either way.
+    text_attends_prefix: bool = field(default=True, metadata=OMIT_IF_DEFAULT)
+    # Tokens besides EOS that end an answer (not part of it), each one token of the vocabulary.
+    stop_tokens: tuple[str, ...] = field(default=(), metadata=OMIT_IF_DEFAULT)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_tokens", tuple(self.stop_tokens))  # JSON gives a list
+        if self.prompt.count("{question}") != 1:
+            raise ValueError(f"prompt must hold '{{question}}' exactly once, got {self.prompt!r}")
+        if "{question}" in self.before_image + self.separator + self.system:
+            raise ValueError("'{question}' belongs in prompt only: the text before the voco is per model")
+        if not all(isinstance(t, str) and t for t in self.stop_tokens):
+            raise ValueError(f"stop_tokens must be non-empty token strings, got {self.stop_tokens!r}")
+
+    def with_system(self, text: str) -> str:
+        return text.replace("{system}", self.system)
+
+
+@dataclass(frozen=True)
 class HTCConfig:
     name: str = "custom"
     image_size: int = 336
@@ -93,6 +156,7 @@ class HTCConfig:
     fusion: FusionMode = "pre"
     n_voco: int = 1
     visual_attention: VisualAttention = "isolated"  # Eq. 6: each V_hy token sees only itself
+    layout: LayoutConfig = field(default_factory=LayoutConfig, metadata=OMIT_IF_DEFAULT)
     # Derived in __post_init__.
     n_patches: int = field(init=False)
     latent_side: int = field(init=False)
@@ -150,8 +214,7 @@ class HTCConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        derived = {f.name for f in fields(self) if not f.init}
-        return {k: v for k, v in asdict(self).items() if k not in derived}
+        return _to_dict(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -159,7 +222,7 @@ class HTCConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HTCConfig:
         data = dict(data)
-        nested = {"vision": VisionConfig, "mgvq": MGVQConfig, "llm": LLMConfig}
+        nested = {"vision": VisionConfig, "mgvq": MGVQConfig, "llm": LLMConfig, "layout": LayoutConfig}
         for key, sub in nested.items():
             if key in data:
                 data[key] = sub(**data[key])
