@@ -190,7 +190,7 @@ class HTCConfig:
         set_(self, "n_visual", self._count_visual_tokens())
 
     def _count_visual_tokens(self) -> int:
-        """len(V_hy): the position of the first voco token."""
+        """len(V_hy): the image's tokens in the LLM's sequence."""
         if self.channels == "continuous":
             return self.n_patches
         if self.channels == "discrete":
@@ -198,10 +198,6 @@ class HTCConfig:
         if self.fusion == "mean":
             return self.n_patches  # the anchors are averaged into every patch token
         return self.n_discrete + self.n_patches
-
-    @property
-    def voco_position(self) -> int:
-        return self.n_visual
 
     @property
     def kv_values_per_image(self) -> int:
