@@ -252,7 +252,7 @@ class RunningBatch:
         """Prefill new rows together and join them; returns their ids. On failure nothing changes."""
         if not len(records) == len(prompts) == len(options):
             raise ValueError(f"got {len(records)} records, {len(prompts)} prompts, {len(options)} options")
-        rows = [RowState(o, len(p)) for o, p in zip(options, prompts, strict=True)]
+        rows = [RowState(o, len(p), self.model.stop_ids) for o, p in zip(options, prompts, strict=True)]
         joined = DecodeBatch(self.model, records, prompts)
         logits = joined.last_logits()
         if self._batch is None:
@@ -279,7 +279,7 @@ class RunningBatch:
             if row_id in failed:
                 continue
             try:
-                event = state.advance(row_id, tokens[i], tokenizer, self.model.stop_ids)
+                event = state.advance(row_id, tokens[i], tokenizer)
             except Exception as exc:  # this row's failure is its own
                 failed[row_id] = exc
                 continue

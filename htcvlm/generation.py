@@ -77,22 +77,23 @@ class TextStream:
 class RowState:
     """One row's generation: its options and random generator, how far it has got, its streamed text."""
 
-    def __init__(self, options: GenerationOptions, prompt_tokens: int) -> None:
+    def __init__(
+        self, options: GenerationOptions, prompt_tokens: int, stop_ids: Collection[int] = ()
+    ) -> None:
         self.options = options
         self.prompt_tokens = prompt_tokens
+        self.stop_ids = stop_ids  # tokens besides EOS that end the answer (the model's stop tokens)
         self.generated = 0
         # CPU generators: one uniform per step each, drawn on the host without waiting for the device
         self.generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
         self._text = TextStream()
 
-    def advance(
-        self, row: int, token: int, tokenizer: PreTrainedTokenizerBase, stop_ids: Collection[int]
-    ) -> StepEvent:
+    def advance(self, row: int, token: int, tokenizer: PreTrainedTokenizerBase) -> StepEvent:
         """Record the row's sampled `token`; the event carries its text and says if the row finished.
-        A token of `stop_ids` (EOS and the model's stop tokens) ends the row and adds no text."""
+        EOS or a stop token ends the row and adds no text."""
         self.generated += 1
         finished: FinishReason | None = None
-        stops = token in stop_ids
+        stops = token == tokenizer.eos_token_id or token in self.stop_ids
         if stops:
             finished = "eos"
         elif self.generated >= self.options.max_new_tokens:
