@@ -21,7 +21,6 @@ import torch
 
 from htcvlm.config import HTCConfig
 from htcvlm.decode import DecodeBatch
-from htcvlm.mask import hybrid_mask
 from htcvlm.model import new_model
 from htcvlm.tokenizer import train_tokenizer
 
@@ -58,7 +57,7 @@ def main() -> None:
     with torch.inference_mode():
         prefix, _ = model.prefix_embeds(pixels)
     full = torch.cat([prefix, model.embed_text(ids)], dim=1).detach()
-    mask = hybrid_mask(cfg.n_visual, cfg.n_voco, [len(prompt)])
+    mask = model.layout.mask([len(prompt)])
 
     @torch.inference_mode()
     def cached() -> None:

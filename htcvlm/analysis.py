@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw
 
-from htcvlm.mask import hybrid_mask
 from htcvlm.model import HTCVLM
 
 # A perceptually ordered ramp (dark blue -> teal -> yellow), enough for a heatmap without matplotlib.
@@ -19,26 +18,20 @@ _RAMP = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 3
 @torch.inference_mode()
 def voco_attention(model: HTCVLM, pixels: torch.Tensor, n_patches_shown: int = 12) -> torch.Tensor:
     """(B, n_discrete + n_patches_shown): the first voco token's attention, mean over layers and heads."""
-    cfg = model.config
+    cfg, layout = model.config, model.layout
     if cfg.channels != "hybrid" or cfg.fusion != "pre":
         raise ValueError("the anchor/patch heatmap needs the hybrid model with pre-fusion")
     previous = model.llm.config._attn_implementation
     model.llm.set_attn_implementation("eager")  # only eager attention returns its weights
     try:
         prefix, _ = model.prefix_embeds(pixels.to(model.device))
-        mask = hybrid_mask(
-            cfg.n_visual,
-            cfg.n_voco,
-            [0] * len(pixels),
-            cfg.visual_attention,
-            dtype=prefix.dtype,
-            device=model.device,
-        )
+        mask = layout.mask([0] * len(pixels), dtype=prefix.dtype, device=model.device)
         out = model.llm.model(inputs_embeds=prefix, attention_mask=mask, output_attentions=True)
     finally:
         model.llm.set_attn_implementation(previous)
     # each layer: (B, heads, L, L); the voco row over the visual columns
-    attn = torch.stack([a[:, :, cfg.voco_position, : cfg.n_visual] for a in out.attentions]).mean(dim=(0, 2))
+    visual = slice(layout.n_shared, layout.n_shared + cfg.n_visual)
+    attn = torch.stack([a[:, :, layout.voco_position, visual] for a in out.attentions]).mean(dim=(0, 2))
     shown = attn[:, : cfg.n_discrete + n_patches_shown]
     return shown / shown.sum(dim=1, keepdim=True)
 

@@ -156,6 +156,45 @@ class LLMConfig:
 
 
 @dataclass(frozen=True)
+class LayoutConfig:
+    """The LLM's sequence around the image, a checkpoint's prompt format:
+
+        [BOS] · before_image · V_hy · separator · voco · prompt(question)
+
+    The text before the image is the same for every image: its key/value state is computed once per model
+    and shared by every record. The separator, like V_hy, is never seen by text, so a record stays the
+    voco tokens' state alone. Texts are tokenized piece by piece without special tokens, as LLaVA tokenizes
+    the chunks around `<image>`; `{system}` in before_image and prompt stands for `system`, `{question}`
+    in prompt for the asked question. The defaults are the tiny model's [V_hy; voco; "Question: … Answer:"].
+    """
+
+    bos: bool = field(default=False, metadata=OMIT_AT_DEFAULT)  # the tokenizer's BOS at position 0
+    system: str = field(default="", metadata=OMIT_AT_DEFAULT)  # the system prompt
+    # Fixed text between BOS and V_hy (LLaVA-built: "{system} USER: ").
+    before_image: str = field(default="", metadata=OMIT_AT_DEFAULT)
+    separator: str = field(default="", metadata=OMIT_AT_DEFAULT)  # between V_hy and voco (VoCo-LLaMA: "\n")
+    # Everything after the voco tokens (VoCo-LLaMA: "\n{system} USER: {question} ASSISTANT:").
+    prompt: str = field(default="Question: {question}\nAnswer:", metadata=OMIT_AT_DEFAULT)
+    # Whether text attends [BOS] + before_image (LLaVA-built) or only keys from the first voco on
+    # (VoCo-LLaMA). Text never attends V_hy or the separator either way.
+    text_attends_prefix: bool = field(default=True, metadata=OMIT_AT_DEFAULT)
+    # Tokens besides EOS that end an answer (not part of it), each one token of the vocabulary.
+    stop_tokens: tuple[str, ...] = field(default=(), metadata=OMIT_AT_DEFAULT)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_tokens", tuple(self.stop_tokens))  # JSON gives a list
+        if self.prompt.count("{question}") != 1:
+            raise ValueError(f"prompt must hold '{{question}}' exactly once, got {self.prompt!r}")
+        if "{question}" in self.before_image + self.separator + self.system:
+            raise ValueError("'{question}' belongs in prompt only: the text before the voco is per model")
+        if not all(isinstance(t, str) and t for t in self.stop_tokens):
+            raise ValueError(f"stop_tokens must be non-empty token strings, got {self.stop_tokens!r}")
+
+    def with_system(self, text: str) -> str:
+        return text.replace("{system}", self.system)
+
+
+@dataclass(frozen=True)
 class HTCConfig:
     name: str = "custom"
     image_size: int = 336
@@ -170,6 +209,7 @@ class HTCConfig:
     n_voco: int = 1
     visual_attention: VisualAttention = "isolated"  # Eq. 6: each V_hy token sees only itself
     preprocess: ImageProcessing = field(default_factory=ImageProcessing, metadata=OMIT_AT_DEFAULT)
+    layout: LayoutConfig = field(default_factory=LayoutConfig, metadata=OMIT_AT_DEFAULT)
     # Derived in __post_init__.
     n_patches: int = field(init=False)
     latent_side: int = field(init=False)
@@ -203,7 +243,7 @@ class HTCConfig:
         set_(self, "n_visual", self._count_visual_tokens())
 
     def _count_visual_tokens(self) -> int:
-        """len(V_hy): the position of the first voco token."""
+        """len(V_hy): the image's tokens in the LLM's sequence."""
         if self.channels == "continuous":
             return self.n_patches
         if self.channels == "discrete":
@@ -211,10 +251,6 @@ class HTCConfig:
         if self.fusion == "mean":
             return self.n_patches  # the anchors are averaged into every patch token
         return self.n_discrete + self.n_patches
-
-    @property
-    def voco_position(self) -> int:
-        return self.n_visual
 
     @property
     def kv_values_per_image(self) -> int:
@@ -241,6 +277,7 @@ class HTCConfig:
             "mgvq": MGVQConfig,
             "llm": LLMConfig,
             "preprocess": ImageProcessing,
+            "layout": LayoutConfig,
         }
         for key, sub in nested.items():
             if key in data:

@@ -1,8 +1,10 @@
 """decode(): answer questions from cached records, the voco state injected as the whole past.
 
 Under M_hy text never attends V_hy, so the voco tokens' key/value state is all that text ever reads of an
-image: a `DynamicCache` built from records gives the same logits as the full masked pass. Text positions
-continue right after the voco position, so rotary phases are those of the full pass.
+image: a `DynamicCache` of the model's shared prefix state (the layout's text before the image, which text
+reads unless the layout says otherwise) followed by the record's voco state gives the same logits as the
+full masked pass. Text positions continue right after the voco tokens, so rotary phases are those of the
+full pass.
 
 Batches mix images and question lengths: prompts are left-padded so every row's next token is the last
 column; padded keys are masked and each row carries its own position ids.
@@ -36,7 +38,7 @@ class Answer:
 
 def check_records(model: HTCVLM, records: Sequence[Record]) -> None:
     """Raise `RecordMismatchError` unless every record was made by this very model."""
-    cfg, llm = model.config, model.llm.config
+    cfg, llm, layout = model.config, model.llm.config, model.layout
     want_shape = (llm.num_hidden_layers, llm.num_key_value_heads, cfg.n_voco, model.llm_head_dim)
     fingerprint = model.fingerprint()
     for rec in records:
@@ -45,16 +47,16 @@ def check_records(model: HTCVLM, records: Sequence[Record]) -> None:
                 f"record {rec.image_id[:12]}… was made by model {rec.fingerprint[:12]}…, this is "
                 f"{fingerprint[:12]}…; encode the image again with this model"
             )
-        if rec.voco_position != cfg.voco_position or tuple(rec.keys.shape) != want_shape:
+        if rec.voco_position != layout.voco_position or tuple(rec.keys.shape) != want_shape:
             raise RecordMismatchError(
                 f"record {rec.image_id[:12]}… has voco position {rec.voco_position} and state "
-                f"{tuple(rec.keys.shape)}, this model expects {cfg.voco_position} and {want_shape}"
+                f"{tuple(rec.keys.shape)}, this model expects {layout.voco_position} and {want_shape}"
             )
 
 
 def context_room(model: HTCVLM) -> int:
     """Tokens the model's context holds after the image: the prompt and the answer share them."""
-    return model.llm.config.max_position_embeddings - model.config.voco_position - model.config.n_voco
+    return model.llm.config.max_position_embeddings - model.layout.text_position
 
 
 def encode_questions(model: HTCVLM, questions: Sequence[str], max_new_tokens: int) -> list[list[int]]:
@@ -93,7 +95,10 @@ def encode_questions(model: HTCVLM, questions: Sequence[str], max_new_tokens: in
 
 
 class DecodeBatch:
-    """The decoding state of a batch of (record, prompt) rows: injected cache, key mask and positions."""
+    """The decoding state of a batch of (record, prompt) rows: injected cache, key mask and positions.
+
+    Each row's keys are [shared prefix text reads; the record's voco tokens; left padding; prompt; answer].
+    """
 
     def __init__(self, model: HTCVLM, records: Sequence[Record], prompts: Sequence[Sequence[int]]) -> None:
         if len(records) != len(prompts) or not records:
@@ -102,30 +107,42 @@ class DecodeBatch:
             )
         check_records(model, records)
         self.model = model
-        device, dtype = model.device, model.dtype
-        n_voco, batch = model.config.n_voco, len(records)
+        device, dtype, layout = model.device, model.dtype, model.layout
+        batch = len(records)
+        n_past = layout.n_shared_read + layout.n_voco  # keys before the prompt, none of them padding
         self.prompt_lengths = torch.tensor([len(p) for p in prompts], device=device)
         width = int(self.prompt_lengths.max())
         pad = model.tokenizer.pad_token_id
         ids = torch.full((batch, width), pad, dtype=torch.long, device=device)
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
-        # (B, n_voco + T): which keys are real. The voco state always is; left padding never is.
+        # (B, n_past + T): which keys are real. The past always is; left padding never is.
         text_real = torch.arange(width, device=device)[None] >= (width - self.prompt_lengths)[:, None]
-        self.key_valid = torch.cat([text_real.new_ones(batch, n_voco), text_real], dim=1)
+        self.key_valid = torch.cat([text_real.new_ones(batch, n_past), text_real], dim=1)
         # stacked (B, layers, kv_heads, n_voco, head_dim) -> per layer (B, kv_heads, n_voco, head_dim)
         keys = torch.stack([r.keys for r in records]).to(device=device, dtype=dtype)
         values = torch.stack([r.values for r in records]).to(device=device, dtype=dtype)
-        self.cache = DynamicCache([(keys[:, i], values[:, i]) for i in range(keys.shape[1])])
-        first = model.config.voco_position + n_voco  # the first text position of the full pass
+        past = [(keys[:, i], values[:, i]) for i in range(keys.shape[1])]
+        if layout.n_shared_read:
+            # (1, kv_heads, n_shared, head_dim) -> (B, ...) before each row's voco state: every row reads
+            # the model's one shared prefix state at its own positions 0 .. n_shared - 1
+            past = [
+                (
+                    torch.cat([sk.expand(batch, -1, -1, -1), k], dim=2),
+                    torch.cat([sv.expand(batch, -1, -1, -1), v], dim=2),
+                )
+                for (sk, sv), (k, v) in zip(model.shared_prefix(), past, strict=True)
+            ]
+        self.cache = DynamicCache(past)
+        first = layout.text_position  # the first text position of the full pass
         positions = first + (text_real.long().cumsum(dim=1) - 1).clamp(min=0)
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
         allowed = torch.cat(
-            [text_real.new_ones(batch, width, n_voco), causal[None] & text_real[:, None]], dim=2
+            [text_real.new_ones(batch, width, n_past), causal[None] & text_real[:, None]], dim=2
         )
         out = model.llm(
             input_ids=ids,
-            attention_mask=to_additive(allowed, dtype)[:, None],  # (B, 1, T, n_voco + T)
+            attention_mask=to_additive(allowed, dtype)[:, None],  # (B, 1, T, n_past + T)
             position_ids=positions,
             cache=self.cache,
             use_cache=True,
@@ -235,7 +252,7 @@ class RunningBatch:
         """Prefill new rows together and join them; returns their ids. On failure nothing changes."""
         if not len(records) == len(prompts) == len(options):
             raise ValueError(f"got {len(records)} records, {len(prompts)} prompts, {len(options)} options")
-        rows = [RowState(o, len(p)) for o, p in zip(options, prompts, strict=True)]
+        rows = [RowState(o, len(p), self.model.stop_ids) for o, p in zip(options, prompts, strict=True)]
         joined = DecodeBatch(self.model, records, prompts)
         logits = joined.last_logits()
         if self._batch is None:
@@ -334,7 +351,7 @@ def decode(
             ans = answers[ev.row]
             ans.prompt_tokens = ev.prompt_tokens
             ans.text += ev.text
-            if ev.token_id != model.tokenizer.eos_token_id:
+            if ev.finished != "eos":  # the stop token that ends an answer is not part of it
                 ans.token_ids.append(ev.token_id)
             if ev.finished:
                 ans.finish_reason = ev.finished

@@ -44,7 +44,7 @@ def predict(model: HTCVLM, data: VQATensors, upper: bool = False, batch_size: in
 def _greedy_uncompressed(model: HTCVLM, pixels: torch.Tensor, questions: list[str]) -> list[str]:
     """Greedy answers with text attending all visual tokens (no cache: answers are a few tokens)."""
     prompts = [model.prompt_ids(q) for q in questions]
-    eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
+    pad = model.tokenizer.pad_token_id
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     for _ in range(MAX_ANSWER_TOKENS):
@@ -57,7 +57,7 @@ def _greedy_uncompressed(model: HTCVLM, pixels: torch.Tensor, questions: list[st
         for i, token in enumerate(nxt):
             if done[i]:
                 continue
-            if token == eos:
+            if token in model.stop_ids:
                 done[i] = True
             else:
                 generated[i].append(token)

@@ -9,7 +9,7 @@ A row's draws depend only on its seed, never on which rows share its batch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
+# "eos": the model ended the answer with EOS or one of its layout's stop tokens; "length": max_new_tokens.
 FinishReason = Literal["eos", "length"]
 
 
@@ -76,24 +77,28 @@ class TextStream:
 class RowState:
     """One row's generation: its options and random generator, how far it has got, its streamed text."""
 
-    def __init__(self, options: GenerationOptions, prompt_tokens: int) -> None:
+    def __init__(
+        self, options: GenerationOptions, prompt_tokens: int, stop_ids: Collection[int] = ()
+    ) -> None:
         self.options = options
         self.prompt_tokens = prompt_tokens
+        self.stop_ids = stop_ids  # tokens besides EOS that end the answer (the model's stop tokens)
         self.generated = 0
         # CPU generators: one uniform per step each, drawn on the host without waiting for the device
         self.generator = torch.Generator().manual_seed(options.seed) if options.seed is not None else None
         self._text = TextStream()
 
     def advance(self, row: int, token: int, tokenizer: PreTrainedTokenizerBase) -> StepEvent:
-        """Record the row's sampled `token`; the event carries its text and says if the row finished."""
+        """Record the row's sampled `token`; the event carries its text and says if the row finished.
+        EOS or a stop token ends the row and adds no text."""
         self.generated += 1
         finished: FinishReason | None = None
-        if token == tokenizer.eos_token_id:
+        stops = token == tokenizer.eos_token_id or token in self.stop_ids
+        if stops:
             finished = "eos"
         elif self.generated >= self.options.max_new_tokens:
             finished = "length"
-        is_eos = token == tokenizer.eos_token_id
-        text = self._text.push(tokenizer, None if is_eos else token, final=finished is not None)
+        text = self._text.push(tokenizer, None if stops else token, final=finished is not None)
         return StepEvent(row, token, text, finished, self.prompt_tokens)
 
     def uniform(self) -> float:

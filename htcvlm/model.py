@@ -2,7 +2,8 @@
 
 compress() runs once per image: V_hy = [v_d; V] and the voco token(s) go through the LLM under M_hy, and
 only the voco tokens' final hidden state and key/value state are kept (a `Record`). forward() is the full
-masked pass over [V_hy; voco; W], used for training and as the reference that decode() must match.
+masked pass over [S; V_hy; sep; voco; W] (S the shared prefix and sep the separator of the checkpoint's
+layout, both empty for the tiny model), used for training and as the reference that decode() must match.
 """
 
 from __future__ import annotations
@@ -21,11 +22,15 @@ from transformers import DynamicCache, PreTrainedTokenizerBase
 from htcvlm.components import build_llm, build_vision
 from htcvlm.config import HTCConfig
 from htcvlm.images import DEFAULT_MAX_PIXELS, pixels_from_bytes
-from htcvlm.mask import hybrid_mask, text_segments
+from htcvlm.layout import SequenceLayout, resolve_layout
+from htcvlm.mask import text_segments
 from htcvlm.mgvq import MGVQ
 from htcvlm.record import Record, image_id_of
 
 logger = logging.getLogger(__name__)
+
+# Per layer (keys, values), each (B, kv_heads, length, head_dim), keys after the rotary embedding.
+KVState = tuple[tuple[torch.Tensor, torch.Tensor], ...]
 
 
 class DiscreteProjector(nn.Module):
@@ -61,6 +66,7 @@ class HTCVLM(nn.Module):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
+        self.layout: SequenceLayout = resolve_layout(config, tokenizer)
         self.llm = build_llm(config, tokenizer)
         d = self.llm.config.hidden_size
         if config.channels != "discrete":
@@ -78,6 +84,7 @@ class HTCVLM(nn.Module):
             self.proj_q = nn.Linear(config.mgvq.latent_channels, d)
         self.voco = nn.Parameter(torch.randn(config.n_voco, d) * self.llm.config.initializer_range)
         self._fingerprint: tuple[tuple[tuple[int, int], ...], str] | None = None  # (weights_version, hash)
+        self._shared_state: tuple[tuple[tuple[int, int], ...], KVState] | None = None  # (weights_version, kv)
 
     @property
     def has_vision(self) -> bool:
@@ -145,18 +152,66 @@ class HTCVLM(nn.Module):
             return torch.cat([v, v_d], dim=1), vq_loss
         return v + v_d.mean(dim=1, keepdim=True), vq_loss  # mean: anchors averaged into every patch
 
-    # ---- the LLM over [V_hy; voco; W] ----
+    # ---- the LLM over [S; V_hy; sep; voco; W] ----
 
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(input_ids)
 
+    def _embed_fixed(self, ids: tuple[int, ...], batch: int) -> torch.Tensor:
+        """A layout's fixed token ids embedded for every row: (B, len(ids), d)."""
+        embeds = self.embed_text(torch.tensor(ids, dtype=torch.long, device=self.device))
+        return embeds[None].expand(batch, -1, -1)
+
+    def image_embeds(
+        self, pixels: torch.Tensor, quantized: torch.Tensor | None = None, patches: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[V_hy; sep; voco] (B, n_visual + n_separator + n_voco, d): the per-image part of the sequence,
+        and the VQ loss."""
+        v_hy, vq_loss = self._visual(pixels, quantized, patches)
+        batch = v_hy.shape[0]
+        voco = self.voco[None].expand(batch, -1, -1)
+        return torch.cat([v_hy, self._embed_fixed(self.layout.separator_ids, batch), voco], dim=1), vq_loss
+
     def prefix_embeds(
         self, pixels: torch.Tensor, quantized: torch.Tensor | None = None, patches: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[V_hy; voco] (B, n_visual + n_voco, d) and the VQ loss."""
-        v_hy, vq_loss = self._visual(pixels, quantized, patches)
-        voco = self.voco[None].expand(v_hy.shape[0], -1, -1)
-        return torch.cat([v_hy, voco], dim=1), vq_loss
+        """Everything before the text, [S; V_hy; sep; voco] (B, text_position, d), and the VQ loss."""
+        image, vq_loss = self.image_embeds(pixels, quantized, patches)
+        shared = self._embed_fixed(self.layout.shared_ids, image.shape[0])
+        return torch.cat([shared, image], dim=1), vq_loss
+
+    def shared_prefix(self) -> KVState:
+        """The key/value state of the shared prefix S (the layout's text before the image) in every layer,
+        (1, kv_heads, n_shared, head_dim) each; empty tensors for a layout without one.
+
+        S is causal over itself alone, so its state is the same for every image: one pass over S computes
+        it once per model, and again only after a weight changed (`weights_version()`). compress() and
+        decode() both take it from here, so the encoder and the decoder processes use the same values,
+        a deterministic function of the weights and the tokenizer.
+        """
+        version = self.weights_version()
+        if self._shared_state is None or self._shared_state[0] != version:
+            self._shared_state = (version, self._compute_shared_prefix())
+        return self._shared_state[1]
+
+    @torch.inference_mode()
+    def _compute_shared_prefix(self) -> KVState:
+        cache = DynamicCache()
+        ids = torch.tensor([self.layout.shared_ids], dtype=torch.long, device=self.device)  # (1, n_shared)
+        if ids.shape[1]:
+            # no mask given: plain causal attention, exactly M_hy's rows for S
+            self.llm.model(
+                input_ids=ids,
+                position_ids=torch.arange(ids.shape[1], device=self.device)[None],
+                cache=cache,
+                use_cache=True,
+            )
+            return tuple((layer.keys, layer.values) for layer in cache.layers)
+        cfg = self.llm.config
+        empty = torch.empty(
+            1, cfg.num_key_value_heads, 0, self.llm_head_dim, device=self.device, dtype=self.dtype
+        )
+        return tuple((empty, empty) for _ in range(cfg.num_hidden_layers))
 
     def forward(
         self,
@@ -167,7 +222,7 @@ class HTCVLM(nn.Module):
         quantized: torch.Tensor | None = None,
         patches: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full masked forward over X = [V_hy; voco; W] (Algorithm 1).
+        """Full masked forward over X = [S; V_hy; sep; voco; W] (Algorithm 1), all computed here.
 
         input_ids (B, T) are right-padded to T; text_lengths gives each row's true length, or (B, K) the
         lengths of K question segments packed in the row (training several questions per compressed
@@ -183,15 +238,7 @@ class HTCVLM(nn.Module):
         prefix, vq_loss = self.prefix_embeds(pixels, quantized, patches)
         embeds = torch.cat([prefix, self.embed_text(input_ids)], dim=1)
         lengths = torch.as_tensor(text_lengths, device=embeds.device)
-        mask = hybrid_mask(
-            self.config.n_visual,
-            self.config.n_voco,
-            lengths,
-            self.config.visual_attention,
-            text_attends_visual,
-            dtype=embeds.dtype,
-            device=embeds.device,
-        )
+        mask = self.layout.mask(lengths, text_attends_visual, dtype=embeds.dtype, device=embeds.device)
         _, offset = text_segments(lengths)  # (B, T): each segment starts where one question alone would
         prefix_positions = torch.arange(prefix.shape[1], device=embeds.device)[None].expand(batch, -1)
         positions = torch.cat([prefix_positions, prefix.shape[1] + offset], dim=1)
@@ -219,28 +266,36 @@ class HTCVLM(nn.Module):
     def compress_pixels(
         self, pixels: torch.Tensor, image_ids: Sequence[str], source_uris: Sequence[str] | None = None
     ) -> list[Record]:
-        """(B, 3, S, S) pixels in [0, 1] -> records: the voco tokens' latent and per-layer K/V state."""
-        cfg = self.config
+        """(B, 3, S, S) pixels in [0, 1] -> records: the voco tokens' latent and per-layer K/V state.
+
+        [V_hy; sep; voco] run after the shared prefix's cached state, at the full pass's positions."""
+        layout = self.layout
         device = self.voco.device
-        prefix, _ = self.prefix_embeds(pixels.to(device))
-        batch, length = prefix.shape[:2]
-        mask = hybrid_mask(
-            cfg.n_visual, cfg.n_voco, [0] * batch, cfg.visual_attention, dtype=prefix.dtype, device=device
-        )
-        positions = torch.arange(length, device=device)[None].expand(batch, -1)
+        image, _ = self.image_embeds(pixels.to(device))
+        batch, length = image.shape[0], layout.text_position
+        # the rows of [V_hy; sep; voco] in M_hy: (B, 1, L, L) -> (B, 1, L - n_shared, L)
+        mask = layout.mask([0] * batch, dtype=image.dtype, device=device)[:, :, layout.n_shared :]
+        positions = torch.arange(layout.n_shared, length, device=device)[None].expand(batch, -1)
         cache = DynamicCache()
+        if layout.n_shared:
+            # (1, kv_heads, n_shared, head_dim) -> (B, ...): DynamicCache copies it, the shared state stays
+            shared = self.shared_prefix()
+            cache = DynamicCache(
+                [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in shared]
+            )
         out = self.llm.model(
-            inputs_embeds=prefix,
+            inputs_embeds=image,
             attention_mask=mask,
             position_ids=positions,
             cache=cache,
             use_cache=True,
         )
-        voco = slice(cfg.voco_position, cfg.voco_position + cfg.n_voco)
+        voco = slice(layout.voco_position, layout.text_position)
         # per layer (B, kv_heads, L, head_dim) -> stacked (B, layers, kv_heads, n_voco, head_dim)
         keys = torch.stack([layer.keys[:, :, voco] for layer in cache.layers], dim=1)
         values = torch.stack([layer.values[:, :, voco] for layer in cache.layers], dim=1)
-        latents = out.last_hidden_state[:, voco].mean(dim=1)  # (B, d)
+        # the hidden states cover [V_hy; sep; voco] only: the voco tokens are their last n_voco rows
+        latents = out.last_hidden_state[:, -layout.n_voco :].mean(dim=1)  # (B, d)
         fingerprint = self.fingerprint()
         now = time.time()
         uris = list(source_uris) if source_uris is not None else [""] * batch
@@ -251,7 +306,7 @@ class HTCVLM(nn.Module):
                 latent=latents[i].float().cpu().clone(),
                 keys=keys[i].cpu().clone(),
                 values=values[i].cpu().clone(),
-                voco_position=cfg.voco_position,
+                voco_position=layout.voco_position,
                 source_uri=uris[i],
                 created_at=now,
             )
@@ -294,8 +349,14 @@ class HTCVLM(nn.Module):
         self._fingerprint = (self.weights_version(), fingerprint)
 
     def prompt_ids(self, question: str) -> list[int]:
-        """The token ids of a question as the model sees it after the voco token."""
-        return self.tokenizer(f"Question: {question.strip()}\nAnswer:", add_special_tokens=False).input_ids
+        """The token ids of a question as the model sees it after the voco token: the layout's prompt
+        template around it (today's tiny model: "Question: … Answer:")."""
+        return self.tokenizer(self.layout.prompt_text(question), add_special_tokens=False).input_ids
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """The tokens that end an answer: EOS and the layout's stop tokens."""
+        return self.layout.stop_ids
 
     @functools.cached_property
     def max_token_chars(self) -> int:

@@ -30,7 +30,7 @@ class Record:
     latent: torch.Tensor  # (d,) mean of the voco tokens' final hidden states (the one token's, by default)
     keys: torch.Tensor  # (n_layers, n_kv_heads, n_voco, head_dim)
     values: torch.Tensor  # (n_layers, n_kv_heads, n_voco, head_dim)
-    voco_position: int  # position of the first voco token, i.e. len(V_hy)
+    voco_position: int  # position of the first voco token: after the shared prefix, V_hy and separator
     source_uri: str = ""
     created_at: float = 0.0  # unix seconds
 

@@ -80,3 +80,32 @@ def test_text_segments_give_each_column_its_segment_and_offset():
     seg, offset = text_segments(torch.tensor([[2, 3], [4, 0]]))
     assert seg.tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 0, -1]]
     assert offset[0].tolist() == [0, 1, 0, 1, 2] and offset[1, :4].tolist() == [0, 1, 2, 3]
+
+
+def test_shared_prefix_and_separator():
+    """X = [S (2); V_hy (3); sep (1); voco (2); W (3)]: text reads S (or not), voco and itself, never
+    V_hy or sep; V_hy and sep read S; sep and voco read everything before them."""
+    shared, vis, sep, voco, text = slice(0, 2), slice(2, 5), slice(5, 6), slice(6, 8), slice(8, 11)
+    for attends_prefix in (True, False):
+        allowed = allowed_hybrid(
+            NV, NC, NT, "isolated", n_shared=2, n_separator=1, text_attends_prefix=attends_prefix
+        )
+        assert allowed.shape == (11, 11)
+        assert torch.equal(allowed[shared, shared], torch.ones(2, 2, dtype=torch.bool).tril())
+        assert allowed[vis, shared].all() and torch.equal(allowed[vis, vis], torch.eye(3, dtype=torch.bool))
+        assert allowed[sep, :6].all() and allowed[voco, :6].all()
+        assert not allowed[text, vis].any() and not allowed[text, sep].any()
+        assert allowed[text, voco].all() and torch.equal(allowed[text, text], torch.ones(3, 3).tril().bool())
+        assert (
+            bool(allowed[text, shared].all()) == attends_prefix
+            and bool(allowed[text, shared].any()) == attends_prefix
+        )
+    upper = allowed_hybrid(
+        NV, NC, NT, n_shared=2, n_separator=1, text_attends_prefix=False, text_attends_visual=True
+    )
+    assert upper[text, :8].all(), "the upper bound is plain causal attention for text"
+    packed = hybrid_mask(NV, NC, torch.tensor([[1, 2]]), n_shared=2, n_separator=1, text_attends_prefix=False)
+    assert packed.shape == (1, 1, 11, 11)
+    assert torch.equal(packed[0, 0, :8, :8] == 0, allowed[:8, :8]), (
+        "the prefix rows do not depend on the text"
+    )

@@ -179,9 +179,10 @@ def test_component_dirs_must_be_complete(tmp_path, tokenizer):
 
 def test_paper_preset_geometry_on_meta(tokenizer):
     cfg = HTCConfig.from_name("paper")
-    assert (cfg.n_patches, cfg.q_dim, cfg.n_visual, cfg.voco_position) == (576, 14112, 580, 580)
+    assert (cfg.n_patches, cfg.q_dim, cfg.n_visual) == (576, 14112, 580)
     with torch.device("meta"):
         model = new_model(cfg, tokenizer)
+    assert model.layout.voco_position == 580  # the voco token right after V_hy: no text before the image
     params = sum(p.numel() for p in model.parameters())
     # LLaMA-7B without its 32000-token vocabulary (6.5 B) + CLIP ViT-L (0.3 B) + P_d (0.5 B)
     assert 7.2e9 < params < 7.4e9, params

@@ -29,6 +29,10 @@ def test_shipped_fingerprint_is_stable(shipped):
     assert shipped.fingerprint() == written
     assert shipped.hash_weights() == written  # from scratch: a stamp beside the weights is not consulted
     assert load_pretrained(DEFAULT_MODEL_DIR).fingerprint() == written
+    # hashed again from the config and the weights, not taken from the stamp beside them: config fields
+    # added since (at their defaults) must leave the JSON it hashes, and so the identity, unchanged
+    assert "layout" not in shipped.config.to_dict()
+    assert shipped.hash_weights() == written
 
 
 def test_shipped_model_answers_test_questions(shipped):
