@@ -9,9 +9,9 @@ budget, Redis's maxmemory policy, a restart) and nothing is lost, because the co
 
 Hot tiers:
 - `memory:SIZE` (e.g. `memory:4GiB`): an LRU of blobs in this process, bounded by their bytes. Each
-  process has its own; nothing to run. Another process's deletes reach it through the cold tier's
-  change feed, read before every lookup (one LMDB cursor seek), so it never answers for a deleted
-  record.
+  process has its own; nothing to run. Other processes' writes and deletes reach it through the cold
+  tier's change feed, read before every lookup (one LMDB cursor seek), so it never answers with a
+  deleted or replaced record.
 - a `redis://` / `rediss://` URL: a Redis shared by every process, run with `maxmemory` and an
   `allkeys-lru` policy. It writes no change feed of its own.
 
@@ -159,10 +159,11 @@ class TieredStore(RecordStore):
         self._feeds: dict[str, FeedPosition] = {}  # per model: the cold feed read up to here
         self._feeds_lock = threading.Lock()
 
-    def _forget_deleted(self, keys: Sequence[RecordKey]) -> None:
-        """Drop from a private hot tier what other processes deleted since it last looked (their deletes
-        are in the cold tier's feed). A model seen for the first time starts at the feed's end: nothing
-        of it can be in the hot tier from before."""
+    def _forget_changed(self, keys: Sequence[RecordKey]) -> None:
+        """Drop from a private hot tier every record written or deleted since it last looked, by any
+        process (the cold tier's feed lists them): another process may have deleted a record or
+        replaced it (a damaged one re-encoded), and this tier must not answer with the old bytes. A model
+        seen for the first time starts at the feed's end: nothing of it can be in the tier from before."""
         if not isinstance(self.hot, MemoryTier):
             return
         with self._feeds_lock:
@@ -174,8 +175,7 @@ class TieredStore(RecordStore):
                 try:
                     while (read := self.cold.read_feed(fingerprint, position)).changes:
                         for change in read.changes:
-                            if change.op == "delete":
-                                self.hot.delete(RecordKey(fingerprint, change.image_id))
+                            self.hot.delete(RecordKey(fingerprint, change.image_id))
                         position = read.position
                 except FeedTrimmedError:  # fell behind: what it holds cannot be trusted
                     logger.warning("hot tier cleared: the change feed of model %s moved past it", fingerprint)
@@ -200,7 +200,7 @@ class TieredStore(RecordStore):
         self.put_many([(key, blob)])
 
     def put_many(self, items: Sequence[tuple[RecordKey, bytes]]) -> None:
-        self._forget_deleted([key for key, _ in items])
+        self._forget_changed([key for key, _ in items])
         self.cold.put_many(items)  # the store of record first: a write that returned is on disk
         self._hot_put(items)
 
@@ -208,7 +208,7 @@ class TieredStore(RecordStore):
         return self.get_many([key])[0]
 
     def get_many(self, keys: Sequence[RecordKey]) -> list[bytes | None]:
-        self._forget_deleted(keys)
+        self._forget_changed(keys)
         found = self._hot_get(keys)
         missing = [n for n, blob in enumerate(found) if blob is None]
         promoted: list[tuple[RecordKey, bytes]] = []
