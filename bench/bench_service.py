@@ -2,12 +2,16 @@
 
 1. Ingestion: images/s of `onetoken ingest` (Ray Data, actor pool, store and index writes, a fresh
    store) against the bare batched `compress()` loop in one process over the same image bytes (decode
-   of the files included in both). The ratio is the service's efficiency.
+   of the files included in both), on the same torch threads as one encoder actor (`--threads`; Ray
+   gives an actor with one CPU one thread). The ratio is the service's efficiency.
 2. Ask: a real gRPC server on a free local port (embedded store, local encoder); p50/p99 latency per
    Ask and aggregate generated tokens/s with 1, 4 and 16 concurrent clients, each asking about its own
    cached image with greedy decoding of a fixed number of tokens.
 
-    python bench/bench_service.py [--model DIR] [--images 256] [--asks 48] [--tokens 16]
+    python bench/bench_service.py [--model DIR | --preset bench] [--images 256] [--asks 48] [--tokens 16]
+
+`--preset NAME` runs a model of that geometry with random weights (the shipped tokenizer), saved to a
+temporary folder: `bench` has the paper's 576 patches + 4 anchors at small widths.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ import torch
 from cache.factory import StoreConfig
 from encoder_service.config import EncoderConfig
 from encoder_service.ingest import IngestSummary, ingest
-from htcvlm.checkpoint import load_pretrained
+from htcvlm.checkpoint import load_pretrained, save_pretrained
+from htcvlm.config import HTCConfig
 from htcvlm.data.dataset import ProceduralVQA
 from htcvlm.defaults import DEFAULT_MODEL_DIR
+from htcvlm.model import new_model
 from llm_worker.client import OneTokenClient
 from llm_worker.config import WorkerConfig
 from llm_worker.server import start
@@ -114,13 +120,20 @@ def main() -> None:
     parser.add_argument("--encoders", type=int, default=1)
     parser.add_argument("--asks", type=int, default=48)
     parser.add_argument("--tokens", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--preset", default=None, help="random weights of this geometry instead of --model")
+    parser.add_argument("--threads", type=int, default=1, help="the bare loop's: one encoder actor's")
+    parser.add_argument("--skip-ask", action="store_true", help="measure ingestion only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    image_size = load_pretrained(args.model).config.image_size
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if args.preset is not None:
+            tokenizer = load_pretrained(DEFAULT_MODEL_DIR).tokenizer
+            args.model = str(
+                save_pretrained(new_model(HTCConfig.from_name(args.preset), tokenizer), root / "model")
+            )
+        image_size = load_pretrained(args.model).config.image_size
         paths = write_corpus(root / "corpus", args.images, image_size)
         bare = bare_compress(args.model, paths, args.batch)
 
@@ -160,6 +173,8 @@ def main() -> None:
         ]
         for name, rate in rows:
             print(f"{name:<46}{rate:>10.1f}{rate / bare:>9.2f}x")
+        if args.skip_ask:
+            return
         worker = WorkerConfig(
             store=StoreConfig(str(root / "serve")),
             encoder=EncoderConfig(model_dir=args.model, backend="local"),
