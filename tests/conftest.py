@@ -1,6 +1,8 @@
 """Test-wide settings (no hub access ever, deterministic torch on few threads) and session fixtures
 shared by the service tests: a small saved model and one local Ray cluster."""
 
+from __future__ import annotations
+
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -11,8 +13,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.cache.helpers import RedisClusterNodes
 
 QUESTION = "What shape is the object on the left?"
 
@@ -65,3 +71,20 @@ def redis_url() -> str:
     except redis.RedisError as e:
         redis_unreachable(f"no Redis answers at {REDIS_URL}: {e}")
     return REDIS_URL
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterNodes]:
+    """A private 6-node Redis Cluster (3 primaries, 3 replicas) on free ports, killed at teardown."""
+    import shutil
+
+    from tests.cache.helpers import RedisClusterNodes, redis_unreachable
+
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        redis_unreachable("redis-server or redis-cli is not installed, so no cluster can be started")
+    cluster = RedisClusterNodes(tmp_path / "cluster")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.kill_all()

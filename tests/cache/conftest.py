@@ -20,7 +20,7 @@ from cache.retry import RetryPolicy
 from cache.store import RecordStore
 from cache.tiered import MemoryTier, TieredStore
 
-from .helpers import RedisClusterNodes, RedisServer, purge_prefix, redis_unreachable
+from .helpers import RedisServer, purge_prefix, redis_unreachable
 
 
 @pytest.fixture
@@ -71,16 +71,3 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     yield start
     for server in servers:
         server.kill()
-
-
-@pytest.fixture
-def redis_cluster(tmp_path: Path) -> Iterator[RedisClusterNodes]:
-    """A private 6-node Redis Cluster (3 primaries, 3 replicas), killed at teardown."""
-    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-        redis_unreachable("redis-server or redis-cli is not installed, so no cluster can be started")
-    cluster = RedisClusterNodes(tmp_path / "cluster")
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.kill_all()

@@ -4,37 +4,21 @@ gRPC worker over the cluster answering Ask, Search and DeleteImage."""
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from cache.factory import StoreConfig, open_store
 from encoder_service.ingest import ingest
 from htcvlm.checkpoint import load_pretrained
 from htcvlm.record import image_id_of
 from llm_worker.client import OneTokenClient
-from tests.cache.helpers import RedisClusterNodes, redis_unreachable
+from tests.cache.helpers import RedisClusterNodes
 from tests.conftest import QUESTION
 from tests.e2e.conftest import ServerThread, worker_config
 from tests.encoder_service.helpers import encoder_config, png
 
 IMAGES = 60
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[RedisClusterNodes]:
-    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
-        redis_unreachable("redis-server or redis-cli is not installed, so no cluster can be started")
-    nodes = RedisClusterNodes(tmp_path / "cluster")
-    try:
-        nodes.start()
-        yield nodes
-    finally:
-        nodes.kill_all()
 
 
 def kill_a_primary_once_records_arrive(
@@ -50,7 +34,7 @@ def kill_a_primary_once_records_arrive(
 
 
 def test_ingest_survives_a_failover_and_the_worker_serves_from_the_cluster(
-    cluster: RedisClusterNodes, model_dir: Path, tmp_path: Path, ray_cluster: None
+    redis_cluster: RedisClusterNodes, model_dir: Path, tmp_path: Path, ray_cluster: None
 ):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -59,18 +43,20 @@ def test_ingest_survives_a_failover_and_the_worker_serves_from_the_cluster(
         (corpus / f"{i:03d}.png").write_bytes(data)
     ids = sorted(image_id_of(data) for data in images)
     fingerprint = load_pretrained(model_dir).fingerprint()
-    store = StoreConfig(cluster.url, retry_s=30)
+    store = StoreConfig(redis_cluster.url, retry_s=30)
     config = encoder_config(model_dir)
 
     killed_at: list[float] = []
     killer = threading.Thread(
-        target=kill_a_primary_once_records_arrive, args=(cluster, store, fingerprint, killed_at)
+        target=kill_a_primary_once_records_arrive, args=(redis_cluster, store, fingerprint, killed_at)
     )
     killer.start()
     first = ingest([str(corpus)], config, store, str(tmp_path / "index"), batch_size=2, show_progress=False)
     finished_at = time.monotonic()
     killer.join(timeout=120)
-    assert sum(n.proc is None for n in cluster.nodes) == 1 and killed_at[0] < finished_at  # during the run
+    assert (
+        sum(n.proc is None for n in redis_cluster.nodes) == 1 and killed_at[0] < finished_at
+    )  # during the run
     assert first.failed == 0 and first.encoded + first.cached == IMAGES  # retried through the failover
     again = ingest([str(corpus)], config, store, str(tmp_path / "index"), batch_size=8, show_progress=False)
     assert again.failed == 0 and again.encoded + again.cached == IMAGES
@@ -78,7 +64,9 @@ def test_ingest_survives_a_failover_and_the_worker_serves_from_the_cluster(
         assert sorted(opened.iter_ids(fingerprint)) == ids  # every record present after the rerun
 
     worker = ServerThread(
-        worker_config(model_dir, cluster.url, tmp_path / "worker-index", "onetoken", index_follow_s=0.05)
+        worker_config(
+            model_dir, redis_cluster.url, tmp_path / "worker-index", "onetoken", index_follow_s=0.05
+        )
     )
     try:
         with OneTokenClient(worker.address, timeout_s=60) as client:

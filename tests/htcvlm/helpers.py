@@ -7,7 +7,7 @@ import io
 import torch
 from PIL import Image
 
-from htcvlm.config import HTCConfig, LLMConfig, VisionConfig
+from htcvlm.config import HTCConfig, LLMConfig, MGVQConfig, VisionConfig
 from htcvlm.model import HTCVLM, new_model
 
 QUESTIONS = [
@@ -78,3 +78,17 @@ def greedy_with_joins(
             (row_id,) = running.admit(records[new : new + 1], prompts[new : new + 1], [options])
             request_of[row_id] = new
     return got
+
+
+# The published MGVQ architecture (DC-AE encoder) at small widths: two residual stages, then two attention
+# stages (1 and 2 heads); the golden tensors in tests/htcvlm/fixtures were made at this geometry.
+SMALL_DCAE = MGVQConfig(
+    encoder="dcae",
+    downsample=16,
+    latent_channels=16,
+    groups=4,
+    codebook_size=256,
+    stage_widths=(16, 32, 32, 64),
+    stage_depths=(2, 2, 2, 1),
+    attention_stages=2,
+)

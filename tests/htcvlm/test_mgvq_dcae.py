@@ -16,18 +16,9 @@ import torch.nn.functional as F
 from htcvlm.config import HTCConfig, MGVQConfig
 from htcvlm.mgvq import MGVQ
 from htcvlm.mgvq_dcae import HEAD_DIM, DCAEEncoder, LinearAttention, RMSNorm2d
+from tests.htcvlm.helpers import SMALL_DCAE
 
-# The published architecture at small widths: two residual stages, then two attention stages (1 and 2 heads).
-SMALL = MGVQConfig(
-    encoder="dcae",
-    downsample=16,
-    latent_channels=16,
-    groups=4,
-    codebook_size=256,
-    stage_widths=(16, 32, 32, 64),
-    stage_depths=(2, 2, 2, 1),
-    attention_stages=2,
-)
+SMALL = SMALL_DCAE
 
 
 def test_a_config_without_the_encoder_setting_is_the_conv_encoder_and_writes_none_of_it():

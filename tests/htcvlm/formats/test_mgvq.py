@@ -45,20 +45,11 @@ from htcvlm.errors import CheckpointError
 from htcvlm.formats.mgvq import from_published, load_mgvq, read_mgvq
 from htcvlm.images import pixels_from_bytes
 from htcvlm.record import image_id_of
-from tests.htcvlm.helpers import make_model, png_bytes
+from tests.htcvlm.helpers import SMALL_DCAE, make_model, png_bytes
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 GOLDEN = FIXTURES / "mgvq_published_tiny.safetensors"
-EXPECTED = MGVQConfig(
-    encoder="dcae",
-    downsample=16,
-    latent_channels=16,
-    groups=4,
-    codebook_size=256,
-    stage_widths=(16, 32, 32, 64),
-    stage_depths=(2, 2, 2, 1),
-    attention_stages=2,
-)
+EXPECTED = SMALL_DCAE  # the geometry the golden tensors were made at
 
 
 @pytest.fixture(scope="module")
