@@ -83,7 +83,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         else:
             converted = convert_voco_llama(args.src, args.clip, args.dtype)
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, torch's messages too
         return EXIT_USAGE
     save_pretrained(converted.model, out)
     print(summary(converted, out))
