@@ -10,6 +10,8 @@ with `legacy: false` (no dummy prefix there, so "\\n" not "▁" "\\n").
 from __future__ import annotations
 
 import io
+import json
+import shutil
 
 import pytest
 import sentencepiece as spm
@@ -21,6 +23,7 @@ from transformers import LlavaImageProcessorPil
 from transformers.convert_slow_tokenizer import import_protobuf
 
 from htcvlm.checkpoint import load_pretrained, save_pretrained
+from htcvlm.config import ImageProcessing
 from htcvlm.decode import DecodeBatch, decode
 from htcvlm.errors import CheckpointError
 from htcvlm.formats.convert import VICUNA_SYSTEM, convert_llava, convert_voco_llama
@@ -71,18 +74,21 @@ def llava_ids(sp_model: bytes, question: str, n_patches: int) -> list[int]:
     return [sp.bos_id(), *sp.encode(before), *[IMAGE] * n_patches, *sp.encode(after)]
 
 
-def voco_llama_ids(sp_model: bytes, question: str, n_patches: int) -> list[int]:
-    """VoCo-LLaMA's input ids for "<image>\\n<voco><voco>\\n{system} USER: {question} ASSISTANT:": the
-    chunk after <image> gets "▁" in front, is split at <voco>, and each piece starting with "▁" is
-    encoded after an "<unk>" that is then dropped (LlamaTokenizer 4.37, legacy false)."""
-    sp = processor(sp_model, dummy_prefix=False)
+def voco_llama_ids(sp_model: bytes, question: str, n_patches: int, legacy: bool = False) -> list[int]:
+    """VoCo-LLaMA's input ids for "<image>\\n<voco><voco>\\n{system} USER: {question} ASSISTANT:". The
+    chunk after <image> is split at <voco>; LlamaTokenizer 4.37 with legacy false first puts "▁" in front
+    of it and encodes each piece without the dummy prefix, a piece starting with "▁" after an "<unk>" that
+    is then dropped; with legacy true each piece is encoded as sentencepiece does, dummy prefix and all."""
+    sp = processor(sp_model, dummy_prefix=legacy)
     unk = len(sp.encode("<unk>"))
     ids = [sp.bos_id(), *[IMAGE] * n_patches]
-    chunk = "▁" + f"\n<voco><voco>\n{VOCO_SYSTEM} USER: {question.strip()} ASSISTANT:"
-    for i, piece in enumerate(chunk.split("<voco>")):
+    chunk = f"\n<voco><voco>\n{VOCO_SYSTEM} USER: {question.strip()} ASSISTANT:"
+    for i, piece in enumerate((chunk if legacy else "▁" + chunk).split("<voco>")):
         ids += [VOCAB] if i else []
-        if piece:
-            ids += sp.encode("<unk>" + piece)[unk:] if piece.startswith("▁") else sp.encode(piece)
+        if piece and not legacy and piece.startswith("▁"):
+            ids += sp.encode("<unk>" + piece)[unk:]
+        elif piece:
+            ids += sp.encode(piece)
     return ids
 
 
@@ -123,6 +129,7 @@ def test_the_llava_layout_is_llavas_own_tokenization(published, llava_hf):
         got = our_ids(llava_hf, question)
         assert got[: llava_hf.layout.voco_position] + got[llava_hf.layout.text_position :] == expected
     assert llava_hf.stop_ids == {2} and llava_hf.config.layout.stop_tokens == ("</s>",)
+    assert llava_hf.config.preprocess == ImageProcessing(True, (122, 116, 104), "shortest_edge")
 
 
 def test_converted_llava_without_the_bottleneck_equals_transformers_llava(published, llava_hf):
@@ -231,9 +238,24 @@ def test_the_voco_llama_layout_is_its_own_tokenization(published, voco_llama, vo
     assert cfg.llm.vocab_size == VOCAB and not cfg.layout.text_attends_prefix
     for question in QUESTIONS:
         assert our_ids(model, question) == voco_llama_ids(published.sp_model, question, cfg.n_patches)
+        assert model.tokenizer.convert_ids_to_tokens(model.prompt_ids(question))[:2] == ["\n", "A"]
     assert model.layout.separator_ids == tuple(processor(published.sp_model, True).encode("\n"))
     voco_row = load_weights(voco_llama_dir)["model.embed_tokens.weight"][VOCAB]
     assert torch.equal(model.voco.data, voco_row.expand(2, -1))
+
+
+def test_a_legacy_tokenizer_keeps_the_dummy_prefix_after_voco(published, voco_llama_dir, tmp_path):
+    """A checkpoint whose tokenizer_config says nothing of `legacy` (transformers' default then: true)."""
+    folder = shutil.copytree(voco_llama_dir, tmp_path / "legacy")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["legacy"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    model = written(convert_voco_llama(folder, published.clip, dtype="fp32"), tmp_path, "out")
+    for question in QUESTIONS:
+        expected = voco_llama_ids(published.sp_model, question, model.config.n_patches, legacy=True)
+        assert our_ids(model, question) == expected
+        prompt = model.tokenizer.convert_ids_to_tokens(model.prompt_ids(question))
+        assert prompt[:3] == ["▁", "\n", "A"]  # the dummy prefix before the text after voco
 
 
 def voco_llama_pass(model, source_embed: torch.Tensor, pixels: torch.Tensor, ids: list[int]) -> torch.Tensor:
@@ -273,6 +295,8 @@ def test_voco_llama_decode_from_the_record_equals_its_full_pass(published, voco_
                     break
                 greedy.append(token)
         assert answers[row].token_ids == greedy
+        assert len(greedy) == options.max_new_tokens or answers[row].finish_reason == "eos"
+    assert any(answer.token_ids for answer in answers)
 
 
 def test_a_llava_folder_is_not_voco_llama_and_back(published, voco_llama_dir):
