@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from htcvlm.config import HTCConfig, LayoutConfig
 from htcvlm.errors import CheckpointError
-from htcvlm.formats.llava import ImportedModel, detect_format, read_llava
+from htcvlm.formats.llava import detect_format, read_llava
 from htcvlm.formats.mgvq import read_mgvq
 from htcvlm.formats.voco_llama import read_voco_llama
 from htcvlm.model import HTCVLM
@@ -85,7 +86,7 @@ def convert_llava(
         "LLM": f"LLaVA-1.5's Vicuna ({config.llm.num_layers} layers, {config.llm.vocab_size} tokens)",
     }
     untrained = {"voco": "the mean input embedding (LLaVA has no voco token)"}
-    state, fresh = dict(imported.state), []
+    state, fresh = imported.state, []  # taken over: cast and assigned in place, never copied
     if mgvq is not None:
         mgvq_config, mgvq_state = read_mgvq(_existing(mgvq, "MGVQ checkpoint", file=True))
         try:
@@ -98,7 +99,7 @@ def convert_llava(
         fresh.append("proj_d")
         pretrained["MGVQ"] = f"encoder and quantizer from {mgvq} ({mgvq_config.codebook_size} codes)"
         untrained["P_d"] = f"random (seed {seed}), {config.q_dim} -> {pd_hidden} -> {config.n_discrete} x d"
-    model = _build(config, imported, state, fresh, dtype, seed)
+    model = _build(config, imported.tokenizer, state, fresh, dtype, seed)
     return Converted(model, f"LLaVA-1.5 ({kind} format) {src}", pretrained, untrained, ready=False)
 
 
@@ -114,7 +115,7 @@ def convert_voco_llama(src: str | Path, clip: str | Path, dtype: DtypeName | Non
         "LLM": f"VoCo-LLaMA's ({config.llm.num_layers} layers, {config.llm.vocab_size} tokens)",
         "voco": f"VoCo-LLaMA's <voco> embedding ({config.n_voco} tokens)",
     }
-    model = _build(config, imported, dict(imported.state), [], dtype, seed=0)
+    model = _build(config, imported.tokenizer, imported.state, [], dtype, seed=0)
     return Converted(model, f"VoCo-LLaMA {src}", pretrained, {}, ready=True)
 
 
@@ -136,7 +137,7 @@ def summary(converted: Converted, out: Path) -> str:
         lines[-1] = "untrained: nothing"
     layout = model.layout
     lines.append(
-        f"layout: BOS + {layout.n_shared - 1} shared prefix tokens, image, {layout.n_separator} separator, "
+        f"layout: {layout.n_shared} shared prefix tokens, image, {layout.n_separator} separator tokens, "
         f"voco, prompt {cfg.layout.prompt!r}; text reads the prefix: {layout.text_attends_prefix}"
     )
     if converted.ready:
@@ -152,7 +153,7 @@ def summary(converted: Converted, out: Path) -> str:
 
 def _build(
     config: HTCConfig,
-    imported: ImportedModel,
+    tokenizer: PreTrainedTokenizerBase,
     state: dict[str, torch.Tensor],
     fresh: list[str],
     dtype: DtypeName | None,
@@ -162,9 +163,9 @@ def _build(
     target = DTYPES[dtype] if dtype is not None else state["llm.model.embed_tokens.weight"].dtype
     for key, tensor in state.items():
         if tensor.is_floating_point():
-            state[key] = tensor.to(target)  # one tensor at a time: a 7B state is never held twice
+            state[key] = tensor.to(target)  # in place, one tensor at a time: never two copies of a 7B state
     with torch.device("meta"):
-        model = HTCVLM(config, imported.tokenizer)
+        model = HTCVLM(config, tokenizer)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     expected_missing = {k for k in model.state_dict() if k.split(".")[0] in fresh}
     if unexpected or set(missing) != expected_missing:
