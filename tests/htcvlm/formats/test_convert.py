@@ -35,6 +35,7 @@ from htcvlm.images import pixels_from_bytes
 from htcvlm.mask import to_additive
 from tests.htcvlm.formats.published import IMAGE_SIZE, Published, publish, write_voco_llama
 from tests.htcvlm.formats.test_mgvq import GOLDEN
+from tests.htcvlm.test_layouts import sharpened
 
 VOCAB, IMAGE = 400, -200  # IMAGE: LLaVA's placeholder id for the image tokens
 QUESTIONS = ["What is in the image?", "How many cats are there? ", "Über 2 naïve cafés"]
@@ -102,16 +103,6 @@ def our_ids(model, question: str) -> list[int]:
         *[VOCAB] * layout.n_voco,
         *model.prompt_ids(question),
     ]
-
-
-def sharpened(model):
-    """Queries, keys and logits x4: a wrong key or position moves random logits by ~1e-2, not ~1e-3."""
-    with torch.no_grad():
-        for layer in model.llm.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
-        model.llm.lm_head.weight.mul_(4.0)
-    return model
 
 
 # ---- LLaVA-1.5 ----
