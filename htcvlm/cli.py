@@ -1,5 +1,5 @@
-"""Model-core commands (info, train, eval, retrieval, analyze) and the pieces of the command-line shell
-they share with the service commands. `llm_worker.cli.main` is the one entry point (`onetoken`); this
+"""Model-core commands (info, convert, train, eval, retrieval, analyze) and the pieces of the command-line
+shell they share with the service commands. `llm_worker.cli.main` is the one entry point (`onetoken`); this
 module has none, since the model core cannot import the service.
 
 ONETOKEN_* variables are read through `env` (here and in llm_worker.cli), and only by the CLI.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, get_args
@@ -56,6 +57,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"cached per image  {_human(per_token * config.n_voco)} fp16 ({config.n_voco} voco token)")
     full = per_token * config.n_patches
     print(f"uncompressed      {_human(full)} fp16 for {config.n_patches} image tokens")
+    return 0
+
+
+DTYPE_NAMES = ("bf16", "fp16", "fp32")  # convert's --dtype: formats.convert.DTYPES, named without torch
+EXIT_USAGE = 2  # a source that is not what the command was told it is: bad usage, as argparse's
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """A published checkpoint (LLaVA-1.5, VoCo-LLaMA) -> a OneToken checkpoint folder; prints which parts
+    are pretrained and which are not. A source that is missing or of another format exits with 2."""
+    from htcvlm.checkpoint import save_pretrained
+    from htcvlm.errors import CheckpointError
+    from htcvlm.formats.convert import convert_llava, convert_voco_llama, summary
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        print(f"error: {out} exists and is not an empty folder: give a new one", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.format == "llava":
+            converted = convert_llava(
+                args.src, args.clip, args.mgvq, args.dtype, pd_hidden=args.pd_hidden, seed=args.seed
+            )
+        else:
+            converted = convert_voco_llama(args.src, args.clip, args.dtype)
+    except CheckpointError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, torch's messages too
+        return EXIT_USAGE
+    save_pretrained(converted.model, out)
+    print(summary(converted, out))
     return 0
 
 
@@ -215,8 +246,8 @@ def add_command(
 def add_model_commands(
     sub: argparse._SubParsersAction, common: argparse.ArgumentParser, model: str | None = None
 ) -> None:
-    """The model-core subcommands (info, train, eval, retrieval, analyze), shared with the service CLI;
-    each takes the options of `common` too. `model`: the folder `serve` loads by default, which `info`
+    """The model-core subcommands (info, convert, train, eval, retrieval, analyze), shared with the service
+    CLI; each takes the options of `common` too. `model`: the folder `serve` loads by default, which `info`
     describes by default (None: ONETOKEN_MODEL, else the shipped model, resolved when run)."""
 
     threads = int(env("THREADS", "2"))
@@ -236,6 +267,8 @@ def add_model_commands(
         "--preset", choices=sorted(PRESETS), help="a preset's geometry instead, with no weights (e.g. paper)"
     )
     info.set_defaults(func=cmd_info)
+
+    _add_convert(sub, common)
 
     train = add_command(sub, "train", "train a variant on the procedural VQA set (resumable)", common)
     train.add_argument("--out", required=True, help="checkpoint folder; rerun with it to resume")
@@ -295,6 +328,51 @@ def add_model_commands(
     attention.add_argument("--images", type=int, default=16, help="procedural test scenes shown")
     attention.add_argument("--out", default="voco_attention.png", help="PNG file to write")
     attention.set_defaults(func=cmd_analyze)
+
+
+def _add_convert(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    convert = add_command(
+        sub,
+        "convert",
+        "write a OneToken checkpoint folder from a published LLaVA-1.5 or VoCo-LLaMA checkpoint",
+        common,
+        epilog="exit status: 0 written; 2 bad usage (a source missing or of another format, --out not empty)",
+    )
+    formats = convert.add_subparsers(dest="format", required=True)
+    dtype_help = "dtype of the weights written (default: the LLM's published dtype)"
+    llava = add_command(
+        formats,
+        "llava",
+        "LLaVA-1.5 (liuhaotian/llava-v1.5-7b with --clip, or llava-hf/llava-1.5-7b-hf) -> an HTC-VLM whose "
+        "CLIP, P_v and LLM are LLaVA's (hybrid with --mgvq); its voco bottleneck needs training",
+        common,
+    )
+    llava.add_argument("src", help="the LLaVA folder (config.json, weights, tokenizer)")
+    llava.add_argument(
+        "--clip", help="the CLIP folder the original format needs (openai/clip-vit-large-patch14-336)"
+    )
+    llava.add_argument(
+        "--mgvq", help="MGVQ tokenizer checkpoint (mgvq_f16c32_g8.pt): a hybrid model (default: continuous)"
+    )
+    llava.add_argument("--out", required=True, help="the new checkpoint folder (new or empty)")
+    llava.add_argument("--dtype", choices=DTYPE_NAMES, help=dtype_help)
+    llava.add_argument(
+        "--pd-hidden", type=_positive, default=HTCConfig().pd_hidden, help="width of W1 in the new P_d"
+    )
+    llava.add_argument("--seed", type=int, default=0, help="seed of the new P_d's initialisation")
+    llava.set_defaults(func=cmd_convert)
+    voco = add_command(
+        formats,
+        "voco-llama",
+        "a VoCo-LLaMA checkpoint (LLaVA's original layout with <voco> added) -> a continuous-only model "
+        "with its two trained voco tokens, ready to serve",
+        common,
+    )
+    voco.add_argument("src", help="the VoCo-LLaMA folder (config.json, .bin shards, tokenizer.model)")
+    voco.add_argument("--clip", required=True, help="its CLIP folder (openai/clip-vit-large-patch14-336)")
+    voco.add_argument("--out", required=True, help="the new checkpoint folder (new or empty)")
+    voco.add_argument("--dtype", choices=DTYPE_NAMES, help=dtype_help)
+    voco.set_defaults(func=cmd_convert)
 
 
 def _add_recipe_flags(train: argparse.ArgumentParser) -> None:

@@ -80,3 +80,25 @@ def _fast(backend: Tokenizer, unk: str, bos: str, eos: str) -> PreTrainedTokeniz
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token=unk, bos_token=bos, eos_token=eos, pad_token=unk
     )
+
+
+def without_dummy_prefix(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """The same tokenizer, but encoding each text as sentencepiece does with `add_dummy_prefix` off: no
+    "▁" put in front. transformers' LlamaTokenizer with `legacy: false` (Vicuna-1.5's setting) encodes the
+    text after a special token so: VoCo-LLaMA's prompt after its `<voco>` tokens starts "\\n", not "▁\\n"."""
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    data["normalizer"] = {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}
+    data["pre_tokenizer"] = {
+        "type": "Metaspace",
+        "replacement": "▁",
+        "prepend_scheme": "never",
+        "split": False,
+    }
+    backend = Tokenizer.from_str(json.dumps(data))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token=tokenizer.unk_token,
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        pad_token=tokenizer.pad_token,
+    )

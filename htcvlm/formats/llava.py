@@ -17,7 +17,8 @@ untrained, as in any HTC-VLM built from these parts before its training.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,11 +61,14 @@ ASPECT_RATIOS = {"pad": True, "square": False, None: False}
 
 @dataclass(frozen=True)
 class ImportedModel:
-    """A published checkpoint in OneToken's terms: `HTCVLM(config, tokenizer)` takes `state` strictly."""
+    """A published checkpoint in OneToken's terms: `HTCVLM(config, tokenizer)` takes `state` strictly.
+    `added_rows`: the input embedding row of each token the caller named as added on top of the
+    sentencepiece pieces (left out of the vocabulary, as LLaVA's own added tokens are)."""
 
     config: HTCConfig
     state: dict[str, torch.Tensor]
     tokenizer: PreTrainedTokenizerFast
+    added_rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def detect_format(folder: Path) -> LlavaFormat:
@@ -85,24 +89,32 @@ def _format_of(raw: dict[str, Any], folder: Path) -> LlavaFormat:
     )
 
 
-def read_llava(folder: str | Path, clip_folder: str | Path | None = None) -> ImportedModel:
+def read_llava(
+    folder: str | Path, clip_folder: str | Path | None = None, added_tokens: Sequence[str] = ()
+) -> ImportedModel:
     """Read a LLaVA-1.5 checkpoint in either format. The original format needs `clip_folder`, the local
-    copy of the CLIP model its `mm_vision_tower` names; transformers' format holds its tower itself."""
+    copy of the CLIP model its `mm_vision_tower` names; transformers' format holds its tower itself.
+    `added_tokens` (original format only): tokens a fine-tuning added after the sentencepiece pieces, in id
+    order (VoCo-LLaMA's `<voco>`); their embedding rows come back in `added_rows`."""
     folder = Path(folder)
     raw = read_config_json(folder)
     if _format_of(raw, folder) == "llava-hf":
         if clip_folder is not None:
             raise CheckpointError(f"{folder} holds its own vision tower (llava-hf): give no CLIP folder")
+        if added_tokens:
+            raise CheckpointError(f"{folder} is llava-hf, whose added tokens are <image> and <pad> only")
         return _read_hf(folder, raw)
     if clip_folder is None:
         raise CheckpointError(
             f"{folder} is LLaVA's original format, whose vision tower {raw['mm_vision_tower']!r} is a "
             "separate CLIP model: give the local folder of that model"
         )
-    return _read_original(folder, raw, Path(clip_folder))
+    return _read_original(folder, raw, Path(clip_folder), tuple(added_tokens))
 
 
-def _read_original(folder: Path, raw: dict[str, Any], clip_folder: Path) -> ImportedModel:
+def _read_original(
+    folder: Path, raw: dict[str, Any], clip_folder: Path, added: tuple[str, ...]
+) -> ImportedModel:
     source = str(folder)
     _require(raw, "mm_vision_select_feature", "patch", source)  # patch tokens only, CLS dropped
     _require(raw, "mm_use_im_start_end", False, source)  # no image start/end tokens in the vocabulary
@@ -143,10 +155,11 @@ def _read_original(folder: Path, raw: dict[str, Any], clip_folder: Path) -> Impo
     if not tokenizer_file.is_file():
         raise CheckpointError(f"{folder} is missing tokenizer.model")
     tokenizer = tokenizer_from_sentencepiece(tokenizer_file)
-    if len(tokenizer) != text.vocab_size:
+    if len(tokenizer) + len(added) != text.vocab_size:
+        with_added = f" and {len(added)} added tokens {list(added)}" if added else ""
         raise CheckpointError(
-            f"{source}: vocab_size is {text.vocab_size} but tokenizer.model has {len(tokenizer)} pieces "
-            "(tokens added on top of the sentencepiece model are not supported)"
+            f"{source}: vocab_size is {text.vocab_size} but tokenizer.model has {len(tokenizer)} pieces"
+            f"{with_added} (other tokens added on top of the sentencepiece model are not supported)"
         )
     mean, std = clip_preprocessing(clip_folder, image_size)
     return _assemble(
@@ -158,6 +171,7 @@ def _read_original(folder: Path, raw: dict[str, Any], clip_folder: Path) -> Impo
         pad=ASPECT_RATIOS[aspect],
         state={**vision_state, **state},
         tokenizer=tokenizer,
+        added=added,
     )
 
 
@@ -230,14 +244,17 @@ def _assemble(
     pad: bool,
     state: dict[str, torch.Tensor],
     tokenizer: PreTrainedTokenizerFast,
+    added: tuple[str, ...] = (),
 ) -> ImportedModel:
-    vocab = len(tokenizer)
+    vocab, rows_needed = len(tokenizer), len(tokenizer) + len(added)
     for key in (EMBED, HEAD):
         if key not in state:
             raise CheckpointError(f"{source} has no {key} (published name of the LLM's {key.split('.')[-2]})")
         rows = state[key].shape[0]
-        if rows < vocab:
-            raise CheckpointError(f"{source}: {key} has {rows} rows for a {vocab}-token vocabulary")
+        if rows < rows_needed:
+            raise CheckpointError(f"{source}: {key} has {rows} rows for a {rows_needed}-token vocabulary")
+    added_rows = {token: state[EMBED][vocab + i].clone() for i, token in enumerate(added)}
+    for key in (EMBED, HEAD):
         state[key] = state[key][:vocab].clone()  # rows past the tokenizer's pieces: added or padding
     embed = state[EMBED]
     state["voco"] = embed.float().mean(dim=0, keepdim=True).to(embed.dtype)  # (n_voco = 1, d)
@@ -256,7 +273,7 @@ def _assemble(
         ),
     )
     _check_fits(config, tokenizer, state, source)
-    return ImportedModel(config, state, tokenizer)
+    return ImportedModel(config, state, tokenizer, added_rows)
 
 
 def _llm_config(text: LlamaConfig, vocab_size: int, source: str) -> LLMConfig:

@@ -306,3 +306,36 @@ def publish(root: Path) -> Published:
         original=write_llava_original(root / "llava-v1.5", model, sp_model, vocab),
         clip=write_clip(root / "clip-vit", model),
     )
+
+
+def write_voco_llama(folder: Path, original: Path, vocab: int, seed: int = 1) -> Path:
+    """What VoCo-LLaMA's fine-tuning (train_compress.py, transformers 4.37) saves from a LLaVA-1.5 start:
+    LLaVA's original layout with `<voco>` added as a special token at id `vocab` (a random embedding and
+    lm_head row; vocab_size + 1), the slow tokenizer's files saying so, Vicuna-1.5's `legacy: false`."""
+    from htcvlm.formats.weights import load_weights
+
+    folder.mkdir(parents=True)
+    state = load_weights(original)
+    gen = torch.Generator().manual_seed(seed)
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        row = torch.randn(1, state[key].shape[1], generator=gen) * 0.1
+        state[key] = torch.cat([state[key], row])
+    write_shards(folder, state, "bin")
+    config = json.loads((original / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"vocab_size": vocab + 1}, indent=2))
+    (folder / "tokenizer.model").write_bytes((original / "tokenizer.model").read_bytes())
+    voco = {"content": "<voco>", "lstrip": False, "normalized": False, "rstrip": False, "special": True}
+    specials = {str(i): voco | {"content": t} for i, t in enumerate(("<unk>", "<s>", "</s>"))}
+    tokenizer_config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "legacy": False,
+        "pad_token": "<unk>",
+        "additional_special_tokens": ["<voco>"],
+        "added_tokens_decoder": specials | {str(vocab): voco},
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (folder / "added_tokens.json").write_text(json.dumps({"<voco>": vocab}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({"additional_special_tokens": ["<voco>"]}))
+    return folder
