@@ -6,8 +6,10 @@ reads unless the layout says otherwise) followed by the record's voco state give
 full masked pass. Text positions continue right after the voco tokens, so rotary phases are those of the
 full pass.
 
-Batches mix images and question lengths: prompts are left-padded so every row's next token is the last
-column; padded keys are masked and each row carries its own position ids.
+A row may ask about several images: its records' voco states sit one after another, each moved exactly
+to its place (`htcvlm.placement`), and its text starts after the last. Batches mix images, numbers of
+images and question lengths: prompts are left-padded so every row's next token is the last column;
+padded keys are masked and each row carries its own position ids.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from htcvlm.errors import InvalidQuestionError, RecordMismatchError
+from htcvlm.errors import InvalidQuestionError, RecordMismatchError, TooManyImagesError
 from htcvlm.generation import FinishReason, GenerationOptions, RowState, StepEvent, sample_tokens
 from htcvlm.mask import to_additive
 from htcvlm.model import HTCVLM
+from htcvlm.placement import Records, place_records, record_groups, rotary_of, text_position
 from htcvlm.record import Record
 
 logger = logging.getLogger(__name__)
@@ -54,75 +57,100 @@ def check_records(model: HTCVLM, records: Sequence[Record]) -> None:
             )
 
 
-def context_room(model: HTCVLM) -> int:
-    """Tokens the model's context holds after the image: the prompt and the answer share them."""
-    return model.llm.config.max_position_embeddings - model.layout.text_position
+def context_room(model: HTCVLM, n_records: int = 1) -> int:
+    """Tokens the model's context holds after `n_records` images: the prompt and the answer share them."""
+    return model.llm.config.max_position_embeddings - text_position(model.layout, n_records)
 
 
-def encode_questions(model: HTCVLM, questions: Sequence[str], max_new_tokens: int) -> list[list[int]]:
+def max_images(model: HTCVLM) -> int:
+    """The most images one question can ask about: k records' voco tokens take k * n_voco positions and
+    at least one prompt token and one answer token must follow (`max_position_embeddings` bounds it)."""
+    return (context_room(model) - 2) // model.layout.n_voco + 1
+
+
+def encode_questions(
+    model: HTCVLM, questions: Sequence[str], max_new_tokens: int, n_records: int | Sequence[int] = 1
+) -> list[list[int]]:
     """Questions -> prompt token ids, or `InvalidQuestionError` for empty or over-long ones.
 
-    A question too long for the context by its characters alone is refused before it is tokenized: a
-    token covers at most `model.max_token_chars` characters, so tokenizing a 40 MB question (seconds of
-    CPU, gigabytes of memory) can never be needed to know that it does not fit.
+    `n_records`: how many images each question is about (one number for all, or one per question); the
+    prompt starts after their voco tokens, so more images leave less room (`TooManyImagesError` when
+    they leave none). A question too long for the context by its characters alone is refused before it
+    is tokenized: a token covers at most `model.max_token_chars` characters, so tokenizing a 40 MB
+    question (seconds of CPU, gigabytes of memory) can never be needed to know that it does not fit.
     """
-    room = context_room(model)
-    if max_new_tokens >= room:
-        raise InvalidQuestionError(
-            f"max_new_tokens={max_new_tokens} leaves no room for a question: the model's context holds "
-            f"{room} tokens after the image; ask for fewer new tokens"
-        )
-    most_chars = (room - max_new_tokens) * model.max_token_chars
+    counts = [n_records] * len(questions) if isinstance(n_records, int) else list(n_records)
+    if len(counts) != len(questions):
+        raise ValueError(f"got {len(questions)} questions and {len(counts)} image counts")
+    if min(counts, default=1) < 1:
+        raise ValueError(f"every question needs at least one image, got counts {counts}")
     prompts = []
-    for i, question in enumerate(questions):
+    for i, (question, count) in enumerate(zip(questions, counts, strict=True)):
         name = "the question" if len(questions) == 1 else f"question {i}"
+        room = context_room(model, count)
+        after = "the image" if count == 1 else f"{count} images"
+        if count > max_images(model) or max_new_tokens >= room:
+            if count > 1:
+                raise TooManyImagesError(
+                    f"{name} asks about {count} images with max_new_tokens={max_new_tokens}: the model's "
+                    f"context holds {max(room, 0)} tokens after {after} (at most {max_images(model)} "
+                    "images with the shortest prompt and answer); ask about fewer images or lower "
+                    "max_new_tokens"
+                )
+            raise InvalidQuestionError(
+                f"max_new_tokens={max_new_tokens} leaves no room for a question: the model's context holds "
+                f"{room} tokens after the image; ask for fewer new tokens"
+            )
+        most_chars = (room - max_new_tokens) * model.max_token_chars
         if not question or not question.strip():
             raise InvalidQuestionError(f"{name} is empty; ask something about the image")
         if len(question) > most_chars:
             raise InvalidQuestionError(
                 f"{name} is {len(question)} characters; with max_new_tokens={max_new_tokens} the model's "
-                f"context leaves room for {room - max_new_tokens} tokens (at most {most_chars} characters); "
-                "shorten the question or lower max_new_tokens"
+                f"context leaves room for {room - max_new_tokens} tokens after {after} (at most "
+                f"{most_chars} characters); shorten the question or lower max_new_tokens"
             )
         ids = model.prompt_ids(question)
         if len(ids) + max_new_tokens > room:
             raise InvalidQuestionError(
                 f"{name} is {len(ids)} tokens; with max_new_tokens={max_new_tokens} the model's context "
-                f"leaves room for {room - max_new_tokens}; shorten the question or lower max_new_tokens"
+                f"leaves room for {room - max_new_tokens} after {after}; shorten the question or lower "
+                "max_new_tokens"
             )
         prompts.append(ids)
     return prompts
 
 
 class DecodeBatch:
-    """The decoding state of a batch of (record, prompt) rows: injected cache, key mask and positions.
+    """The decoding state of a batch of (records, prompt) rows: injected cache, key mask and positions.
 
-    Each row's keys are [shared prefix text reads; the record's voco tokens; left padding; prompt; answer].
+    A row's records are one `Record` (one image) or a sequence of them (k images, k may differ by row).
+    Each row's keys are [shared prefix text reads; its records' voco tokens, moved to q_1 … q_k; masked
+    slots up to the batch's most records; left padding; prompt; answer].
     """
 
-    def __init__(self, model: HTCVLM, records: Sequence[Record], prompts: Sequence[Sequence[int]]) -> None:
+    def __init__(self, model: HTCVLM, records: Sequence[Records], prompts: Sequence[Sequence[int]]) -> None:
         if len(records) != len(prompts) or not records:
             raise ValueError(
                 f"need one prompt per record, got {len(records)} records, {len(prompts)} prompts"
             )
-        check_records(model, records)
+        groups = record_groups(records)
+        check_records(model, [rec for group in groups for rec in group])
         self.model = model
         device, dtype, layout = model.device, model.dtype, model.layout
-        batch = len(records)
-        n_past = layout.n_shared_read + layout.n_voco  # keys before the prompt, none of them padding
+        batch = len(groups)
         self.prompt_lengths = torch.tensor([len(p) for p in prompts], device=device)
         width = int(self.prompt_lengths.max())
         pad = model.tokenizer.pad_token_id
         ids = torch.full((batch, width), pad, dtype=torch.long, device=device)
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
-        # (B, n_past + T): which keys are real. The past always is; left padding never is.
+        # per layer (B, kv_heads, K * n_voco, head_dim), and (B, K * n_voco): which voco slots are real
+        past, voco_real = place_records(groups, layout, rotary_of(model.llm), dtype, device)
+        # (B, n_past + T): which keys are real. The shared prefix always is; left padding never is.
         text_real = torch.arange(width, device=device)[None] >= (width - self.prompt_lengths)[:, None]
-        self.key_valid = torch.cat([text_real.new_ones(batch, n_past), text_real], dim=1)
-        # stacked (B, layers, kv_heads, n_voco, head_dim) -> per layer (B, kv_heads, n_voco, head_dim)
-        keys = torch.stack([r.keys for r in records]).to(device=device, dtype=dtype)
-        values = torch.stack([r.values for r in records]).to(device=device, dtype=dtype)
-        past = [(keys[:, i], values[:, i]) for i in range(keys.shape[1])]
+        past_real = torch.cat([voco_real.new_ones(batch, layout.n_shared_read), voco_real], dim=1)
+        self.key_valid = torch.cat([past_real, text_real], dim=1)
         if layout.n_shared_read:
             # (1, kv_heads, n_shared, head_dim) -> (B, ...) before each row's voco state: every row reads
             # the model's one shared prefix state at its own positions 0 .. n_shared - 1
@@ -134,11 +162,12 @@ class DecodeBatch:
                 for (sk, sv), (k, v) in zip(model.shared_prefix(), past, strict=True)
             ]
         self.cache = DynamicCache(past)
-        first = layout.text_position  # the first text position of the full pass
+        # (B, 1): the first text position of each row's full pass, after its last image
+        first = torch.tensor([[text_position(layout, len(g))] for g in groups], device=device)
         positions = first + (text_real.long().cumsum(dim=1) - 1).clamp(min=0)
         causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
         allowed = torch.cat(
-            [text_real.new_ones(batch, width, n_past), causal[None] & text_real[:, None]], dim=2
+            [past_real[:, None].expand(-1, width, -1), causal[None] & text_real[:, None]], dim=2
         )
         out = model.llm(
             input_ids=ids,
@@ -148,7 +177,7 @@ class DecodeBatch:
             use_cache=True,
         )
         self.prompt_logits = out.logits  # (B, T, vocab), left-padded
-        self.next_positions = first + self.prompt_lengths  # (B,)
+        self.next_positions = first[:, 0] + self.prompt_lengths  # (B,)
 
     def last_logits(self) -> torch.Tensor:
         return self.prompt_logits[:, -1]
@@ -245,11 +274,12 @@ class RunningBatch:
 
     def admit(
         self,
-        records: Sequence[Record],
+        records: Sequence[Records],
         prompts: Sequence[Sequence[int]],
         options: Sequence[GenerationOptions],
     ) -> list[int]:
-        """Prefill new rows together and join them; returns their ids. On failure nothing changes."""
+        """Prefill new rows together and join them; returns their ids. On failure nothing changes.
+        Each row's records are a `Record` or a sequence of them (see `DecodeBatch`)."""
         if not len(records) == len(prompts) == len(options):
             raise ValueError(f"got {len(records)} records, {len(prompts)} prompts, {len(options)} options")
         rows = [RowState(o, len(p), self.model.stop_ids) for o, p in zip(options, prompts, strict=True)]
@@ -316,11 +346,12 @@ class RunningBatch:
 @torch.inference_mode()
 def decode_stream(
     model: HTCVLM,
-    records: Sequence[Record],
+    records: Sequence[Records],
     questions: Sequence[str],
     options: GenerationOptions | Sequence[GenerationOptions] | None = None,
 ) -> Iterator[list[StepEvent]]:
     """Yield, per decoding step, one `StepEvent` for each row still generating (`row` is its index).
+    `records`: per question a `Record`, or a sequence of records for a question about several images.
     `options`: one for every row, one per row, or None for the defaults.
 
     Raises RowFailedError (or what a row's step raised) if any row cannot go on."""
@@ -330,7 +361,9 @@ def decode_stream(
         raise ValueError(f"got {len(records)} records, {len(questions)} questions, {len(per_row)} options")
     longest = max(o.max_new_tokens for o in per_row)
     running = RunningBatch(model)
-    running.admit(records, encode_questions(model, questions, longest), per_row)
+    groups = record_groups(records)
+    prompts = encode_questions(model, questions, longest, [len(g) for g in groups])
+    running.admit(groups, prompts, per_row)
     while len(running):
         events, failed = running.step()
         if failed:
@@ -340,11 +373,12 @@ def decode_stream(
 
 def decode(
     model: HTCVLM,
-    records: Sequence[Record],
+    records: Sequence[Records],
     questions: Sequence[str],
     options: GenerationOptions | Sequence[GenerationOptions] | None = None,
 ) -> list[Answer]:
-    """Answer each question about its record's image (batched over images and question lengths)."""
+    """Answer each question about its record's image, or its records' images (a sequence of records per
+    question), batched over images, numbers of images and question lengths."""
     answers = [Answer(text="", token_ids=[], prompt_tokens=0, finish_reason="length") for _ in questions]
     for events in decode_stream(model, records, questions, options):
         for ev in events:

@@ -1,0 +1,138 @@
+"""Several records in one context: each image's voco state moved, exactly, to its place in the sequence.
+
+    [S] · voco^1 · voco^2 · … · voco^k · prompt(question) · answer
+          q_1      q_2          q_k      text_position(k)
+
+A record's keys were cached after the rotary embedding at the voco position p = layout.voco_position.
+Image i's voco tokens go to q_i = p + (i - 1) * n_voco, the places they would have in a sequence that
+held every image's voco tokens one after another; the prompt starts after the last one. With k = 1
+nothing moves, so one record is decoded exactly as it always was.
+
+Why a move is exact: RoPE turns each pair of a key's features by an angle proportional to its position,
+pos * inv_freq, and rotations compose, so the key the model would have cached at q is the cached key
+turned by (q - p) * inv_freq: k' = k cos(Δθ) + rotate_half(k) sin(Δθ). Values carry no position and do
+not move. What the moved key stands for is image i compressed on its own, its V_hy, separator and a copy
+of the shared prefix shifted by q_i - p, seen by nothing but its own voco tokens (as in M_hy); RoPE
+attention depends only on relative positions, so that block's voco keys and values are exactly those of
+the record, turned. Text then reads S (when the layout says so), every voco token and itself.
+
+This holds only where the rotary embedding is a fixed rotation per position: RoPE types whose
+frequencies do not depend on the sequence (`PURE_ROTATION`). YaRN scales cos and sin by a constant
+attention factor: the cached key carries it once already, so the move turns by cos and sin unscaled.
+Dynamic NTK and LongRoPE change their frequencies with the sequence length: moving a key under them is
+refused (`PlacementError`) rather than made approximate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from htcvlm.errors import PlacementError
+from htcvlm.layout import SequenceLayout
+from htcvlm.record import Record
+
+# transformers' rope_type values whose inv_freq is fixed at init: position q's rotation is q * inv_freq.
+PURE_ROTATION = frozenset({"default", "linear", "llama3", "yarn"})
+
+# A row of a batch: one record (one image) or several, in the order the question refers to them.
+Records = Record | Sequence[Record]
+
+
+def record_groups(rows: Sequence[Records]) -> list[tuple[Record, ...]]:
+    """Each row's records as a tuple: a bare `Record` is a row of one image; an empty row is refused."""
+    groups = [(row,) if isinstance(row, Record) else tuple(row) for row in rows]
+    for i, group in enumerate(groups):
+        if not group:
+            raise ValueError(f"row {i} has no record: every question needs at least one image")
+        if not all(isinstance(r, Record) for r in group):
+            raise TypeError(f"row {i} must be a Record or a sequence of Records, got {group!r}")
+    return groups
+
+
+def voco_positions(layout: SequenceLayout, n_records: int) -> list[int]:
+    """q_1 … q_k: where each record's first voco token sits in a context of `n_records` images."""
+    return [layout.voco_position + i * layout.n_voco for i in range(n_records)]
+
+
+def text_position(layout: SequenceLayout, n_records: int) -> int:
+    """The first prompt position after `n_records` images (layout.text_position for one)."""
+    return layout.text_position + (n_records - 1) * layout.n_voco
+
+
+def rotary_of(llm: nn.Module) -> nn.Module:
+    """The LLM's rotary embedding module (a LLaMA-family `...RotaryEmbedding` with inv_freq)."""
+    rotary = getattr(getattr(llm, "model", llm), "rotary_emb", None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        raise PlacementError(
+            f"{type(llm).__name__} has no rotary embedding with inv_freq at .model.rotary_emb; "
+            "records can only be moved under a LLaMA-family rotary embedding"
+        )
+    return rotary
+
+
+def check_pure_rotation(rotary: nn.Module) -> None:
+    """Raise `PlacementError` unless moving a key is a pure rotation under this rotary embedding."""
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rope_type not in PURE_ROTATION:
+        raise PlacementError(
+            f"rope_type {rope_type!r} is not a fixed rotation per position (its frequencies depend on the "
+            f"sequence length), so a cached key cannot be moved exactly; several images in one question "
+            f"need one of {sorted(PURE_ROTATION)}"
+        )
+
+
+def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, rotary: nn.Module) -> torch.Tensor:
+    """Post-RoPE keys (..., n, head_dim) moved by `delta` positions, broadcastable to keys.shape[:-1].
+
+    Computed in at least fp32 and returned in keys' dtype. A delta of 0 returns the keys bit for bit
+    (cos 0 = 1 and sin 0 = 0 exactly).
+    """
+    check_pure_rotation(rotary)
+    work = torch.promote_types(keys.dtype, torch.float32)
+    inv_freq = rotary.inv_freq.to(device=keys.device, dtype=torch.float32)  # (head_dim / 2,)
+    freqs = delta.to(device=keys.device, dtype=torch.float32)[..., None] * inv_freq  # (..., head_dim / 2)
+    angles = torch.cat([freqs, freqs], dim=-1)  # (..., head_dim): rotate_half's pairing (i, i + d/2)
+    x = keys.to(work)
+    half = x.shape[-1] // 2
+    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # rotate_half(x)
+    return (x * angles.cos().to(work) + turned * angles.sin().to(work)).to(keys.dtype)
+
+
+def place_records(
+    groups: Sequence[Sequence[Record]],
+    layout: SequenceLayout,
+    rotary: nn.Module,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Every row's records moved to q_1 … q_k and laid side by side: per layer (keys, values), each
+    (B, kv_heads, K * n_voco, head_dim) with K the most records of any row, and which of those columns
+    are real (B, K * n_voco); a row of fewer records has masked zero columns after its last one.
+
+    Records of any stored float dtype are cast to `dtype`; the move is computed in fp32 (or wider).
+    """
+    batch, most = len(groups), max(len(g) for g in groups)
+    n_layers, kv_heads, n_voco, head_dim = groups[0][0].keys.shape
+    work = torch.promote_types(dtype, torch.float32)
+    # (B, K, layers, kv_heads, n_voco, head_dim): record slots, zero where a row has fewer records
+    keys = torch.zeros(batch, most, n_layers, kv_heads, n_voco, head_dim, dtype=work, device=device)
+    values = torch.zeros_like(keys)
+    for row, group in enumerate(groups):
+        for slot, rec in enumerate(group):
+            keys[row, slot] = rec.keys.to(device=device, dtype=work)
+            values[row, slot] = rec.values.to(device=device, dtype=work)
+    counts = torch.tensor([len(g) for g in groups], device=device)
+    slots = torch.arange(most, device=device)
+    if most > 1:
+        delta = (slots * layout.n_voco)[None].expand(batch, -1)  # (B, K): q_i - p
+        keys = rotate_keys(keys, delta[:, :, None, None, None], rotary)  # delta per slot, over its state
+    # (B, K, layers, kv_heads, n_voco, head_dim) -> (layers, B, kv_heads, K, n_voco, head_dim)
+    # -> (layers, B, kv_heads, K * n_voco, head_dim): slot i's tokens at columns i * n_voco …
+    keys = keys.permute(2, 0, 3, 1, 4, 5).reshape(n_layers, batch, kv_heads, most * n_voco, head_dim)
+    values = values.permute(2, 0, 3, 1, 4, 5).reshape(n_layers, batch, kv_heads, most * n_voco, head_dim)
+    keys, values = keys.to(dtype), values.to(dtype)
+    real = (slots[None] < counts[:, None]).repeat_interleave(n_voco, dim=1)  # (B, K * n_voco)
+    return [(keys[i], values[i]) for i in range(n_layers)], real
