@@ -89,6 +89,7 @@ def encode_questions(
         name = "the question" if len(questions) == 1 else f"question {i}"
         room = context_room(model, count)
         after = "the image" if count == 1 else f"{count} images"
+        fix = "shorten the question, ask about fewer images" if count > 1 else "shorten the question"
         if count > max_images(model) or max_new_tokens >= room:
             if count > 1:
                 raise TooManyImagesError(
@@ -108,14 +109,13 @@ def encode_questions(
             raise InvalidQuestionError(
                 f"{name} is {len(question)} characters; with max_new_tokens={max_new_tokens} the model's "
                 f"context leaves room for {room - max_new_tokens} tokens after {after} (at most "
-                f"{most_chars} characters); shorten the question or lower max_new_tokens"
+                f"{most_chars} characters); {fix} or lower max_new_tokens"
             )
         ids = model.prompt_ids(question)
         if len(ids) + max_new_tokens > room:
             raise InvalidQuestionError(
                 f"{name} is {len(ids)} tokens; with max_new_tokens={max_new_tokens} the model's context "
-                f"leaves room for {room - max_new_tokens} after {after}; shorten the question or lower "
-                "max_new_tokens"
+                f"leaves room for {room - max_new_tokens} after {after}; {fix} or lower max_new_tokens"
             )
         prompts.append(ids)
     return prompts

@@ -7,7 +7,7 @@ import io
 import torch
 from PIL import Image
 
-from htcvlm.config import HTCConfig, LLMConfig, MGVQConfig, VisionConfig
+from htcvlm.config import HTCConfig, LayoutConfig, LLMConfig, MGVQConfig, VisionConfig
 from htcvlm.model import HTCVLM, new_model
 
 QUESTIONS = [
@@ -15,6 +15,23 @@ QUESTIONS = [
     "Color?",
     "How many striped objects are in this picture, counting the small ones too?",
 ]
+
+SYSTEM = "You are a helpful assistant."
+LLAVA = LayoutConfig(
+    bos=True,
+    system=SYSTEM,
+    before_image="{system} USER: ",
+    prompt="{question} ASSISTANT:",
+    stop_tokens=("</s>",),
+)
+VOCO_LLAMA = LayoutConfig(
+    bos=True,
+    system=SYSTEM,
+    separator=" \n",  # two tokens here, as LLaMA's "▁" "\n"
+    prompt="\n{system} USER: {question} ASSISTANT:",
+    text_attends_prefix=False,
+    stop_tokens=("</s>",),
+)
 
 
 def small_config(**overrides) -> HTCConfig:
@@ -44,6 +61,18 @@ def make_model(tokenizer, seed: int = 0, never_eos: bool = False, **overrides) -
     if never_eos:
         with torch.no_grad():
             model.llm.lm_head.weight[tokenizer.eos_token_id] = 0.0
+    return model
+
+
+def sharpened(model):
+    """Random weights give logits of about 0.6 and flat attention, where a wrong rotary phase or a wrong
+    key moves logits by only ~1e-3: queries, keys and logits x4 make that ~1e-2, four orders of magnitude
+    over the exact path's ~1e-6."""
+    with torch.no_grad():
+        for layer in model.llm.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+        model.llm.lm_head.weight.mul_(4.0)
     return model
 
 

@@ -22,24 +22,8 @@ from htcvlm.decode import DecodeBatch, context_room, decode, encode_questions
 from htcvlm.generation import GenerationOptions
 from htcvlm.mask import to_additive
 
-from .helpers import QUESTIONS, greedy_with_joins, make_model, png_bytes
+from .helpers import LLAVA, QUESTIONS, SYSTEM, VOCO_LLAMA, greedy_with_joins, make_model, png_bytes, sharpened
 
-SYSTEM = "You are a helpful assistant."
-LLAVA = LayoutConfig(
-    bos=True,
-    system=SYSTEM,
-    before_image="{system} USER: ",
-    prompt="{question} ASSISTANT:",
-    stop_tokens=("</s>",),
-)
-VOCO_LLAMA = LayoutConfig(
-    bos=True,
-    system=SYSTEM,
-    separator=" \n",  # two tokens here, as LLaMA's "▁" "\n"
-    prompt="\n{system} USER: {question} ASSISTANT:",
-    text_attends_prefix=False,
-    stop_tokens=("</s>",),
-)
 CASES = {
     "llava-hybrid-isolated": dict(layout=LLAVA, visual_attention="isolated", n_voco=1),
     "llava-hybrid-causal-2voco": dict(layout=LLAVA, visual_attention="causal", n_voco=2),
@@ -88,18 +72,6 @@ def voco_llama_rule(kinds: list[str], visual_attention: str) -> torch.Tensor:
 def reference_allowed(model, n_text: int) -> torch.Tensor:
     rule = llava_rule if model.config.layout.text_attends_prefix else voco_llama_rule
     return rule(kinds_of(model, n_text), model.config.visual_attention)
-
-
-def sharpened(model):
-    """Random weights give logits of about 0.6 and flat attention, where a wrong rotary phase or a wrong
-    key moves logits by only ~1e-3: queries, keys and logits x4 make that ~1e-2, four orders of magnitude
-    over the exact path's ~1e-6."""
-    with torch.no_grad():
-        for layer in model.llm.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
-        model.llm.lm_head.weight.mul_(4.0)
-    return model
 
 
 @pytest.fixture(params=list(CASES), scope="module")
