@@ -25,7 +25,7 @@ from htcvlm.errors import InvalidQuestionError, RecordMismatchError, TooManyImag
 from htcvlm.generation import FinishReason, GenerationOptions, RowState, StepEvent, sample_tokens
 from htcvlm.mask import to_additive
 from htcvlm.model import HTCVLM
-from htcvlm.placement import Records, place_records, record_groups, rotary_of, text_position
+from htcvlm.placement import Records, place_records, record_groups, text_position
 from htcvlm.record import Record
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def encode_questions(
         room = context_room(model, count)
         after = "the image" if count == 1 else f"{count} images"
         fix = "shorten the question, ask about fewer images" if count > 1 else "shorten the question"
-        if count > max_images(model) or max_new_tokens >= room:
+        if max_new_tokens >= room:  # always so beyond max_images(model): room < 2 there
             if count > 1:
                 raise TooManyImagesError(
                     f"{name} asks about {count} images with max_new_tokens={max_new_tokens}: the model's "
@@ -146,7 +146,7 @@ class DecodeBatch:
         for row, prompt in enumerate(prompts):
             ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
         # per layer (B, kv_heads, K * n_voco, head_dim), and (B, K * n_voco): which voco slots are real
-        past, voco_real = place_records(groups, layout, rotary_of(model.llm), dtype, device)
+        past, voco_real = place_records(groups, layout, model.llm, dtype, device)
         # (B, n_past + T): which keys are real. The shared prefix always is; left padding never is.
         text_real = torch.arange(width, device=device)[None] >= (width - self.prompt_lengths)[:, None]
         past_real = torch.cat([voco_real.new_ones(batch, layout.n_shared_read), voco_real], dim=1)

@@ -104,7 +104,7 @@ def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, rotary: nn.Module) -> t
 def place_records(
     groups: Sequence[Sequence[Record]],
     layout: SequenceLayout,
-    rotary: nn.Module,
+    llm: nn.Module,
     dtype: torch.dtype,
     device: torch.device | str,
 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
@@ -112,7 +112,8 @@ def place_records(
     (B, kv_heads, K * n_voco, head_dim) with K the most records of any row, and which of those columns
     are real (B, K * n_voco); a row of fewer records has masked zero columns after its last one.
 
-    Records of any stored float dtype are cast to `dtype`; the move is computed in fp32 (or wider).
+    Records of any stored float dtype are cast to `dtype`; the move is computed in fp32 (or wider). The
+    LLM's rotary embedding is looked up only when something moves: one record per row needs none.
     """
     batch, most = len(groups), max(len(g) for g in groups)
     n_layers, kv_heads, n_voco, head_dim = groups[0][0].keys.shape
@@ -127,8 +128,8 @@ def place_records(
     counts = torch.tensor([len(g) for g in groups], device=device)
     slots = torch.arange(most, device=device)
     if most > 1:
-        delta = (slots * layout.n_voco)[None].expand(batch, -1)  # (B, K): q_i - p
-        keys = rotate_keys(keys, delta[:, :, None, None, None], rotary)  # delta per slot, over its state
+        delta = slots * layout.n_voco  # (K,): q_i - p, the same for every row's i-th record
+        keys = rotate_keys(keys, delta[:, None, None, None], rotary_of(llm))  # (K, 1, 1, 1) over (B, K, ..)
     # (B, K, layers, kv_heads, n_voco, head_dim) -> (layers, B, kv_heads, K, n_voco, head_dim)
     # -> (layers, B, kv_heads, K * n_voco, head_dim): slot i's tokens at columns i * n_voco …
     keys = keys.permute(2, 0, 3, 1, 4, 5).reshape(n_layers, batch, kv_heads, most * n_voco, head_dim)
