@@ -92,11 +92,11 @@ def encode_questions(
         fix = "shorten the question, ask about fewer images" if count > 1 else "shorten the question"
         if max_new_tokens >= room:  # always so beyond max_images(model): room < 2 there
             if count > 1:
+                fewer = "ask about fewer images" + (" or lower max_new_tokens" if room >= 2 else "")
                 raise TooManyImagesError(
                     f"{name} asks about {count} images with max_new_tokens={max_new_tokens}: the model's "
                     f"context holds {max(room, 0)} tokens after {after} (at most {max_images(model)} "
-                    "images with the shortest prompt and answer); ask about fewer images or lower "
-                    "max_new_tokens"
+                    f"images fit, with a one-token prompt and answer); {fewer}"
                 )
             raise InvalidQuestionError(
                 f"max_new_tokens={max_new_tokens} leaves no room for a question: the model's context holds "

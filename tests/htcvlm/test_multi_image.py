@@ -221,7 +221,7 @@ def test_records_of_mixed_stored_dtypes_are_cast(setup):
     assert torch.equal(got, want)
     err = (got - reference_logits(model, pixels, images, prompt)).abs().max().item()
     print(f"{model.name} mixed dtypes: max logit difference {err:.2e} from the fp32 pass")
-    assert err < 0.1, err
+    assert err < 1e-2, err  # measured ~1e-3: fp16 and bf16 rounding of the stored state
 
 
 def test_one_record_is_the_single_record_decode_bit_for_bit(setup):
