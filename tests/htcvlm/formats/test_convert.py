@@ -35,7 +35,7 @@ from htcvlm.images import pixels_from_bytes
 from htcvlm.mask import to_additive
 from tests.htcvlm.formats.published import IMAGE_SIZE, Published, publish, write_voco_llama
 from tests.htcvlm.formats.test_mgvq import GOLDEN
-from tests.htcvlm.test_layouts import sharpened
+from tests.htcvlm.helpers import sharpened
 
 VOCAB, IMAGE = 400, -200  # IMAGE: LLaVA's placeholder id for the image tokens
 QUESTIONS = ["What is in the image?", "How many cats are there? ", "Über 2 naïve cafés"]
