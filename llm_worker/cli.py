@@ -32,6 +32,7 @@ from llm_worker.security import Role
 logger = logging.getLogger(__name__)
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2  # as argparse: the command line names no valid request
 EXIT_SOME_FAILED = 3  # the command finished, but some of the files it was given failed
 DEFAULT_REPORT_DIR = ".onetoken/reports"
 
@@ -250,8 +251,33 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    image = Path(args.image).read_bytes() if args.image else None
-    kwargs = {"image_id": args.image_id, "image": image, "max_new_tokens": args.max_new_tokens}
+    # (kind, value) in command-line order: the order of the images in the question's context
+    searches = [x for x in (args.search_image, args.search_id) if x]
+    if len(searches) + bool(args.images) != 1:
+        print(
+            "onetoken ask: error: name the images with --image/--image-id (repeatable), or one of "
+            "--search-image/--search-id",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    images = [Path(v).read_bytes() if kind == "file" else v for kind, v in args.images or []]
+    if searches:
+        search_image = Path(args.search_image).read_bytes() if args.search_image else None
+        with _client(args) as client:
+            found = client.ask_search(
+                args.question, args.k, args.search_id, search_image, max_new_tokens=args.max_new_tokens
+            )
+        print(found.answer.answer)
+        for n, hit in enumerate(found.hits, 1):
+            logger.info("image %d: %s %.4f %s", n, hit.image_id, hit.score, hit.source_uri)
+        return 0
+    kwargs: dict[str, object] = {"max_new_tokens": args.max_new_tokens}
+    if len(images) > 1:
+        kwargs["images"] = images
+    elif isinstance(images[0], bytes):
+        kwargs["image"] = images[0]
+    else:
+        kwargs["image_id"] = images[0]
     with _client(args) as client:
         if args.stream:
             for message in client.ask_stream(args.question, **kwargs):
@@ -411,9 +437,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = add_command(sub, "ask", "ask a question about an image through a running server", common)
     ask.add_argument("question", help="the question, in quotes")
-    which = ask.add_mutually_exclusive_group(required=True)
-    which.add_argument("--image", help="an image file (encoded first if needed)")
-    which.add_argument("--image-id", help="the SHA-256 of an encoded image")
+    ask.add_argument(
+        "--image",
+        dest="images",
+        action="append",
+        type=lambda v: ("file", v),
+        help="an image file (encoded first if needed); repeat, with --image-id too, for several in order",
+    )
+    ask.add_argument(
+        "--image-id",
+        dest="images",
+        action="append",
+        type=lambda v: ("id", v),
+        help="the SHA-256 of an encoded image; repeatable",
+    )
+    ask.add_argument("--search-image", help="ask about the k images most similar to this image file")
+    ask.add_argument("--search-id", help="ask about the k images most similar to this encoded image")
+    ask.add_argument("-k", type=int, default=8, help="with --search-image/--search-id: how many images")
     ask.add_argument(
         "--max-new-tokens", type=int, default=0, help="answer length limit (0: the server's default)"
     )

@@ -6,8 +6,9 @@ Errors arrive as `grpc.RpcError` with the server's status code and message.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -56,24 +57,52 @@ class OneTokenClient:
         )
 
     @staticmethod
+    def options(
+        max_new_tokens: int = 0, temperature: float = 0.0, top_p: float = 0.0, seed: int | None = None
+    ) -> pb.GenerationOptions:
+        options = pb.GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        if seed is not None:
+            options.seed = seed
+        return options
+
+    @staticmethod
     def ask_request(
         question: str,
         image_id: str | None = None,
         image: bytes | None = None,
-        max_new_tokens: int = 0,
-        temperature: float = 0.0,
-        top_p: float = 0.0,
-        seed: int | None = None,
+        images: Sequence[str | bytes] = (),
+        **options: Any,
     ) -> pb.AskRequest:
-        options = pb.GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-        if seed is not None:
-            options.seed = seed
-        request = pb.AskRequest(question=question, options=options)
+        """`images`: several images in one context, in order, each an image id (str) or image bytes."""
+        request = pb.AskRequest(question=question, options=OneTokenClient.options(**options))
         if image is not None:
             request.image_bytes = image
         elif image_id is not None:
             request.image_id = image_id
+        for ref in images:
+            entry = request.images.add()
+            if isinstance(ref, bytes):
+                entry.image_bytes = ref
+            else:
+                entry.image_id = ref
         return request
+
+    def ask_search(
+        self,
+        question: str,
+        k: int = 8,
+        image_id: str | None = None,
+        image: bytes | None = None,
+        latent: list[float] | None = None,
+        **options: Any,
+    ) -> pb.AskSearchResponse:
+        """A Search by image id, image bytes or latent, then `question` over its (up to) k hits."""
+        request = pb.AskSearchRequest(
+            search=self.search_request(k, image_id, image, latent),
+            question=question,
+            options=self.options(**options),
+        )
+        return self.stub.AskSearch(request, timeout=self.timeout_s, metadata=self.metadata)
 
     def ask(self, question: str, **kwargs: object) -> pb.AskResponse:
         return self.stub.Ask(
@@ -92,6 +121,13 @@ class OneTokenClient:
         image: bytes | None = None,
         latent: list[float] | None = None,
     ) -> pb.SearchResponse:
+        request = self.search_request(k, image_id, image, latent)
+        return self.stub.Search(request, timeout=self.timeout_s, metadata=self.metadata)
+
+    @staticmethod
+    def search_request(
+        k: int, image_id: str | None, image: bytes | None, latent: list[float] | None
+    ) -> pb.SearchRequest:
         request = pb.SearchRequest(k=k)
         if image is not None:
             request.image_bytes = image
@@ -99,7 +135,7 @@ class OneTokenClient:
             request.latent.values.extend(latent)
         elif image_id is not None:
             request.image_id = image_id
-        return self.stub.Search(request, timeout=self.timeout_s, metadata=self.metadata)
+        return request
 
     def get_image(self, image_id: str) -> pb.ImageInfo:
         return self.stub.GetImage(

@@ -23,6 +23,7 @@ from cache.errors import (
 )
 from encoder_service.errors import EncoderUnavailableError, QueueFullError
 from htcvlm.errors import InvalidImageError, InvalidQuestionError, RecordMismatchError
+from htcvlm.generation import GenerationOptions
 from llm_worker.errors import (
     DecodeQueueFullError,
     DecoderUnavailableError,
@@ -30,7 +31,7 @@ from llm_worker.errors import (
     InvalidRequestError,
 )
 from llm_worker.request_log import note
-from llm_worker.service import AskCall, OneTokenService, Timings
+from llm_worker.service import AskCall, ImageRef, OneTokenService, SearchHit, Timings
 from onetoken.v1 import onetoken_pb2 as pb
 from onetoken.v1 import onetoken_pb2_grpc as pb_grpc
 
@@ -93,6 +94,19 @@ def _timings(t: Timings) -> pb.Timings:
     return pb.Timings(queue_ms=t.queue_ms, encode_ms=t.encode_ms, decode_ms=t.decode_ms, total_ms=t.total_ms)
 
 
+def _hit(hit: SearchHit) -> pb.SearchHit:
+    return pb.SearchHit(image_id=hit.image_id, score=hit.score, source_uri=hit.source_uri)
+
+
+def _image_ref(ref: pb.ImageRef) -> ImageRef:
+    which = ref.WhichOneof("image")
+    if which is None:
+        raise InvalidRequestError("an entry of images names no image: set its image_id or image_bytes")
+    return ImageRef(
+        image_id=ref.image_id or None, image_bytes=ref.image_bytes if which == "image_bytes" else None
+    )
+
+
 class OneTokenServicer(pb_grpc.OneTokenServicer):
     def __init__(self, service: OneTokenService) -> None:
         self.service = service
@@ -107,39 +121,65 @@ class OneTokenServicer(pb_grpc.OneTokenServicer):
 
         return await _guard(context, "EncodeImage", run)
 
-    async def _start_ask(self, request: pb.AskRequest) -> AskCall:
-        o = request.options
-        options = self.service.generation_options(
+    def _options(self, o: pb.GenerationOptions) -> GenerationOptions:
+        return self.service.generation_options(
             o.max_new_tokens, o.temperature, o.top_p, o.seed if o.HasField("seed") else None
         )
+
+    async def _start_ask(self, request: pb.AskRequest) -> AskCall:
+        options = self._options(request.options)
         which = request.WhichOneof("image")
-        if which is None:
-            raise InvalidRequestError("set image_id or image_bytes")
-        note(image_id=request.image_id)  # known before the call can fail ("" when asked by bytes)
+        images = [_image_ref(ref) for ref in request.images]
+        if which is None and not images:
+            raise InvalidRequestError("set image_id or image_bytes, or list the images")
+        note(
+            image_id=request.image_id or (images[0].image_id or "" if images else "")
+        )  # known before it fails
         call = await self.service.ask(
             request.question,
             options,
             image_id=request.image_id if which == "image_id" else None,
             image_bytes=request.image_bytes if which == "image_bytes" else None,
+            images=images,
         )
         note(image_id=call.image_id)
         return call
 
+    async def _answer(self, call: AskCall) -> pb.AskResponse:
+        answer = await call.answer()
+        note(tokens=len(answer.token_ids), first_token_s=_seconds(call.timings.first_token_ms))
+        return pb.AskResponse(
+            image_id=call.image_id,
+            image_ids=call.image_ids,
+            answer=answer.text,
+            finish_reason=answer.finish_reason,
+            usage=pb.Usage(prompt_tokens=answer.prompt_tokens, completion_tokens=len(answer.token_ids)),
+            timings=_timings(call.timings),
+            token_ids=answer.token_ids,
+        )
+
     async def Ask(self, request: pb.AskRequest, context: Any) -> pb.AskResponse:
         async def run() -> pb.AskResponse:
-            call = await self._start_ask(request)
-            answer = await call.answer()
-            note(tokens=len(answer.token_ids), first_token_s=_seconds(call.timings.first_token_ms))
-            return pb.AskResponse(
-                image_id=call.image_id,
-                answer=answer.text,
-                finish_reason=answer.finish_reason,
-                usage=pb.Usage(prompt_tokens=answer.prompt_tokens, completion_tokens=len(answer.token_ids)),
-                timings=_timings(call.timings),
-                token_ids=answer.token_ids,
-            )
+            return await self._answer(await self._start_ask(request))
 
         return await _guard(context, "Ask", run)
+
+    async def AskSearch(self, request: pb.AskSearchRequest, context: Any) -> pb.AskSearchResponse:
+        async def run() -> pb.AskSearchResponse:
+            search = request.search
+            which = search.WhichOneof("query")
+            note(image_id=search.image_id)
+            call, hits = await self.service.ask_search(
+                request.question,
+                self._options(request.options),
+                search.k,
+                image_id=search.image_id if which == "image_id" else None,
+                image_bytes=search.image_bytes if which == "image_bytes" else None,
+                latent=list(search.latent.values) if which == "latent" else None,
+            )
+            return pb.AskSearchResponse(answer=await self._answer(call), hits=[_hit(h) for h in hits])
+
+        return await _guard(context, "AskSearch", run)
 
     async def AskStream(self, request: pb.AskRequest, context: Any) -> AsyncIterator[pb.AskStreamResponse]:
         try:
@@ -155,6 +195,7 @@ class OneTokenServicer(pb_grpc.OneTokenServicer):
                     yield message
                     continue
                 message.finish_reason = event.finished
+                message.image_ids.extend(call.image_ids)
                 message.usage.CopyFrom(
                     pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=generated)
                 )
@@ -175,9 +216,7 @@ class OneTokenServicer(pb_grpc.OneTokenServicer):
                 image_bytes=request.image_bytes if which == "image_bytes" else None,
                 latent=list(request.latent.values) if which == "latent" else None,
             )
-            return pb.SearchResponse(
-                hits=[pb.SearchHit(image_id=h.image_id, score=h.score, source_uri=h.source_uri) for h in hits]
-            )
+            return pb.SearchResponse(hits=[_hit(h) for h in hits])
 
         return await _guard(context, "Search", run)
 

@@ -33,7 +33,7 @@ Emit = Callable[[StepEvent | BaseException | None], None]
 
 @dataclass(eq=False)
 class AskJob:
-    record: Record
+    records: Sequence[Record]  # the images the question is about, in context order (usually one)
     prompt: list[int]
     options: GenerationOptions
     emit: Emit
@@ -114,7 +114,7 @@ class DecodeScheduler:
         """Prefill new jobs together into the running batch; a failure fails those jobs only."""
         try:
             ids = self._running.admit(
-                [j.record for j in jobs], [j.prompt for j in jobs], [j.options for j in jobs]
+                [j.records for j in jobs], [j.prompt for j in jobs], [j.options for j in jobs]
             )
         except Exception as exc:  # reported to these callers; the running rows go on
             logger.exception("prefill of %d questions failed", len(jobs))

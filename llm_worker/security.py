@@ -6,7 +6,7 @@
 - A call carries `authorization: Bearer <token>` metadata. Its token's digest is compared with every
   known digest in constant time (`hmac.compare_digest`), so the comparison leaks nothing about how close
   a guess was. Tokens are never logged.
-- Roles nest: `reader` (Ask, AskStream, Search, GetImage) < `writer` (+ EncodeImage) < `admin`
+- Roles nest: `reader` (Ask, AskStream, Search, AskSearch, GetImage) < `writer` (+ EncodeImage) < `admin`
   (+ DeleteImage). No token or an unknown one: UNAUTHENTICATED; a known one without the role:
   PERMISSION_DENIED. Health checking and reflection stay open, so probes and stock tools work.
 """
@@ -35,6 +35,7 @@ NEEDS: dict[str, Role] = {
     SERVICE + "Ask": "reader",
     SERVICE + "AskStream": "reader",
     SERVICE + "Search": "reader",
+    SERVICE + "AskSearch": "reader",
     SERVICE + "GetImage": "reader",
     SERVICE + "EncodeImage": "writer",
     SERVICE + "DeleteImage": "admin",

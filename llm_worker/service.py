@@ -26,8 +26,8 @@ from cache.store import RecordStore
 from cache.sync import Followed, build_from_store, follow, load_or_rebuild
 from encoder_service.pool import EncoderPool, open_pool
 from htcvlm.checkpoint import load_pretrained
-from htcvlm.decode import Answer, check_records, encode_questions
-from htcvlm.errors import CheckpointError, ImageTooLargeError, InvalidImageError
+from htcvlm.decode import Answer, check_records, context_room, encode_questions
+from htcvlm.errors import CheckpointError, ImageTooLargeError, InvalidImageError, InvalidQuestionError
 from htcvlm.generation import GenerationOptions, StepEvent
 from htcvlm.model import HTCVLM
 from htcvlm.record import Record
@@ -58,13 +58,17 @@ class Timings:
 
 @dataclass
 class AskCall:
-    """One question in flight: iterate `events()`; `timings` and `image_id` are complete afterwards."""
+    """One question in flight: iterate `events()`; `timings` is complete afterwards."""
 
-    image_id: str
+    image_ids: list[str]  # the images the question is about, in context order
     job: AskJob
     queue: asyncio.Queue[StepEvent | BaseException | None]
     started: float
     timings: Timings = field(default_factory=Timings)
+
+    @property
+    def image_id(self) -> str:
+        return self.image_ids[0]
 
     async def answer(self) -> Answer:
         """Wait for the whole answer (the events' text joined; EOS is not part of it)."""
@@ -93,6 +97,14 @@ class AskCall:
             self.timings.total_ms = (end - self.started) * 1e3
         finally:
             self.job.cancel()  # a caller that stops listening (cancelled, deadline) stops the decoding
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image to ask about: by the id of a cached one, or by its bytes (encoded first)."""
+
+    image_id: str | None = None
+    image_bytes: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -232,15 +244,24 @@ class OneTokenService:
         options: GenerationOptions,
         image_id: str | None = None,
         image_bytes: bytes | None = None,
+        images: Sequence[ImageRef] = (),
     ) -> AskCall:
-        """Resolve the image and queue the question; the returned call streams its tokens."""
+        """Resolve the image (or `images`, several in one context, in order) and queue the question; the
+        returned call streams its tokens."""
         started = time.perf_counter()
+        if images and (image_id or image_bytes is not None):
+            raise InvalidRequestError("name the images one way: image_id/image_bytes, or images")
+        refs = list(images) or [ImageRef(image_id, image_bytes)]
+        limit = self.max_images(options.max_new_tokens)
+        if len(refs) > limit:
+            raise InvalidQuestionError(
+                f"{len(refs)} images do not fit the model's context: with max_new_tokens="
+                f"{options.max_new_tokens} it holds at most {limit} images and a question; ask about fewer"
+            )
         # off the event loop: tokenizing takes CPU time that other calls must not wait behind
-        prompt = (await asyncio.to_thread(encode_questions, self.model, [question], options.max_new_tokens))[
-            0
-        ]
-        record = await self.record(image_id, image_bytes)
-        check_records(self.model, [record])
+        prompts = await asyncio.to_thread(encode_questions, self.model, [question], options.max_new_tokens)
+        records = list(await asyncio.gather(*(self.record(r.image_id, r.image_bytes) for r in refs)))
+        check_records(self.model, records)
         encode_ms = (time.perf_counter() - started) * 1e3
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[StepEvent | BaseException | None] = asyncio.Queue()
@@ -249,9 +270,31 @@ class OneTokenService:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(events.put_nowait, item)
 
-        job = AskJob(record, prompt, options, emit)
+        job = AskJob(records, prompts[0], options, emit)
         self.scheduler.submit(job)
-        return AskCall(record.image_id, job, events, started, Timings(encode_ms=encode_ms))
+        return AskCall([r.image_id for r in records], job, events, started, Timings(encode_ms=encode_ms))
+
+    def max_images(self, max_new_tokens: int) -> int:
+        """How many images one question can be about: their voco tokens, a one-token question and
+        `max_new_tokens` must fit the context after the first image."""
+        room = context_room(self.model) - max_new_tokens - 1  # tokens left after image 1 and a question
+        return max(0, 1 + room // self.model.config.n_voco)
+
+    async def ask_search(
+        self,
+        question: str,
+        options: GenerationOptions,
+        k: int,
+        image_id: str | None = None,
+        image_bytes: bytes | None = None,
+        latent: Sequence[float] | None = None,
+    ) -> tuple[AskCall, list[SearchHit]]:
+        """Search, then ask one question over the hits (most similar first): the call and the hits."""
+        hits = await self.search(k, image_id=image_id, image_bytes=image_bytes, latent=latent)
+        if not hits:
+            raise NotIndexedError("the search found no image to ask about: encode images first")
+        call = await self.ask(question, options, images=[ImageRef(image_id=h.image_id) for h in hits])
+        return call, hits
 
     # ---- search ----
 

@@ -28,4 +28,4 @@ def test_the_api_has_every_method():
     from onetoken.v1 import onetoken_pb2 as pb
 
     methods = {m.name for m in pb.DESCRIPTOR.services_by_name["OneToken"].methods}
-    assert methods == {"EncodeImage", "Ask", "AskStream", "Search", "GetImage", "DeleteImage"}
+    assert methods == {"EncodeImage", "Ask", "AskStream", "Search", "AskSearch", "GetImage", "DeleteImage"}

@@ -46,7 +46,7 @@ def job(model, record, question, max_new_tokens=8):
     options = GenerationOptions(max_new_tokens=max_new_tokens)
     prompt = encode_questions(model, [question], max_new_tokens)[0]
     collector = Collector()
-    return AskJob(record, prompt, options, collector), collector
+    return AskJob([record], prompt, options, collector), collector
 
 
 def test_concurrent_asks_share_forwards_and_match_decode(model, records):

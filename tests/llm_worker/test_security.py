@@ -28,6 +28,7 @@ EXPECTED = {
     "Ask": {None: UNAUTH, "unknown": UNAUTH, "reader": OK, "writer": OK, "admin": OK},
     "AskStream": {None: UNAUTH, "unknown": UNAUTH, "reader": OK, "writer": OK, "admin": OK},
     "Search": {None: UNAUTH, "unknown": UNAUTH, "reader": OK, "writer": OK, "admin": OK},
+    "AskSearch": {None: UNAUTH, "unknown": UNAUTH, "reader": OK, "writer": OK, "admin": OK},
     "GetImage": {None: UNAUTH, "unknown": UNAUTH, "reader": OK, "writer": OK, "admin": OK},
     "DeleteImage": {None: UNAUTH, "unknown": UNAUTH, "reader": DENIED, "writer": DENIED, "admin": OK},
 }
@@ -105,6 +106,7 @@ def test_every_role_gets_exactly_what_its_role_allows(secured, tls, tokens):
         "Ask": lambda c: c.ask("Color?", image_id=image_id, max_new_tokens=2),
         "AskStream": lambda c: list(c.ask_stream("Color?", image_id=image_id, max_new_tokens=2)),
         "Search": lambda c: c.search(1, image_id=image_id),
+        "AskSearch": lambda c: c.ask_search("Color?", 1, image_id=image_id, max_new_tokens=2),
         "GetImage": lambda c: c.get_image(image_id),
         "DeleteImage": lambda c: c.delete_image("e" * 64),  # an unknown id: OK deleted=false when allowed
     }

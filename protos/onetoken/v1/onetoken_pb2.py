@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aonetoken/v1/onetoken.proto\x12\x0bonetoken.v1\"7\n\x12\x45ncodeImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x12\n\nsource_uri\x18\x02 \x01(\t\"K\n\x13\x45ncodeImageResponse\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x02 \x01(\x08\x12\x12\n\nlatent_dim\x18\x03 \x01(\r\"k\n\x11GenerationOptions\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\x83\x01\n\nAskRequest\x12\x12\n\x08image_id\x18\x01 \x01(\tH\x00\x12\x15\n\x0bimage_bytes\x18\x02 \x01(\x0cH\x00\x12\x10\n\x08question\x18\x03 \x01(\t\x12/\n\x07options\x18\x04 \x01(\x0b\x32\x1e.onetoken.v1.GenerationOptionsB\x07\n\x05image\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"S\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tencode_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xa3\x01\n\x0b\x41skResponse\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.onetoken.v1.Usage\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.onetoken.v1.Timings\x12\x11\n\ttoken_ids\x18\x06 \x03(\r\"\xa6\x01\n\x11\x41skStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.onetoken.v1.Usage\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.onetoken.v1.Timings\x12\x10\n\x08image_id\x18\x06 \x01(\t\"\x18\n\x06Latent\x12\x0e\n\x06values\x18\x01 \x03(\x02\"u\n\rSearchRequest\x12\x12\n\x08image_id\x18\x01 \x01(\tH\x00\x12\x15\n\x0bimage_bytes\x18\x02 \x01(\x0cH\x00\x12%\n\x06latent\x18\x03 \x01(\x0b\x32\x13.onetoken.v1.LatentH\x00\x12\t\n\x01k\x18\x04 \x01(\rB\x07\n\x05query\"@\n\tSearchHit\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x12\n\nsource_uri\x18\x03 \x01(\t\"6\n\x0eSearchResponse\x12$\n\x04hits\x18\x01 \x03(\x0b\x32\x16.onetoken.v1.SearchHit\"#\n\x0fGetImageRequest\x12\x10\n\x08image_id\x18\x01 \x01(\t\"\xbe\x01\n\tImageInfo\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x12\n\nsource_uri\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x15\n\rvoco_position\x18\x05 \x01(\r\x12\x0e\n\x06n_voco\x18\x06 \x01(\r\x12\x12\n\nlatent_dim\x18\x07 \x01(\r\x12\x10\n\x08kv_bytes\x18\x08 \x01(\x04\x12\x0f\n\x07indexed\x18\t \x01(\x08\"&\n\x12\x44\x65leteImageRequest\x12\x10\n\x08image_id\x18\x01 \x01(\t\"&\n\x13\x44\x65leteImageResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x32\xb5\x03\n\x08OneToken\x12P\n\x0b\x45ncodeImage\x12\x1f.onetoken.v1.EncodeImageRequest\x1a .onetoken.v1.EncodeImageResponse\x12\x38\n\x03\x41sk\x12\x17.onetoken.v1.AskRequest\x1a\x18.onetoken.v1.AskResponse\x12\x46\n\tAskStream\x12\x17.onetoken.v1.AskRequest\x1a\x1e.onetoken.v1.AskStreamResponse0\x01\x12\x41\n\x06Search\x12\x1a.onetoken.v1.SearchRequest\x1a\x1b.onetoken.v1.SearchResponse\x12@\n\x08GetImage\x12\x1c.onetoken.v1.GetImageRequest\x1a\x16.onetoken.v1.ImageInfo\x12P\n\x0b\x44\x65leteImage\x12\x1f.onetoken.v1.DeleteImageRequest\x1a .onetoken.v1.DeleteImageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aonetoken/v1/onetoken.proto\x12\x0bonetoken.v1\"7\n\x12\x45ncodeImageRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x12\n\nsource_uri\x18\x02 \x01(\t\"K\n\x13\x45ncodeImageResponse\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x02 \x01(\x08\x12\x12\n\nlatent_dim\x18\x03 \x01(\r\"k\n\x11GenerationOptions\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xaa\x01\n\nAskRequest\x12\x12\n\x08image_id\x18\x01 \x01(\tH\x00\x12\x15\n\x0bimage_bytes\x18\x02 \x01(\x0cH\x00\x12\x10\n\x08question\x18\x03 \x01(\t\x12/\n\x07options\x18\x04 \x01(\x0b\x32\x1e.onetoken.v1.GenerationOptions\x12%\n\x06images\x18\x05 \x03(\x0b\x32\x15.onetoken.v1.ImageRefB\x07\n\x05image\">\n\x08ImageRef\x12\x12\n\x08image_id\x18\x01 \x01(\tH\x00\x12\x15\n\x0bimage_bytes\x18\x02 \x01(\x0cH\x00\x42\x07\n\x05image\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"S\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x11\n\tencode_ms\x18\x02 \x01(\x01\x12\x11\n\tdecode_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xb6\x01\n\x0b\x41skResponse\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x11\n\timage_ids\x18\x07 \x03(\t\x12\x0e\n\x06\x61nswer\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.onetoken.v1.Usage\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.onetoken.v1.Timings\x12\x11\n\ttoken_ids\x18\x06 \x03(\r\"\xb9\x01\n\x11\x41skStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.onetoken.v1.Usage\x12%\n\x07timings\x18\x05 \x01(\x0b\x32\x14.onetoken.v1.Timings\x12\x10\n\x08image_id\x18\x06 \x01(\t\x12\x11\n\timage_ids\x18\x07 \x03(\t\"\x18\n\x06Latent\x12\x0e\n\x06values\x18\x01 \x03(\x02\"u\n\rSearchRequest\x12\x12\n\x08image_id\x18\x01 \x01(\tH\x00\x12\x15\n\x0bimage_bytes\x18\x02 \x01(\x0cH\x00\x12%\n\x06latent\x18\x03 \x01(\x0b\x32\x13.onetoken.v1.LatentH\x00\x12\t\n\x01k\x18\x04 \x01(\rB\x07\n\x05query\"@\n\tSearchHit\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x12\n\nsource_uri\x18\x03 \x01(\t\"6\n\x0eSearchResponse\x12$\n\x04hits\x18\x01 \x03(\x0b\x32\x16.onetoken.v1.SearchHit\"\x81\x01\n\x10\x41skSearchRequest\x12*\n\x06search\x18\x01 \x01(\x0b\x32\x1a.onetoken.v1.SearchRequest\x12\x10\n\x08question\x18\x02 \x01(\t\x12/\n\x07options\x18\x03 \x01(\x0b\x32\x1e.onetoken.v1.GenerationOptions\"c\n\x11\x41skSearchResponse\x12(\n\x06\x61nswer\x18\x01 \x01(\x0b\x32\x18.onetoken.v1.AskResponse\x12$\n\x04hits\x18\x02 \x03(\x0b\x32\x16.onetoken.v1.SearchHit\"#\n\x0fGetImageRequest\x12\x10\n\x08image_id\x18\x01 \x01(\t\"\xbe\x01\n\tImageInfo\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x12\n\nsource_uri\x18\x03 \x01(\t\x12\x12\n\ncreated_at\x18\x04 \x01(\x01\x12\x15\n\rvoco_position\x18\x05 \x01(\r\x12\x0e\n\x06n_voco\x18\x06 \x01(\r\x12\x12\n\nlatent_dim\x18\x07 \x01(\r\x12\x10\n\x08kv_bytes\x18\x08 \x01(\x04\x12\x0f\n\x07indexed\x18\t \x01(\x08\"&\n\x12\x44\x65leteImageRequest\x12\x10\n\x08image_id\x18\x01 \x01(\t\"&\n\x13\x44\x65leteImageResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x32\x81\x04\n\x08OneToken\x12P\n\x0b\x45ncodeImage\x12\x1f.onetoken.v1.EncodeImageRequest\x1a .onetoken.v1.EncodeImageResponse\x12\x38\n\x03\x41sk\x12\x17.onetoken.v1.AskRequest\x1a\x18.onetoken.v1.AskResponse\x12\x46\n\tAskStream\x12\x17.onetoken.v1.AskRequest\x1a\x1e.onetoken.v1.AskStreamResponse0\x01\x12\x41\n\x06Search\x12\x1a.onetoken.v1.SearchRequest\x1a\x1b.onetoken.v1.SearchResponse\x12J\n\tAskSearch\x12\x1d.onetoken.v1.AskSearchRequest\x1a\x1e.onetoken.v1.AskSearchResponse\x12@\n\x08GetImage\x12\x1c.onetoken.v1.GetImageRequest\x1a\x16.onetoken.v1.ImageInfo\x12P\n\x0b\x44\x65leteImage\x12\x1f.onetoken.v1.DeleteImageRequest\x1a .onetoken.v1.DeleteImageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,31 +38,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATIONOPTIONS']._serialized_start=177
   _globals['_GENERATIONOPTIONS']._serialized_end=284
   _globals['_ASKREQUEST']._serialized_start=287
-  _globals['_ASKREQUEST']._serialized_end=418
-  _globals['_USAGE']._serialized_start=420
-  _globals['_USAGE']._serialized_end=477
-  _globals['_TIMINGS']._serialized_start=479
-  _globals['_TIMINGS']._serialized_end=562
-  _globals['_ASKRESPONSE']._serialized_start=565
-  _globals['_ASKRESPONSE']._serialized_end=728
-  _globals['_ASKSTREAMRESPONSE']._serialized_start=731
-  _globals['_ASKSTREAMRESPONSE']._serialized_end=897
-  _globals['_LATENT']._serialized_start=899
-  _globals['_LATENT']._serialized_end=923
-  _globals['_SEARCHREQUEST']._serialized_start=925
-  _globals['_SEARCHREQUEST']._serialized_end=1042
-  _globals['_SEARCHHIT']._serialized_start=1044
-  _globals['_SEARCHHIT']._serialized_end=1108
-  _globals['_SEARCHRESPONSE']._serialized_start=1110
-  _globals['_SEARCHRESPONSE']._serialized_end=1164
-  _globals['_GETIMAGEREQUEST']._serialized_start=1166
-  _globals['_GETIMAGEREQUEST']._serialized_end=1201
-  _globals['_IMAGEINFO']._serialized_start=1204
-  _globals['_IMAGEINFO']._serialized_end=1394
-  _globals['_DELETEIMAGEREQUEST']._serialized_start=1396
-  _globals['_DELETEIMAGEREQUEST']._serialized_end=1434
-  _globals['_DELETEIMAGERESPONSE']._serialized_start=1436
-  _globals['_DELETEIMAGERESPONSE']._serialized_end=1474
-  _globals['_ONETOKEN']._serialized_start=1477
-  _globals['_ONETOKEN']._serialized_end=1914
+  _globals['_ASKREQUEST']._serialized_end=457
+  _globals['_IMAGEREF']._serialized_start=459
+  _globals['_IMAGEREF']._serialized_end=521
+  _globals['_USAGE']._serialized_start=523
+  _globals['_USAGE']._serialized_end=580
+  _globals['_TIMINGS']._serialized_start=582
+  _globals['_TIMINGS']._serialized_end=665
+  _globals['_ASKRESPONSE']._serialized_start=668
+  _globals['_ASKRESPONSE']._serialized_end=850
+  _globals['_ASKSTREAMRESPONSE']._serialized_start=853
+  _globals['_ASKSTREAMRESPONSE']._serialized_end=1038
+  _globals['_LATENT']._serialized_start=1040
+  _globals['_LATENT']._serialized_end=1064
+  _globals['_SEARCHREQUEST']._serialized_start=1066
+  _globals['_SEARCHREQUEST']._serialized_end=1183
+  _globals['_SEARCHHIT']._serialized_start=1185
+  _globals['_SEARCHHIT']._serialized_end=1249
+  _globals['_SEARCHRESPONSE']._serialized_start=1251
+  _globals['_SEARCHRESPONSE']._serialized_end=1305
+  _globals['_ASKSEARCHREQUEST']._serialized_start=1308
+  _globals['_ASKSEARCHREQUEST']._serialized_end=1437
+  _globals['_ASKSEARCHRESPONSE']._serialized_start=1439
+  _globals['_ASKSEARCHRESPONSE']._serialized_end=1538
+  _globals['_GETIMAGEREQUEST']._serialized_start=1540
+  _globals['_GETIMAGEREQUEST']._serialized_end=1575
+  _globals['_IMAGEINFO']._serialized_start=1578
+  _globals['_IMAGEINFO']._serialized_end=1768
+  _globals['_DELETEIMAGEREQUEST']._serialized_start=1770
+  _globals['_DELETEIMAGEREQUEST']._serialized_end=1808
+  _globals['_DELETEIMAGERESPONSE']._serialized_start=1810
+  _globals['_DELETEIMAGERESPONSE']._serialized_end=1848
+  _globals['_ONETOKEN']._serialized_start=1851
+  _globals['_ONETOKEN']._serialized_end=2364
 # @@protoc_insertion_point(module_scope)

@@ -37,16 +37,26 @@ class GenerationOptions(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class AskRequest(_message.Message):
-    __slots__ = ("image_id", "image_bytes", "question", "options")
+    __slots__ = ("image_id", "image_bytes", "question", "options", "images")
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
     image_id: str
     image_bytes: bytes
     question: str
     options: GenerationOptions
-    def __init__(self, image_id: _Optional[str] = ..., image_bytes: _Optional[bytes] = ..., question: _Optional[str] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[ImageRef]
+    def __init__(self, image_id: _Optional[str] = ..., image_bytes: _Optional[bytes] = ..., question: _Optional[str] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ..., images: _Optional[_Iterable[_Union[ImageRef, _Mapping]]] = ...) -> None: ...
+
+class ImageRef(_message.Message):
+    __slots__ = ("image_id", "image_bytes")
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    image_id: str
+    image_bytes: bytes
+    def __init__(self, image_id: _Optional[str] = ..., image_bytes: _Optional[bytes] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
@@ -69,36 +79,40 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., encode_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class AskResponse(_message.Message):
-    __slots__ = ("image_id", "answer", "finish_reason", "usage", "timings", "token_ids")
+    __slots__ = ("image_id", "image_ids", "answer", "finish_reason", "usage", "timings", "token_ids")
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     image_id: str
+    image_ids: _containers.RepeatedScalarFieldContainer[str]
     answer: str
     finish_reason: str
     usage: Usage
     timings: Timings
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, image_id: _Optional[str] = ..., answer: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, image_id: _Optional[str] = ..., image_ids: _Optional[_Iterable[str]] = ..., answer: _Optional[str] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AskStreamResponse(_message.Message):
-    __slots__ = ("text", "token_id", "finish_reason", "usage", "timings", "image_id")
+    __slots__ = ("text", "token_id", "finish_reason", "usage", "timings", "image_id", "image_ids")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_IDS_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_id: int
     finish_reason: str
     usage: Usage
     timings: Timings
     image_id: str
-    def __init__(self, text: _Optional[str] = ..., token_id: _Optional[int] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., image_id: _Optional[str] = ...) -> None: ...
+    image_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, text: _Optional[str] = ..., token_id: _Optional[int] = ..., finish_reason: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., image_id: _Optional[str] = ..., image_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Latent(_message.Message):
     __slots__ = ("values",)
@@ -133,6 +147,24 @@ class SearchResponse(_message.Message):
     HITS_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
     def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ...) -> None: ...
+
+class AskSearchRequest(_message.Message):
+    __slots__ = ("search", "question", "options")
+    SEARCH_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    search: SearchRequest
+    question: str
+    options: GenerationOptions
+    def __init__(self, search: _Optional[_Union[SearchRequest, _Mapping]] = ..., question: _Optional[str] = ..., options: _Optional[_Union[GenerationOptions, _Mapping]] = ...) -> None: ...
+
+class AskSearchResponse(_message.Message):
+    __slots__ = ("answer", "hits")
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    answer: AskResponse
+    hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
+    def __init__(self, answer: _Optional[_Union[AskResponse, _Mapping]] = ..., hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ...) -> None: ...
 
 class GetImageRequest(_message.Message):
     __slots__ = ("image_id",)

@@ -54,6 +54,11 @@ class OneTokenStub:
                 request_serializer=onetoken_dot_v1_dot_onetoken__pb2.SearchRequest.SerializeToString,
                 response_deserializer=onetoken_dot_v1_dot_onetoken__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.AskSearch = channel.unary_unary(
+                '/onetoken.v1.OneToken/AskSearch',
+                request_serializer=onetoken_dot_v1_dot_onetoken__pb2.AskSearchRequest.SerializeToString,
+                response_deserializer=onetoken_dot_v1_dot_onetoken__pb2.AskSearchResponse.FromString,
+                _registered_method=True)
         self.GetImage = channel.unary_unary(
                 '/onetoken.v1.OneToken/GetImage',
                 request_serializer=onetoken_dot_v1_dot_onetoken__pb2.GetImageRequest.SerializeToString,
@@ -77,7 +82,8 @@ class OneTokenServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Ask(self, request, context):
-        """Answer a question about a cached image, or about image bytes encoded first.
+        """Answer a question about a cached image, or about image bytes encoded first; or about several
+        images at once, in order, each one voco token of context (AskRequest.images).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,6 +98,14 @@ class OneTokenServicer:
 
     def Search(self, request, context):
         """The k most similar cached images, by image id, image bytes or a raw latent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AskSearch(self, request, context):
+        """A Search, then one question over its hits (most similar first) in one context: the answer and the
+        hits it used.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,6 +147,11 @@ def add_OneTokenServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=onetoken_dot_v1_dot_onetoken__pb2.SearchRequest.FromString,
                     response_serializer=onetoken_dot_v1_dot_onetoken__pb2.SearchResponse.SerializeToString,
+            ),
+            'AskSearch': grpc.unary_unary_rpc_method_handler(
+                    servicer.AskSearch,
+                    request_deserializer=onetoken_dot_v1_dot_onetoken__pb2.AskSearchRequest.FromString,
+                    response_serializer=onetoken_dot_v1_dot_onetoken__pb2.AskSearchResponse.SerializeToString,
             ),
             'GetImage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetImage,
@@ -253,6 +272,33 @@ class OneToken:
             '/onetoken.v1.OneToken/Search',
             onetoken_dot_v1_dot_onetoken__pb2.SearchRequest.SerializeToString,
             onetoken_dot_v1_dot_onetoken__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AskSearch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onetoken.v1.OneToken/AskSearch',
+            onetoken_dot_v1_dot_onetoken__pb2.AskSearchRequest.SerializeToString,
+            onetoken_dot_v1_dot_onetoken__pb2.AskSearchResponse.FromString,
             options,
             channel_credentials,
             insecure,
