@@ -22,7 +22,7 @@ from cache.errors import (
     StoreUnavailableError,
 )
 from encoder_service.errors import EncoderUnavailableError, QueueFullError
-from htcvlm.errors import InvalidImageError, InvalidQuestionError, RecordMismatchError
+from htcvlm.errors import InvalidImageError, InvalidQuestionError, PlacementError, RecordMismatchError
 from htcvlm.generation import GenerationOptions
 from llm_worker.errors import (
     DecodeQueueFullError,
@@ -47,6 +47,7 @@ STATUS_OF: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (ImageNotFoundError, grpc.StatusCode.NOT_FOUND),
     (NotIndexedError, grpc.StatusCode.NOT_FOUND),
     (RecordMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
+    (PlacementError, grpc.StatusCode.FAILED_PRECONDITION),  # this model cannot hold several images
     (FingerprintMismatchError, grpc.StatusCode.FAILED_PRECONDITION),
     (CorruptRecordError, grpc.StatusCode.DATA_LOSS),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -26,8 +26,8 @@ from cache.store import RecordStore
 from cache.sync import Followed, build_from_store, follow, load_or_rebuild
 from encoder_service.pool import EncoderPool, open_pool
 from htcvlm.checkpoint import load_pretrained
-from htcvlm.decode import Answer, check_records, context_room, encode_questions
-from htcvlm.errors import CheckpointError, ImageTooLargeError, InvalidImageError, InvalidQuestionError
+from htcvlm.decode import Answer, check_records, encode_questions, max_images
+from htcvlm.errors import CheckpointError, ImageTooLargeError, InvalidImageError, TooManyImagesError
 from htcvlm.generation import GenerationOptions, StepEvent
 from htcvlm.model import HTCVLM
 from htcvlm.record import Record
@@ -252,14 +252,15 @@ class OneTokenService:
         if images and (image_id or image_bytes is not None):
             raise InvalidRequestError("name the images one way: image_id/image_bytes, or images")
         refs = list(images) or [ImageRef(image_id, image_bytes)]
-        limit = self.max_images(options.max_new_tokens)
-        if len(refs) > limit:
-            raise InvalidQuestionError(
-                f"{len(refs)} images do not fit the model's context: with max_new_tokens="
-                f"{options.max_new_tokens} it holds at most {limit} images and a question; ask about fewer"
+        if len(refs) > (limit := max_images(self.model)):  # before any of them is looked up
+            raise TooManyImagesError(
+                f"{len(refs)} images do not fit the model's context: at most {limit} images fit, with a "
+                "one-token question and answer; ask about fewer images"
             )
         # off the event loop: tokenizing takes CPU time that other calls must not wait behind
-        prompts = await asyncio.to_thread(encode_questions, self.model, [question], options.max_new_tokens)
+        prompts = await asyncio.to_thread(
+            encode_questions, self.model, [question], options.max_new_tokens, len(refs)
+        )
         records = list(await asyncio.gather(*(self.record(r.image_id, r.image_bytes) for r in refs)))
         check_records(self.model, records)
         encode_ms = (time.perf_counter() - started) * 1e3
@@ -273,12 +274,6 @@ class OneTokenService:
         job = AskJob(records, prompts[0], options, emit)
         self.scheduler.submit(job)
         return AskCall([r.image_id for r in records], job, events, started, Timings(encode_ms=encode_ms))
-
-    def max_images(self, max_new_tokens: int) -> int:
-        """How many images one question can be about: their voco tokens, a one-token question and
-        `max_new_tokens` must fit the context after the first image."""
-        room = context_room(self.model) - max_new_tokens - 1  # tokens left after image 1 and a question
-        return max(0, 1 + room // self.model.config.n_voco)
 
     async def ask_search(
         self,

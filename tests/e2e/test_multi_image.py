@@ -9,7 +9,7 @@ import pytest
 
 from cache.keys import RecordKey
 from cache.records import get_records
-from htcvlm.decode import decode
+from htcvlm.decode import decode, max_images
 from htcvlm.generation import GenerationOptions
 from tests.conftest import QUESTION
 from tests.htcvlm.helpers import png_bytes as png
@@ -46,9 +46,11 @@ def test_images_by_bytes_and_id_mix_and_too_many_are_refused(server, client):
     known = client.encode(png(320)).image_id
     reply = client.ask(QUESTION, images=[png(321), known], max_new_tokens=2)
     assert reply.image_ids[1] == known and len(reply.image_ids[0]) == 64
-    limit = server.service.max_images(4)
+    limit = max_images(server.service.model)
     got, details = code_of(lambda: client.ask(QUESTION, images=[known] * (limit + 1), max_new_tokens=4))
     assert got == grpc.StatusCode.INVALID_ARGUMENT and f"at most {limit} images" in details
+    got, details = code_of(lambda: client.ask(QUESTION, images=[known] * limit, max_new_tokens=4))
+    assert got == grpc.StatusCode.INVALID_ARGUMENT and "ask about fewer images" in details
     got, details = code_of(lambda: client.ask(QUESTION, image_id=known, images=[known]))
     assert got == grpc.StatusCode.INVALID_ARGUMENT and "one way" in details
     got, _ = code_of(lambda: client.ask(QUESTION, images=[known, "0" * 64]))

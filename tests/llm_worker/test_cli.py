@@ -84,6 +84,27 @@ def test_ask_by_id_and_streamed_by_file_agree(served):
     assert asked.stdout.strip() and asked.stdout.strip() == streamed.stdout.strip()
 
 
+def test_ask_about_several_images_in_order_and_over_a_searchs_hits(served):
+    """--image and --image-id repeat and mix, in command-line order; --search-id asks over the hits."""
+    env = served[0]
+    (a, _), (b, b_file) = encoded(served, 21), encoded(served, 22)
+    by_ids = onetoken("ask", "--image-id", a, "--image-id", b, "--max-new-tokens", "4", QUESTION, env=env)
+    mixed = onetoken(
+        "ask", "--image-id", a, "--image", str(b_file), "--max-new-tokens", "4", QUESTION, env=env
+    )
+    assert by_ids.returncode == 0 and mixed.returncode == 0, by_ids.stderr + mixed.stderr
+    assert by_ids.stdout.strip() and by_ids.stdout == mixed.stdout
+    found = onetoken(
+        "ask", "--search-id", a, "-k", "2", "--max-new-tokens", "4", "--log-level", "INFO", QUESTION, env=env
+    )
+    assert found.returncode == 0 and found.stdout.strip(), found.stderr
+    assert f"image 1: {a}" in found.stderr  # the hits it asked about, most similar first
+    neither = onetoken("ask", QUESTION, env=env)
+    both = onetoken("ask", "--image-id", a, "--search-id", a, QUESTION, env=env)
+    for result in (neither, both):
+        assert result.returncode == 2 and "--search-image" in result.stderr
+
+
 def test_search_by_file_finds_it_first(served):
     image_id, image = encoded(served, 9)
     found = onetoken("search", "--image", str(image), "-k", "1", env=served[0])
