@@ -162,7 +162,12 @@ def find_weights(folder: Path) -> WeightFiles:
 
 def _open(path: Path, device: str = "cpu") -> Any:  # safetensors' handle has no public type
     try:
-        return safe_open(str(path), framework="pt", device=device)
+        # On the CPU, pread(2) rather than safetensors' default mmap: a tensor then owns its memory instead
+        # of mapping the file, so a checkpoint overwritten in place under a running process (cp over it)
+        # can neither change its weights behind the fingerprint nor crash it (SIGBUS) at a first touch.
+        # A GPU tensor is copied off the mapping as it is read.
+        backend = "pread" if torch.device(device).type == "cpu" else "mmap"
+        return safe_open(str(path), framework="pt", device=device, backend=backend)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
 

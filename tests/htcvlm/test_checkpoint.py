@@ -108,6 +108,20 @@ def test_a_changed_shard_is_hashed_again_an_untouched_folder_is_not(sharded, mod
         assert load_pretrained(sharded).fingerprint() == changed.fingerprint() and hash_calls == [1]
 
 
+def test_loaded_weights_do_not_map_the_files(sharded, model):
+    """A shard overwritten in place (same inode, as `cp` does) under a loaded model changes none of its
+    weights: they were read into memory of their own, not mapped from the file."""
+    loaded = load_pretrained(sharded)
+    for shard in shard_files(sharded):
+        size = (sharded / shard).stat().st_size
+        with open(sharded / shard, "r+b") as f:
+            f.seek(size // 2)
+            f.write(b"\x7f" * (size - size // 2))
+    expected = model.state_dict()
+    assert all(torch.equal(t, expected[k]) for k, t in loaded.state_dict().items())
+    assert loaded.hash_weights() == model.fingerprint()
+
+
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16, torch.float16])
 def test_half_precision_loads_in_its_dtype_built_on_meta(tmp_path, model, tokenizer, monkeypatch, dtype):
     """A bf16 checkpoint loads as bf16 (or the dtype asked for): the model is built on the meta device and
