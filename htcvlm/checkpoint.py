@@ -159,7 +159,8 @@ def from_components(config: HTCConfig) -> HTCVLM:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """ "auto": the current GPU where this process sees one (a Ray actor sees only its own), else cpu."""
+    """A torch device with its index; "auto" is the current GPU where this process sees one (a Ray actor
+    with num_gpus=1 sees only its own), else the CPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
