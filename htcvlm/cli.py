@@ -36,26 +36,46 @@ def _human(n: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Geometry, parameter count and bytes cached per image: of the model `serve` would load (loaded as
-    `serve` loads it), or of a preset's geometry built on the meta device (no weights)."""
+    """Geometry, parameter count, storage and bytes cached per image: of a checkpoint (read from its config
+    and the safetensors headers; loaded as `serve` loads it only when its fingerprint is not stamped beside
+    the weights), or of a preset's geometry built on the meta device (no weights)."""
     if args.preset is not None:
         config, params = _preset_geometry(args.preset)
         print(f"preset            {config.name} (geometry only, no weights)")
+        n_shared, voco_position = 0, config.n_visual  # a preset's layout: the voco right after V_hy
     else:
-        from htcvlm.checkpoint import load_pretrained
+        from htcvlm.checkpoint import describe, load_pretrained
         from htcvlm.defaults import DEFAULT_MODEL_DIR
 
         folder = args.model or str(DEFAULT_MODEL_DIR)
-        model = load_pretrained(folder)
-        config, params = model.config, sum(p.numel() for p in model.parameters())
+        summary = describe(folder)
+        config, params = summary.model.config, summary.n_params
+        fingerprint = summary.fingerprint or load_pretrained(folder).fingerprint()
+        layout = summary.model.layout
+        n_shared, voco_position = layout.n_shared, layout.voco_position
         print(f"model             {folder}")
-        print(f"fingerprint       {model.fingerprint()[:16]} (preset {config.name})")
-    per_token = config.kv_values_per_image // config.n_voco * 2  # fp16 bytes of one token's K/V state
+        print(f"fingerprint       {fingerprint[:16]} (preset {config.name})")
+        dtypes = ", ".join(f"{d} {n / 1e6:,.1f} M values" for d, n in sorted(summary.dtypes.items()))
+        shards = "1 file" if summary.n_shards == 1 else f"{summary.n_shards} shards"
+        print(f"weights           {dtypes}; {_human(summary.weights_bytes)} in {shards}")
+        for i, (part, source) in enumerate(summary.provenance.items()):
+            print(f"{'provenance' if i == 0 else '':<18}{part}: {source}")
+    kv_values = config.kv_values_per_image  # every voco token's K/V state, all layers
+    head_dim = config.llm.head_dim
     print(f"image             {config.image_size} px, {config.n_patches} patches, q in R^{config.q_dim}")
     print(f"V_hy              {config.n_visual} tokens ({config.channels}, fusion {config.fusion})")
+    print(
+        f"layout            shared prefix {n_shared} tokens, voco at position {voco_position}, "
+        f"text from {voco_position + config.n_voco}"
+    )
     print(f"parameters        {params / 1e6:,.1f} M ({config.llm.vocab_size}-token vocabulary)")
-    print(f"cached per image  {_human(per_token * config.n_voco)} fp16 ({config.n_voco} voco token)")
-    full = per_token * config.n_patches
+    # int8: one byte a value and an fp32 scale per head_dim row (cache/serde.py's quantize_int8)
+    int8 = kv_values + 4 * kv_values // head_dim
+    print(
+        f"cached per image  {_human(2 * kv_values)} fp16, {_human(int8)} int8 K/V "
+        f"({config.n_voco} voco token) + a {_human(4 * config.llm.hidden_size)} fp32 latent"
+    )
+    full = 2 * kv_values // config.n_voco * config.n_patches
     print(f"uncompressed      {_human(full)} fp16 for {config.n_patches} image tokens")
     return 0
 

@@ -20,6 +20,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
 
 from htcvlm.config import HTCConfig
 from htcvlm.errors import CheckpointError
@@ -133,3 +135,22 @@ def build_llm(config: HTCConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
         eos_token_id=tokenizer.eos_token_id,
     )
     return LlamaForCausalLM(llama)
+
+
+def constructed_buffer(module: nn.Module, name: str) -> torch.Tensor | None:
+    """The value a transformers module's constructor gives its non-persistent buffer `name`, on the CPU
+    (None for a buffer this does not know): what a model built on the meta device lacks after loading.
+
+    CLIP's patch position ids, and the rotary inverse frequencies of LLaMA-family models (transformers
+    recomputes these the same way in `PreTrainedModel._init_weights`).
+    """
+    if isinstance(module, CLIPVisionEmbeddings) and name == "position_ids":
+        return torch.arange(module.num_positions).expand((1, -1))
+    rope_type = getattr(module, "rope_type", None)
+    if name in ("inv_freq", "original_inv_freq") and hasattr(module, "original_inv_freq") and rope_type:
+        if rope_type == "default":
+            inv_freq, _ = module.compute_default_rope_parameters(module.config)  # type: ignore[operator]
+        else:
+            inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](module.config)
+        return inv_freq
+    return None

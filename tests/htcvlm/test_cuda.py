@@ -68,3 +68,24 @@ def test_rows_joining_a_running_batch_on_gpu(setup):
     prompts = encode_questions(model, QUESTIONS, 6)
     got = greedy_with_joins(model, records, prompts, 6, join_after={1: 0, 2: 1})
     assert got == expected
+
+
+def test_a_checkpoint_loads_straight_onto_the_gpu_in_its_dtype(tmp_path, tokenizer):
+    """device="auto" on a GPU host: every weight read onto the GPU in the dtype asked for, no fp32 copy
+    there either, and the buffers computed on the GPU."""
+    from htcvlm.checkpoint import load_pretrained, save_pretrained
+
+    model = make_model(tokenizer, seed=1)
+    folder = save_pretrained(model, tmp_path / "m", max_shard_size=500_000)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loaded = load_pretrained(folder, "auto", dtype="bf16")
+    tensors = [*loaded.parameters(), *loaded.buffers()]
+    assert {t.device.type for t in tensors} == {"cuda"}
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    bf16_bytes = sum(p.numel() * 2 for p in loaded.parameters())
+    # one fp32 tensor at a time is read before its cast: never the fp32 model (twice the bf16 bytes)
+    assert torch.cuda.max_memory_allocated() - before < 1.5 * bf16_bytes
+    on_cpu = load_pretrained(folder, "cpu", dtype="bf16")
+    assert loaded.fingerprint() == on_cpu.fingerprint()
