@@ -3,6 +3,8 @@ environment, as local processes in a network namespace of its own (named after t
 reachable by their service names through /etc/netns/NAME/hosts), its volumes mapped to host folders.
 
 What Docker would do and this does instead:
+- volumes: a folder per volume, bound in the mount namespaces of the services that mount it (read-only
+  where compose says so), an empty folder in the others';
 - the image: the test's own virtual environment on PATH and this checkout on PYTHONPATH (the Dockerfile
   installs the same packages), with the Dockerfile's ENV lines;
 - the compose network: a bridge in the root namespace, one veth pair per service, addresses in a free
@@ -28,6 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from shlex import quote
 
 import yaml
 
@@ -71,6 +74,16 @@ def dockerfile_env(dockerfile: Path) -> dict[str, str]:
     return env
 
 
+@dataclass(frozen=True)
+class Mount:
+    """A volume of a service: the host folder holding its files, and the folder where the service sees
+    them (bound there in its mount namespace; the other services see that folder empty)."""
+
+    source: Path
+    target: Path
+    read_only: bool
+
+
 @dataclass
 class Service:
     """One container of a compose service: `name` is the service's (`encoder-2` for a replica)."""
@@ -78,22 +91,23 @@ class Service:
     name: str
     argv: list[str]
     env: dict[str, str]
-    mounts: dict[str, Path]  # container path -> host folder
+    mounts: dict[str, Mount]  # by container path
     healthcheck: list[str]
 
     def host_path(self, text: str) -> str:
-        """`text` with every container path of a mount replaced by its host folder."""
+        """`text` with every container path of a mount replaced by the folder the service sees it at."""
         if not self.mounts:
             return text
         inside = "|".join(re.escape(m) for m in sorted(self.mounts, key=len, reverse=True))
-        return re.sub(rf"({inside})(?![\w.-])", lambda m: str(self.mounts[m.group(1)]), text)
+        return re.sub(rf"({inside})(?![\w.-])", lambda m: str(self.mounts[m.group(1)].target), text)
 
 
 def load_services(
-    compose_file: Path, variables: dict[str, str], volumes_root: Path, names: list[str]
+    compose_file: Path, variables: dict[str, str], root: Path, names: list[str]
 ) -> list[Service]:
-    """The services `names` of `compose_file` (replicas expanded), interpolated with `variables`; named
-    volumes and ./folders become folders under `volumes_root`."""
+    """The services `names` of `compose_file` (replicas expanded), interpolated with `variables`. A named
+    volume or ./folder NAME holds its files in root/volumes/NAME, seen by the services that mount it at
+    root/mounts/NAME (made here, as every mount point)."""
     compose = _interpolate_tree(yaml.safe_load(compose_file.read_text()), variables)
     assert isinstance(compose, dict)
     services = []
@@ -101,8 +115,12 @@ def load_services(
         spec = compose["services"][name]
         mounts = {}
         for volume in spec.get("volumes", []):
-            source, inside = volume.split(":")[:2]
-            mounts[inside] = volumes_root / source.removeprefix("./")
+            source, inside, *mode = volume.split(":")
+            folder = source.removeprefix("./")
+            mount = Mount(root / "volumes" / folder, root / "mounts" / folder, mode == ["ro"])
+            mount.source.mkdir(parents=True, exist_ok=True)
+            mount.target.mkdir(parents=True, exist_ok=True)
+            mounts[inside] = mount
         argv = [*_as_list(spec.get("entrypoint")), *_as_list(spec.get("command"))]
         env = {key: str(value) for key, value in (spec.get("environment") or {}).items()}
         replicas = spec.get("deploy", {}).get("replicas", 1)
@@ -176,24 +194,32 @@ class ServiceNetwork:
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "route", "add", "default", "via", str(self.gateway))
 
-    def command(self, name: str, argv: list[str], ray_tmp: Path) -> list[str]:
-        """`argv` in `name`'s network namespace, in a PID and mount namespace of its own (as a container
-        is), with `ray_tmp` bound over /tmp/ray (mounts made there do not reach the host).
+    def command(self, service: Service, argv: list[str], ray_tmp: Path) -> list[str]:
+        """`argv` in the service's network namespace, in a PID and mount namespace of its own (as a
+        container is), with its volumes bound where it sees them and `ray_tmp` over /tmp/ray (mounts made
+        there do not reach the host).
 
-        Both matter to Ray: a driver joins the node whose raylet it sees in `ps` (the head's, given the
+        Ray needs both: a driver joins the node whose raylet it sees in `ps` (the head's, given the
         choice), and reads the cluster's address from /tmp/ray; every node keeps its session under the
         head's temp folder, /tmp/ray. Seeing the other services' processes, the worker and ingest drivers
         would take the head's node, and other nodes could not reach them at its address."""
-        mount = 'mkdir -p /tmp/ray && mount --bind "$0" /tmp/ray && exec "$@"'
-        netns = ["ip", "netns", "exec", self.namespaces[name]]
-        return [*netns, "unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", mount, str(ray_tmp), *argv]
+        steps = ["mkdir -p /tmp/ray", 'mount --bind "$0" /tmp/ray']
+        for mount in service.mounts.values():
+            steps.append(f"mount --bind {quote(str(mount.source))} {quote(str(mount.target))}")
+            if mount.read_only:
+                steps.append(f"mount -o remount,bind,ro {quote(str(mount.target))}")
+        script = " && ".join([*steps, 'exec "$@"'])
+        netns = ["ip", "netns", "exec", self.namespaces[service.name]]
+        return [*netns, "unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script, str(ray_tmp), *argv]
 
-    def run(self, name: str, argv: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen:
-        """Start `argv` in `name`'s namespace, with `cwd/ray` as its /tmp/ray, output to `log`."""
+    def run(
+        self, service: Service, argv: list[str], env: dict[str, str], log: Path, cwd: Path
+    ) -> subprocess.Popen:
+        """Start `argv` as `service`, with `cwd/ray` as its /tmp/ray, output to `log`."""
         (cwd / "ray").mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as out:
             return subprocess.Popen(
-                self.command(name, argv, cwd / "ray"),
+                self.command(service, argv, cwd / "ray"),
                 env=env,
                 cwd=cwd,
                 stdout=out,
@@ -201,12 +227,13 @@ class ServiceNetwork:
                 start_new_session=True,
             )
 
-    def check(self, name: str, argv: list[str], env: dict[str, str], timeout_s: float) -> bool:
-        """Whether `argv` exits 0 in `name`'s namespace within `timeout_s` (a compose health check)."""
+    def check(self, service: Service, env: dict[str, str], cwd: Path, timeout_s: float) -> bool:
+        """Whether the service's compose health check exits 0 within `timeout_s`, run beside it."""
         try:
             done = subprocess.run(
-                ["ip", "netns", "exec", self.namespaces[name], *argv],
+                self.command(service, service.healthcheck, cwd / "ray"),
                 env=env,
+                cwd=cwd,
                 capture_output=True,
                 timeout=timeout_s,
             )

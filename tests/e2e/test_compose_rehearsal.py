@@ -81,12 +81,11 @@ class Stack:
 
     def start(self, name: str, *extra: str) -> None:
         service = self.services[name]
-        for folder in service.mounts.values():
-            folder.mkdir(parents=True, exist_ok=True)
         argv = [*service.argv, *extra]
         logger.info("%s: %s", name, argv)
-        cwd = self.root / name
-        self.procs[name] = self.network.run(name, argv, self.env(name), self.log_path(name), cwd)
+        self.procs[name] = self.network.run(
+            service, argv, self.env(name), self.log_path(name), self.root / name
+        )
 
     def log_path(self, name: str) -> Path:
         return self.root / f"{name}.log"
@@ -97,7 +96,7 @@ class Stack:
 
     def healthy(self, name: str) -> bool:
         """The service's compose health check, run in its namespace."""
-        return self.network.check(name, self.services[name].healthcheck, self.env(name), timeout_s=20)
+        return self.network.check(self.services[name], self.env(name), self.root / name, timeout_s=20)
 
     def wait(self, what: str, done: Callable[[], bool], timeout_s: float) -> None:
         """Poll `done` until true; fail with every log's tail if it is not within `timeout_s`, or if a
@@ -118,7 +117,7 @@ class Stack:
 def stack(tmp_path: Path) -> Iterator[Stack]:
     require_tools()
     variables = {"RAY_AUTH_TOKEN": secrets.token_urlsafe(32)}  # compose refuses to start without it
-    services = load_services(ROOT / "docker-compose.yml", variables, tmp_path / "volumes", SERVICES)
+    services = load_services(ROOT / "docker-compose.yml", variables, tmp_path, SERVICES)
     try:
         network = ServiceNetwork([s.name for s in services])
     except subprocess.CalledProcessError as e:
@@ -135,13 +134,13 @@ def test_the_compose_stack_ingests_a_corpus_and_answers_over_tls_with_a_token(st
     token, line = new_token("reader")
     (certs / "tokens.txt").write_text(line + "\n")
     images = [png_bytes(seed, size=64) for seed in range(CORPUS)]
-    (volumes / "corpus").mkdir()
     for n, image in enumerate(images):
         (volumes / "corpus" / f"scene-{n}.png").write_bytes(image)
     address = stack.network.addresses
 
     # The redis image's entrypoint adds --protected-mode no (no config file); /data is its WORKDIR.
-    stack.start("redis", "--dir", str(volumes / "redis-data"), "--protected-mode", "no")
+    data = stack.services["redis"].mounts["/data"].target
+    stack.start("redis", "--dir", str(data), "--protected-mode", "no")
     stack.wait("redis healthy", lambda: stack.healthy("redis"), 30)
     # One at a time, each once the one before has joined: an order compose may take too (it waits for
     # nothing but the start of a service's dependencies), and on a small shared machine nodes starting
