@@ -1,6 +1,7 @@
 """Run docker-compose.yml's services without Docker: each service's entrypoint + command with its compose
-environment, as local processes in a network namespace of its own (named after the service, its peers
-reachable by their service names through /etc/netns/NAME/hosts), its volumes mapped to host folders.
+environment, as local processes in a network namespace of its own (named after the service, with a tag
+per run; its peers reachable by their service names through /etc/netns/NAME/hosts), its volumes mapped
+to host folders.
 
 What Docker would do and this does instead:
 - volumes: a folder per volume, bound in the mount namespaces of the services that mount it (read-only
@@ -210,7 +211,9 @@ class ServiceNetwork:
                 steps.append(f"mount -o remount,bind,ro {quote(str(mount.target))}")
         script = " && ".join([*steps, 'exec "$@"'])
         netns = ["ip", "netns", "exec", self.namespaces[service.name]]
-        return [*netns, "unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script, str(ray_tmp), *argv]
+        # --kill-child: the service goes when the unshare process in between is killed (a timeout)
+        isolate = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc"]
+        return [*netns, *isolate, "sh", "-c", script, str(ray_tmp), *argv]
 
     def run(
         self, service: Service, argv: list[str], env: dict[str, str], log: Path, cwd: Path

@@ -5,7 +5,7 @@ Ray head, two encoder nodes with one (advertised) GPU each, the gRPC worker serv
 ./secrets, then the ingest job over ./corpus; the test then asks and searches through the published
 port, over TLS with a token.
 
-It needs root (network namespaces, a bridge), `ip` and `redis-server`, and skips without them. There is
+It needs root (namespaces, a bridge), `ip`, `unshare` and `redis-server`, and skips without them. There is
 no fallback to plain local processes: the services' fixed ports (Redis 6379, Ray 6380, gRPC 50051) and
 Ray's per-node ports would collide on one host with the machine's own Redis and other Ray clusters, and
 rewriting them would no longer rehearse the compose file.
@@ -50,6 +50,8 @@ def require_tools() -> None:
         pytest.skip("the compose rehearsal needs root for network namespaces")
     if shutil.which("ip") is None:
         pytest.skip("the compose rehearsal needs `ip` (Debian: apt-get install iproute2)")
+    if shutil.which("unshare") is None:
+        pytest.skip("the compose rehearsal needs `unshare` (Debian: apt-get install util-linux)")
     for tool in ("ray", "onetoken"):
         if not (BIN / tool).exists():
             pytest.skip(f"{tool} is not in {BIN} (pip install -e '.[dev]')")
@@ -66,7 +68,7 @@ class Stack:
         self.image_env = dockerfile_env(ROOT / "Dockerfile")
 
     def env(self, name: str) -> dict[str, str]:
-        """A container's environment: the image's ENV, the service's, a private home and /tmp."""
+        """A container's environment: the image's ENV, the service's, a home of its own."""
         return {
             "PATH": f"{BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": str(self.root / name),
