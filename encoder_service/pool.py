@@ -105,15 +105,14 @@ def actor_resources(config: EncoderConfig) -> dict[str, float]:
 
 
 def actor_count(config: EncoderConfig) -> int:
-    """`config.num_actors`, or for 0 as many actors as the cluster's GPUs hold at `actor_resources` each
-    (one on a cluster without GPUs): `docker-compose up --scale encoder=8` then gives 8 encoders."""
+    """`config.num_actors`, or for 0 one actor per GPU of the cluster, whatever share of it each reserves
+    (one on a cluster without GPUs): `docker-compose up --scale encoder=8` gives 8 encoders, and at 0.5
+    GPU each the worker's leave half of every GPU to an ingest job's, which gets 8 too."""
     if config.num_actors:
         return config.num_actors
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    per_actor = actor_resources(config)["num_gpus"]
-    return max(1, int(gpus // per_actor)) if per_actor else 1
+    return max(1, int(ray.cluster_resources().get("GPU", 0.0)))
 
 
 class RayEncoderPool(EncoderPool):

@@ -2,8 +2,9 @@
 
 Configuration comes from flags, whose defaults come from ONETOKEN_* environment variables (read here and
 nowhere else): ONETOKEN_MODEL, ONETOKEN_STORE, ONETOKEN_INDEX_DIR, ONETOKEN_INDEX_SPEC, ONETOKEN_KV_DTYPE,
-ONETOKEN_ENCODER_BACKEND, ONETOKEN_ENCODERS, ONETOKEN_RAY_ADDRESS, ONETOKEN_HOST, ONETOKEN_PORT,
-ONETOKEN_METRICS_PORT, ONETOKEN_LOG_FORMAT, ONETOKEN_ADDRESS (for the client commands), ONETOKEN_LOG_LEVEL.
+ONETOKEN_ENCODER_BACKEND, ONETOKEN_ENCODERS, ONETOKEN_GPUS_PER_ENCODER, ONETOKEN_RAY_ADDRESS, ONETOKEN_HOST,
+ONETOKEN_PORT, ONETOKEN_METRICS_PORT, ONETOKEN_LOG_FORMAT, ONETOKEN_ADDRESS (for the client commands),
+ONETOKEN_LOG_LEVEL.
 
 Exit status: 0 done; 1 error (nothing done, or a run stopped: the message says why, and how to resume);
 2 bad usage; 3 done, but some files failed (ingest and encode: each named with its reason).
@@ -54,6 +55,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         kv_dtype=args.kv_dtype,
         backend=args.encoder_backend,
         num_actors=args.encoders,
+        num_gpus_per_actor=args.gpus_per_encoder,
         ray_address=args.ray_address or None,
     )
     return WorkerConfig(
@@ -126,6 +128,14 @@ def add_service_options(p: argparse.ArgumentParser, in_workdir: bool = False) ->
         type=int,
         default=int(env("ENCODERS", "1")),
         help="encoder actors; 0: one per GPU of the Ray cluster [$ONETOKEN_ENCODERS]",
+    )
+    gpu_share = env("GPUS_PER_ENCODER")
+    p.add_argument(
+        "--gpus-per-encoder",
+        type=float,
+        default=float(gpu_share) if gpu_share else None,
+        help="share of a GPU each encoder actor reserves, e.g. 0.5 to leave half of each to an ingest "
+        "job beside the worker (default: 1 where the cluster has GPUs) [$ONETOKEN_GPUS_PER_ENCODER]",
     )
     p.add_argument(
         "--ray-address",

@@ -103,5 +103,8 @@ def test_compose_waits_for_redis_scales_encoders_and_keeps_the_venv_out():
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
         command = services[name]["command"]
         assert command[command.index("--encoders") + 1] == "0", name  # one actor per cluster GPU
+    # ingest's file reads are Ray tasks, which run where the CPUs are: on the encoder nodes
+    assert "./corpus:/corpus:ro" in services["encoder"]["volumes"]
+    assert "./corpus:/corpus:ro" in services["ingest"]["volumes"]
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv/" in ignored and ".git/" in ignored and "secrets/" in ignored

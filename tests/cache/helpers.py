@@ -131,8 +131,9 @@ class RedisServer:
             self.proc = None
 
 
-def make_tls_certs(directory: Path) -> Path:
-    """A throwaway CA and a server certificate for 127.0.0.1, made with the openssl command."""
+def make_tls_certs(directory: Path, names: str = "IP:127.0.0.1,DNS:localhost") -> Path:
+    """A throwaway CA and a server certificate for `names` (subjectAltName entries), made with the openssl
+    command."""
     if shutil.which("openssl") is None:
         redis_unreachable("openssl is not installed, so no TLS certificate can be made")
     directory.mkdir(parents=True, exist_ok=True)
@@ -143,7 +144,7 @@ def make_tls_certs(directory: Path) -> Path:
     key = ("-newkey", "rsa:2048", "-nodes", "-days", "2")
     run("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=onetoken-test-ca")
     run("req", *key[:3], "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
-    (directory / "ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost")
+    (directory / "ext").write_text(f"subjectAltName={names}")
     sign = ("-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "ext")
     run("x509", "-req", "-in", "server.csr", *sign, "-out", "server.crt")
     return directory

@@ -61,7 +61,8 @@ def test_zero_actors_means_one_per_gpu_of_the_cluster(model_dir: Path, monkeypat
     assert actor_count(encoder_config(model_dir, num_actors=0)) == 1  # no GPUs: one CPU actor
     gpus["GPU"] = 8.0
     assert actor_count(encoder_config(model_dir, num_actors=0)) == 8
-    assert actor_count(encoder_config(model_dir, num_actors=0, num_gpus_per_actor=0.5)) == 16
+    # half a GPU each: still one per GPU, the other half left to another job's encoders (ingest)
+    assert actor_count(encoder_config(model_dir, num_actors=0, num_gpus_per_actor=0.5)) == 8
     assert actor_count(encoder_config(model_dir, num_actors=3)) == 3  # a number given is kept
     with pytest.raises(ValueError, match="num_actors must be >= 0"):
         encoder_config(model_dir, num_actors=-1)

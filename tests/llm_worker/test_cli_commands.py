@@ -126,6 +126,22 @@ def test_demo_keeps_its_store_and_index_in_its_workdir(
     assert not (tmp_path / ".onetoken").exists()
 
 
+def test_the_gpu_share_of_an_encoder_comes_from_a_flag_or_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unset: Ray's default (one GPU each where the cluster has GPUs); compose sets 0.5 for worker and
+    ingest alike, so each leaves half of every GPU to the other."""
+    monkeypatch.delenv("ONETOKEN_GPUS_PER_ENCODER", raising=False)
+    assert worker_config(build_parser().parse_args(["serve"])).encoder.num_gpus_per_actor is None
+    monkeypatch.setenv("ONETOKEN_GPUS_PER_ENCODER", "0.5")
+    for command in (["serve"], ["ingest", "corpus"]):
+        assert worker_config(build_parser().parse_args(command)).encoder.num_gpus_per_actor == 0.5
+    args = build_parser().parse_args(["serve", "--gpus-per-encoder", "1"])
+    assert worker_config(args).encoder.num_gpus_per_actor == 1.0
+    with pytest.raises(ValueError, match="num_gpus_per_actor must be >= 0"):
+        worker_config(build_parser().parse_args(["serve", "--gpus-per-encoder", "-1"]))
+
+
 def test_serve_takes_metrics_port_and_log_format_from_flags_or_variables(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
