@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from dataclasses import fields
@@ -138,6 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     given = {f.name: v for f in fields(TrainConfig) if (v := getattr(args, f.name, None)) is not None}
     model_overrides = {k: v for k in ("n_discrete", "fusion") if (v := getattr(args, k)) is not None}
+    if args.workers:
+        return _train_distributed(args, TrainConfig.from_name(args.recipe, **given), model_overrides)
     run_training(
         Path(args.out),
         variant=args.variant,
@@ -150,6 +153,47 @@ def cmd_train(args: argparse.Namespace) -> int:
         **model_overrides,
     )
     print(f"checkpoint written to {args.out}")
+    return 0
+
+
+def _train_distributed(args: argparse.Namespace, cfg: TrainConfig, model_overrides: dict[str, Any]) -> int:
+    """`train --workers N`: stage 2 on Ray Train (htcvlm/train/distributed.py), on the Ray cluster at
+    --ray-address or a local one started here (and stopped at the end)."""
+    import ray
+
+    from htcvlm.train.distributed import Scaling, run_distributed
+
+    scaling = Scaling(
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        data_cpus=args.data_cpus,
+        micro_batch=args.micro_batch_size,
+        threads=args.threads,
+        activation_checkpointing=cfg.grad_checkpointing,
+    )
+    started = not ray.is_initialized()
+    if started:
+        # a local cluster holds the workers and their data stages as logical CPUs whatever the cores
+        needed = math.ceil(args.workers * (args.cpus_per_worker + args.data_cpus))
+        local = {} if args.ray_address else {"num_cpus": max(os.cpu_count() or 1, needed)}
+        ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False, **local)
+    try:
+        metrics = run_distributed(
+            Path(args.out),
+            scaling,
+            variant=args.variant,
+            preset=args.preset,
+            cfg=cfg,
+            mgvq_from=Path(args.mgvq_from) if args.mgvq_from else None,
+            llava=(Path(args.llava), Path(args.image_root)) if args.llava else None,
+            init_from=Path(args.init_from) if args.init_from else None,
+            **model_overrides,
+        )
+    finally:
+        if started:
+            ray.shutdown()
+    print(f"checkpoint written to {args.out}: {metrics}")
     return 0
 
 
@@ -319,6 +363,7 @@ def add_model_commands(
         help="how the anchors join the patches (default: the preset's)",
     )
     train.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+    _add_distributed_flags(train)
     train.add_argument("--threads", type=int, default=threads, help=threads_help)
     train.set_defaults(func=cmd_train)
 
@@ -395,14 +440,36 @@ def _add_convert(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     voco.set_defaults(func=cmd_convert)
 
 
+def _add_distributed_flags(train: argparse.ArgumentParser) -> None:
+    """Stage 2 on Ray Train: how many workers and what each holds (htcvlm/train/distributed.py)."""
+    train.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="Ray Train workers for stage 2 (DDP, fed by Ray Data); 0: this process alone, as before",
+    )
+    train.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs each (> 0: NCCL, bf16)")
+    train.add_argument("--cpus-per-worker", type=float, default=1.0, help="Ray CPUs each worker reserves")
+    train.add_argument("--data-cpus", type=float, default=1.0, help="Ray CPUs of each worker's data stage")
+    train.add_argument(
+        "--micro-batch-size",
+        type=_positive,
+        help="rows per forward in each worker; the global batch is micro-batch × workers × accumulation "
+        "(default: --batch-size / --workers, no accumulation)",
+    )
+    train.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
+
+
 def _add_recipe_flags(train: argparse.ArgumentParser) -> None:
     """One flag per `TrainConfig` field a user changes. None unless given, so the recipe (--recipe)
     supplies every value not passed; the help shows the tiny recipe's."""
     tiny = TrainConfig.from_name("tiny")
 
-    def flag(name: str, text: str = "", **kwargs: Any) -> None:
+    def flag(name: str, text: str = "", *aliases: str, **kwargs: Any) -> None:
         shown = f"tiny: {getattr(tiny, name.removeprefix('--').replace('-', '_'))}"
-        train.add_argument(name, default=None, help=f"{text} ({shown})" if text else shown, **kwargs)
+        train.add_argument(
+            name, *aliases, default=None, help=f"{text} ({shown})" if text else shown, **kwargs
+        )
 
     flag("--steps", "stage-2 steps (0: stop after stages 1 and 0, a start for --init-from)", type=int)
     flag("--batch-size", type=int)
@@ -423,4 +490,9 @@ def _add_recipe_flags(train: argparse.ArgumentParser) -> None:
     flag("--eval-every", type=int)
     flag("--seed", type=int)
     flag("--bf16", "autocast to bfloat16 (GPU hosts)", action="store_true")
-    flag("--grad-checkpointing", "trade compute for memory (GPU hosts)", action="store_true")
+    flag(
+        "--grad-checkpointing",
+        "the LLM's activation checkpointing: trade compute for memory (GPU hosts)",
+        "--activation-checkpointing",
+        action="store_true",
+    )

@@ -60,9 +60,15 @@ def run_training(
     tokenizer = procedural_tokenizer()
     config = variant_config(HTCConfig.from_name(preset), variant).with_(**config_overrides)
     model = new_model(config, tokenizer).to(device)
-    logger.info("rendering %d + %d easy training and %d validation samples", cfg.pool, cfg.easy, cfg.val_size)
-    train_data, val_data = training_pools(model, cfg, llava)
     resuming = (out / "train_state.json").is_file()
+    trains_mgvq = model.has_mgvq and not resuming and init_from is None and mgvq_from is None
+    trains_vision = bool(cfg.vision_steps) and model.has_vision and not resuming and llava is None
+    train_data = val_data = None
+    if cfg.steps or trains_mgvq or trains_vision:  # `--steps 0 --init-from` (distributed) renders nothing
+        logger.info(
+            "rendering %d + %d easy training and %d validation samples", cfg.pool, cfg.easy, cfg.val_size
+        )
+        train_data, val_data = training_pools(model, cfg, llava)
     if init_from is not None and not resuming:
         copied = init_weights(model, init_from)
         logger.info("%d of %d tensors from %s", copied, len(model.state_dict()), init_from)
@@ -74,11 +80,12 @@ def run_training(
             )
             logger.info("MGVQ weights from %s", mgvq_from)
         else:
+            assert train_data is not None
             parts = train_mgvq(model, train_data.pixels, cfg)
             logger.info("stage 1 done: %s", parts)
     tower_trained = config.vision.path is not None or init_from is not None
     if cfg.vision_steps and model.has_vision and not resuming:
-        if train_data.cells is None:
+        if train_data is None or train_data.cells is None:
             logger.warning("no per-cell labels in this data: stage 0 (vision on scene labels) skipped")
         else:
             logger.info("stage 0 done: loss %.3f", train_vision(model, train_data, cfg, val=val_data))
@@ -105,5 +112,6 @@ def run_training(
         model.eval()
         save_pretrained(model, out)
         return model
+    assert train_data is not None
     train_vlm(model, train_data, cfg, variant, out=out, val=val_data)
     return model

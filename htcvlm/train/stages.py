@@ -29,13 +29,16 @@ from htcvlm.train.recipe import TrainConfig, Variant
 logger = logging.getLogger(__name__)
 
 
-def answer_loss(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+def answer_loss(
+    logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor, over: torch.Tensor | None = None
+) -> torch.Tensor:
     """Eq. 9: cross-entropy on the answer tokens (and EOS) only, the positions `scored` (B, T) marks;
-    logits row t predicts token t + 1."""
+    logits row t predicts token t + 1. The mean over this batch's scored tokens, or the sum divided by
+    `over`: the scored tokens of a whole step when this batch is one part of it (distributed training)."""
     targets = ids[:, 1:]
     weights = scored[:, 1:].flatten().to(logits.dtype)
     losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
-    return (losses * weights).sum() / weights.sum()
+    return (losses * weights).sum() / (weights.sum() if over is None else over)
 
 
 def train_mgvq(
@@ -175,6 +178,20 @@ def stage2_parameters(model: HTCVLM, cfg: TrainConfig) -> list[torch.nn.Paramete
     return [p for p in model.parameters() if id(p) not in frozen]
 
 
+def stage2_optimizer(model: HTCVLM, cfg: TrainConfig) -> torch.optim.AdamW:
+    """Freeze `frozen_modules`; AdamW over the rest, weight decay on matrices only."""
+    for module in frozen_modules(model, cfg):
+        module.requires_grad_(False)
+    params = stage2_parameters(model, cfg)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+
+
 def train_vlm(
     model: HTCVLM,
     data: VQATensors,
@@ -190,15 +207,7 @@ def train_vlm(
     """
     params = stage2_parameters(model, cfg)
     frozen = frozen_modules(model, cfg)
-    for module in frozen:
-        module.requires_grad_(False)
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-    )
+    opt = stage2_optimizer(model, cfg)
     start, log = (0, []) if out is None else load_training_state(out, model, opt)
     model.train()
     for module in frozen:

@@ -1,0 +1,356 @@
+"""Stage 2 on Ray Train (`TorchTrainer`, DDP: gloo on CPUs, NCCL on GPUs) fed by Ray Data.
+
+- `run_distributed`: what `onetoken train --workers N` runs. Stages 1 and 0 (the tiny recipe's MGVQ and
+  tower) run first in this process through `run_training(steps=0)`, into `out/start`; stage 2 is
+  `fit_stage2` from there; the final weights land in `out` as a normal checkpoint folder.
+- `fit_stage2`: one `TorchTrainer` run. Each worker reads its own Ray Data stream of positions mapped to
+  rows by `stream.SampleRows` (procedural scenes rendered, LLaVA images decoded, in Ray Data's workers);
+  `train_worker` is the loop each Ray Train worker runs.
+
+Why one stream per worker rather than `streaming_split` of one dataset: `streaming_split` hands blocks to
+whichever worker asks first, so which worker saw which sample would depend on timing. Here worker r's
+a-th micro-batch of step s is fixed by `StepPlan`, so N workers together read the step's global batch
+whatever N is, and a resumed run reads what the interrupted one would have read next.
+
+Resuming: Ray Train keeps the run in `out/ray/stage2` and restores its latest checkpoint when the same
+command runs again; the driver reads that checkpoint's step to start each worker's stream there, and each
+worker restores the model and AdamW state from it (safetensors and JSON, never pickle). Stage 2 draws
+no random numbers beyond the data positions (the tiny LLM has no dropout), so step and position are the
+whole training state.
+
+Ray is imported inside the functions: the model core imports without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from htcvlm.checkpoint import load_pretrained
+from htcvlm.data.llava import read_llava
+from htcvlm.train.loop import load_training_state, lr_at, save_training_state
+from htcvlm.train.recipe import RECIPES, TrainConfig, Variant
+from htcvlm.train.run import run_training
+from htcvlm.train.stages import answer_loss, frozen_modules, stage2_optimizer, stage2_parameters
+from htcvlm.train.stream import LlavaSource, ProceduralSource, SampleRows, Source, StepPlan, rows_to_batch
+
+logger = logging.getLogger(__name__)
+
+RUN_NAME = "stage2"  # Ray Train's run folder under out/ray
+MAX_TEXT = 256  # tokens a training row keeps (LLaVA answers beyond it are cut)
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """Where stage 2 runs: `workers` Ray Train workers with these resources each."""
+
+    workers: int = 1
+    gpus_per_worker: float = 0.0  # > 0: CUDA, NCCL and bf16 autocast; 0: CPU, gloo and fp32
+    cpus_per_worker: float = 1.0
+    data_cpus: float = 1.0  # each worker's Ray Data actor rendering or decoding its rows
+    micro_batch: int | None = None  # rows per forward; None: the global batch / workers (no accumulation)
+    threads: int = 1  # torch threads in each worker
+    activation_checkpointing: bool = False  # the LLM's gradient checkpointing
+
+    def plan(self, batch_size: int) -> StepPlan:
+        micro = self.micro_batch or batch_size // self.workers
+        return StepPlan(batch_size, self.workers, micro)
+
+
+def latest_step(storage: Path) -> int:
+    """The step of the latest checkpoint Ray Train registered under `storage`/RUN_NAME; 0 if none."""
+    from ray.train import Result
+
+    run = storage / RUN_NAME
+    if not (run / "checkpoint_manager_snapshot.json").is_file():
+        return 0
+    checkpoint = Result.from_path(str(run)).checkpoint
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        return json.loads((Path(folder) / "train_state.json").read_text())["step"]
+
+
+def fit_stage2(
+    start: Path,
+    out: Path,
+    cfg: TrainConfig,
+    source: Source,
+    scaling: Scaling,
+    variant: Variant = "hybrid",
+    val: Source | None = None,
+) -> dict[str, Any]:
+    """Stage 2 from the checkpoint at `start` on Ray Train; resumes from `out`/ray when it holds a run.
+    Writes the final model and training state into `out`; returns the last reported metrics."""
+    import ray
+    from ray.data import ActorPoolStrategy, ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    plan = scaling.plan(cfg.batch_size)
+    start, storage = start.resolve(), (out / "ray").resolve()  # workers run in folders of their own
+    start_step = latest_step(storage)
+    if start_step:
+        logger.info("resuming stage 2 from step %d (%s)", start_step, storage / RUN_NAME)
+    datasets = {}
+    remaining = (cfg.steps - start_step) * plan.rows_per_step
+    for rank in range(plan.workers):
+        # the row numbers alone live in the object store (no read tasks to schedule beside the workers);
+        # SampleRows makes each row from its number in Ray Data's actor
+        numbers = ray.data.from_numpy(np.arange(max(remaining, 1)))
+        datasets[f"train_{rank}"] = numbers.map_batches(
+            SampleRows,
+            fn_constructor_args=(str(start), source, plan, rank, start_step, MAX_TEXT),
+            batch_size=plan.micro_batch,
+            compute=ActorPoolStrategy(size=1),
+            num_cpus=scaling.data_cpus,
+        )
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={
+            "start": str(start),
+            "cfg": asdict(cfg),
+            "variant": variant,
+            "scaling": asdict(scaling),
+            "start_step": start_step,
+            "val": val,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=plan.workers,
+            use_gpu=scaling.gpus_per_worker > 0,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, "GPU": scaling.gpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+        datasets=datasets,
+        # every worker gets every stream unsplit and reads its own (see the module docstring)
+        dataset_config=DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage 2 ended without a checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as folder:
+        for path in Path(folder).iterdir():
+            shutil.copy2(path, out / path.name)
+    return dict(result.metrics or {})
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker's stage 2: its stream's micro-batches, gradients accumulated then all-reduced
+    (DDP), the loss of each step the mean over every scored token of the global batch, so any worker
+    count and accumulation computes the same step. Rank 0 validates, and saves the checkpoint that
+    every worker reports."""
+    import ray.train
+    import ray.train.torch
+
+    cfg, scaling = TrainConfig(**config["cfg"]), Scaling(**config["scaling"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(scaling.threads)
+    device = ray.train.torch.get_device()
+    plan = scaling.plan(cfg.batch_size)
+    model = load_pretrained(config["start"], device=device)
+    opt = stage2_optimizer(model, cfg)
+    step, log = 0, []
+    if (checkpoint := ray.train.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as folder:
+            step, log = load_training_state(Path(folder), model, opt)
+    if step != config["start_step"]:
+        raise RuntimeError(
+            f"the checkpoint is at step {step} but the data stream starts at {config['start_step']}"
+        )
+    frozen, params = frozen_modules(model, cfg), stage2_parameters(model, cfg)
+    if scaling.activation_checkpointing:
+        model.llm.gradient_checkpointing_enable()
+    model.train()
+    for module in frozen:
+        module.eval()
+    ddp = ray.train.torch.prepare_model(model, move_to_device=False)
+    upper = config["variant"] == "upper"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    val = _val_pool(model, config["val"], cfg.val_size) if rank == 0 and config["val"] is not None else None
+    rows = iter(
+        ray.train.get_dataset_shard(f"train_{rank}").iter_batches(
+            batch_size=plan.micro_batch, batch_format="numpy", prefetch_batches=1
+        )
+    )
+    bad: set[int] = set()
+    started = time.perf_counter()
+    while step < cfg.steps:
+        micro = [next(rows) for _ in range(plan.accumulation)]
+        expected = plan.positions(rank, step, np.arange(plan.rows_per_step)).reshape(plan.accumulation, -1)
+        for got, want in zip(micro, expected, strict=True):
+            if not np.array_equal(got["position"], want):
+                raise RuntimeError(f"step {step}: rank {rank} read positions {got['position']}, not {want}")
+        bad.update(int(i) for m in micro for i in m["index"][~m["ok"]])
+        batches = [rows_to_batch(m, device) for m in micro]
+        # (scored tokens, summed loss, skipped rows) of the whole global batch
+        totals = torch.tensor(
+            [
+                sum(float(b["scored"][:, 1:].sum()) for b in batches),
+                0.0,
+                float(sum((~m["ok"]).sum() for m in micro)),
+            ]
+        )
+        _all_reduce(totals[:1], world)
+        tokens = totals[0].clamp(min=1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg, cfg.lr, cfg.steps)
+        opt.zero_grad(set_to_none=True)
+        for k, b in enumerate(batches):
+            scored = b.pop("scored")
+            sync = k == len(batches) - 1 or world == 1
+            with contextlib.nullcontext() if sync else ddp.no_sync():
+                with autocast:
+                    b.update(_frozen_inputs(model, b["pixels"], cfg))
+                    logits, _ = ddp(**b, text_attends_visual=upper)
+                    part = answer_loss(logits, b["input_ids"], scored, over=tokens)
+                # DDP averages gradients over workers: scaled by `world`, they sum to the global mean's
+                (part * world).backward()
+            totals[1] += part.detach().float().cpu()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        _all_reduce(totals[1:], world)
+        step += 1
+        log.append({"step": step, "loss": float(totals[1]), "skipped_rows": int(totals[2])})
+        if step % cfg.eval_every and step != cfg.steps:
+            continue
+        metrics: dict[str, Any] = {**log[-1], "minutes": (time.perf_counter() - started) / 60}
+        metrics["bad_images"] = _count_distinct(bad, world)
+        with tempfile.TemporaryDirectory() as folder:
+            saved = None
+            if rank == 0:
+                if val is not None:
+                    model.eval()
+                    from htcvlm.evaluate import accuracy
+
+                    metrics["val_accuracy"] = log[-1]["val_accuracy"] = accuracy(model, val, upper=upper)[
+                        "all"
+                    ]
+                    model.train()
+                    for module in frozen:
+                        module.eval()
+                logger.info("step %d: %s", step, json.dumps(metrics))
+                save_training_state(Path(folder), model, opt, step, log)
+                saved = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=saved)
+
+
+def _all_reduce(values: torch.Tensor, world: int) -> None:
+    if world > 1:
+        torch.distributed.all_reduce(values)
+
+
+def _count_distinct(indices: set[int], world: int) -> int:
+    """Distinct bad sample indices over every worker."""
+    if world == 1:
+        return len(indices)
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, sorted(indices))
+    return len({i for part in gathered for i in part})
+
+
+@torch.no_grad()
+def _frozen_inputs(model: Any, pixels: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The frozen MGVQ's and tower's outputs, as `train_vlm` precomputes them for its pool."""
+    inputs = {}
+    if model.has_mgvq:
+        inputs["quantized"] = model.mgvq.encode(pixels).quantized
+    if cfg.freeze_vision and model.has_vision:
+        inputs["patches"] = model.vision_patches(pixels)
+    return inputs
+
+
+def _val_pool(model: Any, source: Source, size: int) -> Any:
+    """The validation samples, tensorized in rank 0 (small: `size` of them); unreadable images left out."""
+    from htcvlm.pool import procedural_pool, tensorize
+
+    if isinstance(source, ProceduralSource):
+        return procedural_pool(model, "val", size)
+    samples = [s for s in source.samples(np.arange(len(source)), model.config.image_size) if s is not None]
+    return tensorize(model, samples)
+
+
+def run_distributed(
+    out: Path,
+    scaling: Scaling,
+    variant: Variant = "hybrid",
+    preset: str = "tiny",
+    cfg: TrainConfig = RECIPES["tiny"],
+    mgvq_from: Path | None = None,
+    llava: tuple[Path, Path] | None = None,
+    init_from: Path | None = None,
+    **config_overrides: object,
+) -> dict[str, Any]:
+    """`onetoken train --workers N`: stages 1 and 0 here (as `run_training` runs them) into out/start,
+    unless a previous run left it there; then stage 2 on Ray Train. Returns the last reported metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    start = out / "start"
+    if not (start / "training.json").is_file():  # written after the weights: a complete start
+        device = "cuda" if scaling.gpus_per_worker else "cpu"
+        run_training(
+            start,
+            variant,
+            preset,
+            replace(cfg, steps=0),
+            mgvq_from,
+            device,
+            llava,
+            init_from,
+            **config_overrides,
+        )
+    # run_training may have unfrozen a tower nothing trained: keep its choice
+    cfg = replace(
+        cfg, freeze_vision=json.loads((start / "training.json").read_text())["train"]["freeze_vision"]
+    )
+    source: Source
+    val: Source
+    if llava is None:
+        source = ProceduralSource(cfg.pool, cfg.easy, cfg.questions, cfg.easy_steps, cfg.batch_size, cfg.seed)
+        val = ProceduralSource(cfg.val_size, 0, 1, 0, cfg.batch_size, cfg.seed)
+    else:
+        data = read_llava(*llava, on_missing="skip")
+        if len(data.turns) <= cfg.val_size:
+            raise ValueError(
+                f"{llava[0]} has {len(data.turns)} turns with images, need more than {cfg.val_size}"
+            )
+        source = LlavaSource(data.turns[: -cfg.val_size], cfg.seed)
+        val = LlavaSource(data.turns[-cfg.val_size :], cfg.seed)
+        logger.info("%s: %d image files missing, left out", llava[0], len(data.missing))
+    resumed_from = latest_step((out / "ray").resolve())
+    metrics = fit_stage2(start, out, cfg, source, scaling, variant, val)
+    (out / "training.json").write_text(
+        json.dumps(
+            {
+                "variant": variant,
+                "preset": preset,
+                "init_from": str(init_from) if init_from else None,
+                "overrides": {k: str(v) for k, v in config_overrides.items()},
+                "train": asdict(cfg),
+                "scaling": asdict(scaling),
+                "missing_images": 0 if llava is None else len(data.missing),
+                "resumed_from_step": resumed_from,
+            },
+            indent=2,
+        )
+    )
+    if not math.isfinite(metrics.get("loss", 0.0)):
+        logger.warning("the last loss is %s", metrics.get("loss"))
+    return metrics

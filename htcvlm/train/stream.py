@@ -1,0 +1,212 @@
+"""Stage 2's data as a stream of positions, for distributed training: what every worker reads at every
+step is a pure function of (seed, step, rank), so a resumed run reads exactly what an uninterrupted one
+would, and N workers together read what one worker reads. Nothing here imports Ray: `distributed` wires
+these pieces into Ray Data and Ray Train.
+
+- `StepPlan`: the global batch split into N workers × accumulation micro-batches; which global positions
+  each worker reads, in order
+- `ProceduralSource` / `LlavaSource`: which sample a global position is (drawn with replacement, as the
+  single-process trainer draws from its pool), and the sample itself
+- `SampleRows`: the Ray Data stage, positions -> rows as the model reads them (rendered or decoded image,
+  token ids), with a bad image (missing, corrupt) turned into an `ok=False` row that scores nothing
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from htcvlm.checkpoint import load_tokenizer
+from htcvlm.config import HTCConfig
+from htcvlm.data.dataset import ProceduralVQA, VQASample
+from htcvlm.data.llava import LlavaTurn
+from htcvlm.model import new_model
+from htcvlm.pool import EASY_WEIGHTS, tensorize
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One optimizer step reads `batch_size` global positions, [step * batch_size, (step + 1) * batch_size).
+    Worker r's a-th micro-batch of a step is the step's slice starting at (a * workers + r) * micro_batch,
+    so the step's batch is the same for every worker count, and the learning rate with it."""
+
+    batch_size: int  # the recipe's global batch
+    workers: int
+    micro_batch: int  # rows one worker runs through the model at once
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.micro_batch < 1:
+            raise ValueError(f"workers and micro_batch must be >= 1, got {self.workers}, {self.micro_batch}")
+        if self.batch_size % (self.workers * self.micro_batch):
+            raise ValueError(
+                f"the global batch {self.batch_size} must be a multiple of workers × micro-batch = "
+                f"{self.workers} × {self.micro_batch}"
+            )
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches each worker accumulates per optimizer step."""
+        return self.batch_size // (self.workers * self.micro_batch)
+
+    @property
+    def rows_per_step(self) -> int:
+        """Rows one worker reads per optimizer step."""
+        return self.accumulation * self.micro_batch
+
+    def positions(self, rank: int, start_step: int, rows: np.ndarray) -> np.ndarray:
+        """Worker `rank`'s k-th row from `start_step` (k = `rows`, any shape) -> its global position."""
+        if not 0 <= rank < self.workers:
+            raise ValueError(f"rank must be in [0, {self.workers}), got {rank}")
+        step = start_step + rows // self.rows_per_step
+        micro, within = (rows % self.rows_per_step) // self.micro_batch, rows % self.micro_batch
+        return step * self.batch_size + (micro * self.workers + rank) * self.micro_batch + within
+
+
+def draw(positions: np.ndarray, seed: int, salt: int, n: int) -> np.ndarray:
+    """A uniform draw in [0, n) per position, a pure function of (seed, salt, position): SplitMix64's
+    finalizer over the three (wrapping uint64 arithmetic)."""
+    x = positions.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+    x = x + np.uint64(salt) * np.uint64(0xD1B54A32D192ED03)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    x = x ^ (x >> np.uint64(31))
+    return (x % np.uint64(n)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class ProceduralSource:
+    """The procedural training set, rendered on the fly: `pool` scenes of the train split and `easy`
+    single-object ones after them (as `procedural_pool` lays them out); the first `easy_steps` steps
+    draw only from the single-object ones (the recipe's curriculum)."""
+
+    pool: int
+    easy: int
+    questions: int
+    easy_steps: int
+    batch_size: int
+    seed: int
+
+    def __len__(self) -> int:
+        return self.pool + self.easy
+
+    def indices(self, positions: np.ndarray) -> np.ndarray:
+        drawn = draw(positions, self.seed, 0, len(self))
+        if not self.easy:
+            return drawn
+        easy = self.pool + draw(positions, self.seed, 1, self.easy)
+        return np.where(positions // self.batch_size < self.easy_steps, easy, drawn)
+
+    def samples(self, indices: np.ndarray, image_size: int) -> list[VQASample | None]:
+        main = ProceduralVQA("train", self.pool, image_size, questions=self.questions)
+        single = ProceduralVQA(
+            "train",
+            self.easy,
+            image_size,
+            weights=EASY_WEIGHTS,
+            seed=1,
+            max_objects=1,
+            questions=self.questions,
+        )
+        return [main[i] if i < self.pool else single[i - self.pool] for i in map(int, indices)]
+
+
+@dataclass(frozen=True)
+class LlavaSource:
+    """LLaVA-format turns, one (question, answer) a sample; images are opened only when a row is made,
+    and one that cannot be read (gone since listing, not an image, truncated) becomes None."""
+
+    turns: tuple[LlavaTurn, ...]
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.turns)
+
+    def indices(self, positions: np.ndarray) -> np.ndarray:
+        return draw(positions, self.seed, 0, len(self))
+
+    def samples(self, indices: np.ndarray, image_size: int) -> list[VQASample | None]:
+        return [read_turn(self.turns[i]) for i in map(int, indices)]
+
+
+def read_turn(turn: LlavaTurn) -> VQASample | None:
+    """The turn with its image, or None when the image file cannot be decoded."""
+    try:
+        with Image.open(turn.image_path) as image:
+            rgb = image.convert("RGB")  # loads every pixel: a truncated file fails here, not later
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for missing, unknown and broken files
+        logger.warning("skipping %s: %s", turn.image_path, e)
+        return None
+    return VQASample(image=rgb, question=turn.question, answer=turn.answer, kind=None, qtype="llava")
+
+
+Source = ProceduralSource | LlavaSource
+
+
+class SampleRows:
+    """Ray Data's map stage: {"data": (n,) row numbers of one worker's stream} -> the rows as the trainer
+    reads them, fixed widths so they stack: position (n,), index (n,) of the sample in its source,
+    pixels (n, 3, S, S) uint8, ids (n, max_text), segments (n, K), scored (n, max_text) bool, ok (n,) bool.
+
+    Only the model's text side is built (on the meta device: no weights), from the start checkpoint's
+    config and tokenizer, so tokens and preprocessing are those of `tensorize`.
+    """
+
+    def __init__(
+        self, model_dir: str, source: Source, plan: StepPlan, rank: int, start_step: int, max_text: int
+    ) -> None:
+        import json
+
+        from htcvlm.checkpoint import CONFIG_FILE
+
+        config = HTCConfig.from_dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text())["htcvlm"])
+        with torch.device("meta"):
+            self.text_model = new_model(config, load_tokenizer(model_dir))
+        self.source, self.plan, self.rank, self.start_step = source, plan, rank, start_step
+        self.max_text = max_text
+        self.n_segments = source.questions if isinstance(source, ProceduralSource) else 1
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        positions = self.plan.positions(self.rank, self.start_step, batch["data"].astype(np.int64))
+        indices = self.source.indices(positions)
+        config = self.text_model.config
+        samples = self.source.samples(indices, config.image_size)
+        ok = np.array([s is not None for s in samples])
+        blank = VQASample(Image.new("RGB", (config.image_size,) * 2), "", "", None, "llava")
+        pool = tensorize(self.text_model, [s if s is not None else blank for s in samples])
+        n, width, k = len(samples), min(pool.ids.shape[1], self.max_text), pool.segments.shape[1]
+        ids = np.full((n, self.max_text), self.text_model.tokenizer.pad_token_id, dtype=np.int64)
+        scored = np.zeros((n, self.max_text), dtype=bool)
+        segments = np.zeros((n, self.n_segments), dtype=np.int64)
+        ids[:, :width] = pool.ids[:, :width].numpy()
+        scored[:, :width] = pool.scored[:, :width].numpy() & ok[:, None]  # a bad image scores nothing
+        # a row longer than max_text keeps its first segments whole and the cut one's head
+        ends = np.minimum(pool.segments.cumsum(dim=1).numpy(), self.max_text)
+        segments[:, :k] = np.diff(ends, prepend=0, axis=1)
+        return {
+            "position": positions,
+            "index": indices,
+            "pixels": pool.pixels.numpy(),
+            "ids": ids,
+            "segments": segments,
+            "scored": scored,
+            "ok": ok,
+        }
+
+
+def rows_to_batch(rows: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """A micro-batch of `SampleRows` rows -> the model's inputs (cut to the longest row) and `scored`."""
+    segments = torch.from_numpy(rows["segments"])
+    width = max(int(segments.sum(dim=1).max()), 1)
+    return {
+        "pixels": (torch.from_numpy(rows["pixels"]).float() / 255.0).to(device),
+        "input_ids": torch.from_numpy(rows["ids"][:, :width]).to(device),
+        "text_lengths": segments.to(device),
+        "scored": torch.from_numpy(rows["scored"][:, :width]).to(device),
+    }

@@ -1,0 +1,241 @@
+"""Stage 2 on Ray Train fed by Ray Data (htcvlm/train/distributed.py): N workers compute what one does,
+a run killed mid-way resumes to the weights of one that was not, and LLaVA data with bad images trains.
+
+One local Ray for the module (tests/conftest.py's `ray_cluster`, 2 CPUs): the workers and their data
+stages take half a CPU each so that two of each fit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from htcvlm.data.dataset import ProceduralVQA
+from htcvlm.pool import EASY_WEIGHTS, tensorize
+from htcvlm.train.distributed import RUN_NAME, Scaling, fit_stage2, latest_step, run_distributed
+from htcvlm.train.recipe import TrainConfig
+from htcvlm.train.run import run_training
+from htcvlm.train.stream import ProceduralSource, SampleRows, StepPlan
+
+ROOT = Path(__file__).resolve().parents[2]
+# The tiny recipe made small: stages 1 and 0 one step each, stage 2 long enough to kill mid-way.
+RECIPE = {
+    "steps": 24,
+    "batch_size": 8,
+    "lr": 3e-3,
+    "warmup": 2,
+    "easy_steps": 4,
+    "eval_every": 4,
+    "pool": 64,
+    "easy": 16,
+    "questions": 2,
+    "val_size": 4,
+    "mgvq_steps": 1,
+    "vision_steps": 1,
+}
+CFG = TrainConfig.from_name("tiny", **RECIPE)
+SOURCE = ProceduralSource(CFG.pool, CFG.easy, CFG.questions, CFG.easy_steps, CFG.batch_size, CFG.seed)
+HALF = {"cpus_per_worker": 0.5, "data_cpus": 0.5}  # two workers and two data stages on 2 CPUs
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory) -> Path:
+    """The tiny preset after stages 1 and 0, as `onetoken train --workers N` makes out/start."""
+    folder = tmp_path_factory.mktemp("start")
+    run_training(folder, cfg=replace(CFG, steps=0))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_workers(start, ray_cluster, tmp_path_factory) -> Path:
+    """Stage 2 on 2 workers, 2 micro-batches of 2 rows each per step: uninterrupted."""
+    out = tmp_path_factory.mktemp("two")
+    fit_stage2(start, out, CFG, SOURCE, Scaling(workers=2, micro_batch=2, **HALF))
+    return out
+
+
+def _losses(out: Path) -> list[float]:
+    return [e["loss"] for e in json.loads((out / "train_state.json").read_text())["log"]]
+
+
+def _assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
+    first, second = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], atol=atol, rtol=1e-4, msg=name)
+
+
+def test_each_step_reads_the_same_global_batch_for_any_worker_count():
+    for workers, micro in ((1, 8), (1, 2), (2, 2), (4, 1), (2, 4)):
+        plan = StepPlan(batch_size=8, workers=workers, micro_batch=micro)
+        assert plan.accumulation * micro * workers == 8
+        for start_step in (0, 3):
+            rows = np.arange(2 * plan.rows_per_step)  # two steps of each worker's stream
+            seen = np.concatenate([plan.positions(r, start_step, rows) for r in range(workers)])
+            assert sorted(seen) == list(range(8 * start_step, 8 * (start_step + 2)))
+    with pytest.raises(ValueError, match="multiple of workers × micro-batch = 3 × 2"):
+        StepPlan(batch_size=8, workers=3, micro_batch=2)
+
+
+def test_sample_rows_are_the_rows_the_single_process_pool_holds(start):
+    """Ray Data's map stage renders and tokenizes as `procedural_pool` + `tensorize` do, and row k of a
+    worker's stream is the same sample however it is batched."""
+    from htcvlm.checkpoint import load_pretrained
+
+    model = load_pretrained(start)
+    plan = StepPlan(batch_size=8, workers=2, micro_batch=2)
+    rows = SampleRows(str(start), SOURCE, plan, rank=1, start_step=3, max_text=256)
+    out = rows({"data": np.arange(6)})
+    assert out["position"].tolist() == [26, 27, 30, 31, 34, 35]  # steps 3 (micro-batches 0, 1) and 4
+    assert out["ok"].all()
+    main = ProceduralVQA("train", CFG.pool, questions=CFG.questions)
+    single = ProceduralVQA("train", CFG.easy, weights=EASY_WEIGHTS, seed=1, max_objects=1, questions=2)
+    samples = [main[i] if i < CFG.pool else single[i - CFG.pool] for i in out["index"]]
+    assert all(i >= CFG.pool for i in out["index"][:2])  # step 3 is within the easy steps: single objects
+    pool = tensorize(model, samples)
+    width = pool.ids.shape[1]
+    assert np.array_equal(out["pixels"], pool.pixels.numpy())
+    assert np.array_equal(out["ids"][:, :width], pool.ids.numpy())
+    assert np.array_equal(out["segments"], pool.segments.numpy())
+    assert (
+        np.array_equal(out["scored"][:, :width], pool.scored.numpy()) and not out["scored"][:, width:].any()
+    )
+    again = rows({"data": np.arange(2, 4)})
+    assert np.array_equal(again["ids"], out["ids"][2:4]) and np.array_equal(
+        again["pixels"], out["pixels"][2:4]
+    )
+
+
+def test_two_workers_reach_the_weights_of_one(start, two_workers, tmp_path):
+    """Same global batch (8 rows a step), as 2 workers × 2 micro-batches × 2 rows and as 1 worker ×
+    2 micro-batches × 4 rows: the same loss curve and the same weights after 24 steps."""
+    fit_stage2(start, tmp_path, CFG, SOURCE, Scaling(workers=1, micro_batch=4, **HALF))
+    one, two = _losses(tmp_path), _losses(two_workers)
+    assert len(one) == len(two) == CFG.steps and one[-1] < 0.8 * one[0], one
+    np.testing.assert_allclose(one, two, rtol=1e-5)
+    _assert_same_weights(tmp_path, two_workers)
+    assert not torch.equal(
+        load_file(str(tmp_path / "model.safetensors"))["voco"],
+        load_file(str(start / "model.safetensors"))["voco"],
+    )
+
+
+def _onetoken_train(out: Path) -> subprocess.Popen:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in RECIPE.items()]
+    command = [sys.executable, "-m", "llm_worker.cli", "train", "--out", str(out), *flags]
+    command += ["--workers", "2", "--micro-batch-size", "2", "--threads", "1"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    # a session of its own: whatever the run started goes down with it when the test kills the group
+    return subprocess.Popen(
+        command,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights(start, two_workers, tmp_path):
+    """`onetoken train --workers 2`, SIGKILLed once its first checkpoint is registered, then the same
+    command again: it resumes there and ends where the uninterrupted run (`two_workers`) ended."""
+    out = tmp_path / "run"
+    shutil.copytree(start, out / "start")  # the same stages 1 and 0: the command reuses them
+    snapshot = out / "ray" / RUN_NAME / "checkpoint_manager_snapshot.json"
+    proc = _onetoken_train(out)
+    try:
+        deadline = time.monotonic() + 240
+        while not snapshot.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the run ended before it was killed:\n{proc.stdout.read()[-3000:]}"
+        assert snapshot.is_file(), "no checkpoint within 240 s"
+        os.kill(proc.pid, signal.SIGKILL)  # the driver: its local Ray follows it down
+        proc.wait(timeout=30)
+    finally:
+        _kill_group(proc)
+        proc.wait(timeout=30)
+    killed_at = latest_step(out / "ray")
+    assert 0 < killed_at < CFG.steps
+    rerun = _onetoken_train(out)
+    try:
+        output, _ = rerun.communicate(timeout=300)
+    finally:
+        _kill_group(rerun)
+    assert rerun.returncode == 0, output[-3000:]
+    recorded = json.loads((out / "training.json").read_text())
+    assert recorded["resumed_from_step"] >= killed_at
+    log = json.loads((out / "train_state.json").read_text())["log"]
+    assert [e["step"] for e in log] == list(range(1, CFG.steps + 1))
+    assert [e["step"] for e in log if "val_accuracy" in e] == list(range(4, CFG.steps + 1, 4))
+    np.testing.assert_allclose(_losses(out), _losses(two_workers), rtol=1e-5)
+    _assert_same_weights(out, two_workers)
+
+
+def test_llava_data_with_missing_and_corrupt_images_trains(start, ray_cluster, tmp_path):
+    """A LLaVA-format JSON whose images are decoded in Ray Data's workers: a missing file is left out when
+    listed, corrupt ones (not an image, a truncated JPEG) are skipped as rows that score nothing and
+    counted; the good rows train."""
+    images = tmp_path / "img"
+    images.mkdir()
+    entries = []
+    for i in range(10):
+        name = f"{i}.jpg"
+        if i == 0:
+            (images / name).write_bytes(b"not an image at all")
+        elif i == 1:
+            Image.effect_noise((90, 60), 40).convert("RGB").save(images / name)
+            (images / name).write_bytes((images / name).read_bytes()[:200])  # cut mid-stream
+        elif i != 2:  # image 2 is missing
+            Image.effect_noise((70 + 3 * i, 50), 20 + 5 * i).convert("RGB").save(images / name)
+        turns = [
+            {"from": "human", "value": "<image>\nIs it bright?"},
+            {"from": "gpt", "value": "yes" if i % 2 else "no"},
+        ]
+        entries.append({"id": str(i), "image": f"img/{name}", "conversations": turns})
+    (tmp_path / "data.json").write_text(json.dumps(entries))
+    cfg = replace(CFG, steps=4, batch_size=4, val_size=2, eval_every=2)
+    out = tmp_path / "run"
+    metrics = run_distributed(
+        out,
+        Scaling(workers=1, micro_batch=2, **HALF),
+        cfg=cfg,
+        llava=(tmp_path / "data.json", tmp_path),
+        init_from=start,
+    )
+    recorded = json.loads((out / "training.json").read_text())
+    assert recorded["missing_images"] == 1
+    # 9 listed turns, the last 2 held out: the stream draws from 7, turns 0 and 1 the corrupt ones
+    from htcvlm.train.stream import draw
+
+    drawn = draw(np.arange(cfg.steps * cfg.batch_size), cfg.seed, 0, 7)
+    assert {0, 1} <= set(drawn.tolist())  # both are drawn in these 16 rows
+    assert metrics["bad_images"] == 2
+    log = json.loads((out / "train_state.json").read_text())["log"]
+    assert sum(e["skipped_rows"] for e in log) == int(np.isin(drawn, [0, 1]).sum())
+    assert all(np.isfinite(e["loss"]) for e in log) and "val_accuracy" in log[-1]
+    trained, before = load_file(str(out / "model.safetensors")), load_file(str(start / "model.safetensors"))
+    assert not torch.equal(trained["voco"], before["voco"])
