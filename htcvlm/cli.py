@@ -489,6 +489,11 @@ def _add_recipe_flags(train: argparse.ArgumentParser) -> None:
     flag("--val-size", "validation samples scored at each eval", type=int)
     flag("--eval-every", type=int)
     flag("--seed", type=int)
+    flag(
+        "--lora-rank",
+        "LoRA adapters of this rank on the LLM in stage 2, merged when saved (--workers)",
+        type=int,
+    )
     flag("--bf16", "autocast to bfloat16 (GPU hosts)", action="store_true")
     flag(
         "--grad-checkpointing",

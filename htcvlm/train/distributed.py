@@ -36,10 +36,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
-from htcvlm.checkpoint import load_pretrained
+from htcvlm.checkpoint import load_pretrained, save_pretrained
 from htcvlm.data.llava import read_llava
+from htcvlm.evaluate import accuracy
+from htcvlm.model import HTCVLM
+from htcvlm.pool import VQATensors, procedural_pool, tensorize
 from htcvlm.train.loop import load_training_state, lr_at, save_training_state
+from htcvlm.train.lora import add_adapters, merge_adapters
 from htcvlm.train.recipe import RECIPES, TrainConfig, Variant
 from htcvlm.train.run import run_training
 from htcvlm.train.stages import answer_loss, frozen_modules, stage2_optimizer, stage2_parameters
@@ -149,6 +154,12 @@ def fit_stage2(
     with result.checkpoint.as_directory() as folder:
         for path in Path(folder).iterdir():
             shutil.copy2(path, out / path.name)
+    if cfg.lora_rank:  # the checkpoint holds base weights and adapters apart: serve them merged
+        model = load_pretrained(start)
+        add_adapters(model, cfg.lora_rank)
+        model.load_state_dict(load_file(str(out / "model.safetensors")))
+        merge_adapters(model)
+        save_pretrained(model.eval(), out)
     return dict(result.metrics or {})
 
 
@@ -167,6 +178,8 @@ def train_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     plan = scaling.plan(cfg.batch_size)
     model = load_pretrained(config["start"], device=device)
+    if cfg.lora_rank:
+        add_adapters(model, cfg.lora_rank)
     opt = stage2_optimizer(model, cfg)
     step, log = 0, []
     if (checkpoint := ray.train.get_checkpoint()) is not None:
@@ -232,25 +245,28 @@ def train_worker(config: dict[str, Any]) -> None:
         log.append({"step": step, "loss": float(totals[1]), "skipped_rows": int(totals[2])})
         if step % cfg.eval_every and step != cfg.steps:
             continue
-        metrics: dict[str, Any] = {**log[-1], "minutes": (time.perf_counter() - started) / 60}
+        log[-1]["minutes"] = (time.perf_counter() - started) / 60  # since this worker started
+        metrics: dict[str, Any] = dict(log[-1])
         metrics["bad_images"] = _count_distinct(bad, world)
         with tempfile.TemporaryDirectory() as folder:
             saved = None
             if rank == 0:
                 if val is not None:
-                    model.eval()
-                    from htcvlm.evaluate import accuracy
-
-                    metrics["val_accuracy"] = log[-1]["val_accuracy"] = accuracy(model, val, upper=upper)[
-                        "all"
-                    ]
-                    model.train()
-                    for module in frozen:
-                        module.eval()
+                    metrics["val_accuracy"] = log[-1]["val_accuracy"] = _validate(model, frozen, val, upper)
                 logger.info("step %d: %s", step, json.dumps(metrics))
                 save_training_state(Path(folder), model, opt, step, log)
                 saved = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=saved)
+
+
+def _validate(model: HTCVLM, frozen: list[torch.nn.Module], val: VQATensors, upper: bool) -> float:
+    """Accuracy on `val` through the product path, then back to training mode (frozen parts in eval)."""
+    model.eval()
+    result = accuracy(model, val, upper=upper)["all"]
+    model.train()
+    for module in frozen:
+        module.eval()
+    return result
 
 
 def _all_reduce(values: torch.Tensor, world: int) -> None:
@@ -268,7 +284,7 @@ def _count_distinct(indices: set[int], world: int) -> int:
 
 
 @torch.no_grad()
-def _frozen_inputs(model: Any, pixels: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+def _frozen_inputs(model: HTCVLM, pixels: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """The frozen MGVQ's and tower's outputs, as `train_vlm` precomputes them for its pool."""
     inputs = {}
     if model.has_mgvq:
@@ -278,10 +294,8 @@ def _frozen_inputs(model: Any, pixels: torch.Tensor, cfg: TrainConfig) -> dict[s
     return inputs
 
 
-def _val_pool(model: Any, source: Source, size: int) -> Any:
+def _val_pool(model: HTCVLM, source: Source, size: int) -> VQATensors:
     """The validation samples, tensorized in rank 0 (small: `size` of them); unreadable images left out."""
-    from htcvlm.pool import procedural_pool, tensorize
-
     if isinstance(source, ProceduralSource):
         return procedural_pool(model, "val", size)
     samples = [s for s in source.samples(np.arange(len(source)), model.config.image_size) if s is not None]

@@ -45,12 +45,15 @@ class TrainConfig:
     easy: int = 10000  # single-object images beside them, for the curriculum
     questions: int = 4  # questions per training image, packed into one row after its compressed prefix
     val_size: int = 500  # validation samples scored at each validation
+    lora_rank: int = 0  # > 0: stage 2 trains LoRA adapters of this rank on the LLM (merged when saved)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}")
         if self.questions < 1:
             raise ValueError(f"questions must be >= 1, got {self.questions}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> TrainConfig:

@@ -55,6 +55,8 @@ def run_training(
     or every variant from one run with `steps=0`, which stops after stages 1 and 0.
     Resumable: a rerun with the same `out` continues stage 2 from its last saved state.
     """
+    if cfg.lora_rank and cfg.steps:
+        raise ValueError("LoRA (lora_rank > 0) trains on the Ray Train path only: pass --workers N")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     tokenizer = procedural_tokenizer()

@@ -173,9 +173,9 @@ def frozen_modules(model: HTCVLM, cfg: TrainConfig) -> list[torch.nn.Module]:
 
 
 def stage2_parameters(model: HTCVLM, cfg: TrainConfig) -> list[torch.nn.Parameter]:
-    """Every parameter but those of the frozen modules."""
+    """Every parameter but those of the frozen modules and those frozen by hand (an LLM under LoRA)."""
     frozen = {id(p) for m in frozen_modules(model, cfg) for p in m.parameters()}
-    return [p for p in model.parameters() if id(p) not in frozen]
+    return [p for p in model.parameters() if id(p) not in frozen and p.requires_grad]
 
 
 def stage2_optimizer(model: HTCVLM, cfg: TrainConfig) -> torch.optim.AdamW:
