@@ -141,6 +141,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_overrides = {k: v for k in ("n_discrete", "fusion") if (v := getattr(args, k)) is not None}
     if args.workers:
         return _train_distributed(args, TrainConfig.from_name(args.recipe, **given), model_overrides)
+    if given.get("lora_rank"):
+        logger.error("--lora-rank trains on the Ray Train path only: add --workers N (1 is fine)")
+        return 2
     run_training(
         Path(args.out),
         variant=args.variant,

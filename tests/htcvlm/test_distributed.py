@@ -32,10 +32,11 @@ from htcvlm.train.run import run_training
 from htcvlm.train.stream import ProceduralSource, SampleRows, StepPlan
 
 ROOT = Path(__file__).resolve().parents[2]
-# The tiny recipe made small: stages 1 and 0 one step each, stage 2 long enough to kill mid-way.
+# The tiny recipe made small: stages 1 and 0 one step each, stage 2 long enough to kill mid-way (the
+# global batch of 32 makes the steps after the first checkpoint outlast Ray Train's 2 s report polling).
 RECIPE = {
     "steps": 24,
-    "batch_size": 8,
+    "batch_size": 32,
     "lr": 3e-3,
     "warmup": 2,
     "easy_steps": 4,
@@ -62,9 +63,9 @@ def start(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def two_workers(start, ray_cluster, tmp_path_factory) -> Path:
-    """Stage 2 on 2 workers, 2 micro-batches of 2 rows each per step: uninterrupted."""
+    """Stage 2 on 2 workers, 4 micro-batches of 4 rows each per step: uninterrupted."""
     out = tmp_path_factory.mktemp("two")
-    fit_stage2(start, out, CFG, SOURCE, Scaling(workers=2, micro_batch=2, **HALF))
+    fit_stage2(start, out, CFG, SOURCE, Scaling(workers=2, micro_batch=4, **HALF))
     return out
 
 
@@ -95,15 +96,15 @@ def test_sample_rows_are_the_rows_the_single_process_pool_holds(start):
     """Ray Data's map stage renders and tokenizes as `procedural_pool` + `tensorize` do, and row k of a
     worker's stream is the same sample however it is batched."""
     model = load_pretrained(start)
-    plan = StepPlan(batch_size=8, workers=2, micro_batch=2)
+    plan = StepPlan(batch_size=CFG.batch_size, workers=2, micro_batch=2)
     rows = SampleRows(str(start), SOURCE, plan, rank=1, start_step=3, max_text=256)
     out = rows({"data": np.arange(6)})
-    assert out["position"].tolist() == [26, 27, 30, 31, 34, 35]  # steps 3 (micro-batches 0, 1) and 4
+    assert out["position"].tolist() == [98, 99, 102, 103, 106, 107]  # step 3, its micro-batches 0 to 2
     assert out["ok"].all()
     main = ProceduralVQA("train", CFG.pool, questions=CFG.questions)
     single = ProceduralVQA("train", CFG.easy, weights=EASY_WEIGHTS, seed=1, max_objects=1, questions=2)
     samples = [main[i] if i < CFG.pool else single[i - CFG.pool] for i in out["index"]]
-    assert all(i >= CFG.pool for i in out["index"][:2])  # step 3 is within the easy steps: single objects
+    assert all(i >= CFG.pool for i in out["index"])  # step 3 is within the easy steps: single objects
     pool = tensorize(model, samples)
     width = pool.ids.shape[1]
     assert np.array_equal(out["pixels"], pool.pixels.numpy())
@@ -119,10 +120,10 @@ def test_sample_rows_are_the_rows_the_single_process_pool_holds(start):
 
 
 def test_two_workers_reach_the_weights_of_one(start, two_workers, tmp_path):
-    """Same global batch (8 rows a step), as 2 workers × 2 micro-batches × 2 rows and as 1 worker ×
-    2 micro-batches × 4 rows: the same loss curve and the same weights after 24 steps. The one worker
+    """Same global batch (32 rows a step), as 2 workers × 4 micro-batches × 4 rows and as 1 worker ×
+    4 micro-batches × 8 rows: the same loss curve and the same weights after 24 steps. The one worker
     recomputes the LLM's activations in backward (activation checkpointing): that changes no result."""
-    one_worker = Scaling(workers=1, micro_batch=4, activation_checkpointing=True, **HALF)
+    one_worker = Scaling(workers=1, micro_batch=8, activation_checkpointing=True, **HALF)
     fit_stage2(start, tmp_path, CFG, SOURCE, one_worker)
     one, two = _losses(tmp_path), _losses(two_workers)
     assert len(one) == len(two) == CFG.steps and one[-1] < 0.8 * one[0], one
@@ -137,7 +138,7 @@ def test_two_workers_reach_the_weights_of_one(start, two_workers, tmp_path):
 def _onetoken_train(out: Path) -> subprocess.Popen:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in RECIPE.items()]
     command = [sys.executable, "-m", "llm_worker.cli", "train", "--out", str(out), *flags]
-    command += ["--workers", "2", "--micro-batch-size", "2", "--threads", "1"]
+    command += ["--workers", "2", "--micro-batch-size", "4", "--threads", "1"]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -180,7 +181,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights(start
         _kill_group(proc)
         proc.wait(timeout=30)
     killed_at = latest_step(out / "ray")
-    assert 0 < killed_at < CFG.steps
+    assert 0 < killed_at < CFG.steps, f"killed after step {killed_at}: not mid-way"
     rerun = _onetoken_train(out)
     try:
         output, _ = rerun.communicate(timeout=300)
