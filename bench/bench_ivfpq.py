@@ -86,14 +86,15 @@ def main() -> None:
         started = time.perf_counter()
         truth = exact_top_k(latents, queries, args.k)
         scan = time.perf_counter() - started
+        gib = args.n * args.dim * 4 / 2**30
+        threads = faiss.omp_get_max_threads()
         print(
-            f"{args.n:,} x {args.dim} float32 ({args.n * args.dim * 4 / 2**30:.1f} GiB on disk, made in {made:.0f} s), "
-            f"{args.queries} queries, k={args.k}; faiss {faiss.__version__}, {faiss.omp_get_max_threads()} threads, "
-            f"{os.cpu_count()} CPUs; exact scan of all queries {scan:.1f} s"
+            f"{args.n:,} x {args.dim} float32 ({gib:.1f} GiB on disk, made in {made:.0f} s), {args.queries} "
+            f"queries, k={args.k}; faiss {faiss.__version__}, {threads} threads, {os.cpu_count()} CPUs; "
+            f"exact scan of all queries {scan:.1f} s"
         )
-        print(
-            f"{'index':<16}{'nprobe':>7}{'recall':>8}{'+rerank':>9}{'QPS':>8}{'B/vec':>8}{'build s':>9}{'train s':>9}"
-        )
+        head = f"{'index':<16}{'nprobe':>7}{'recall':>8}{'+rerank':>9}"
+        print(f"{head}{'QPS':>8}{'B/vec':>8}{'build s':>9}{'train s':>9}")
         sample = np.sort(rng.choice(args.n, min(args.train, args.n), replace=False))
         for spec in args.specs:
             index = faiss.index_factory(args.dim, spec, faiss.METRIC_INNER_PRODUCT)
@@ -121,9 +122,7 @@ def main() -> None:
                     f"{spec:<16}{nprobe:>7}{found}{qps:>8.0f}{per_vector:>8.0f}{built:>9.0f}{trained:>9.0f}"
                 )
             del index
-        print(
-            f"(a float32 vector is {args.dim * 4:,} B; re-ranking reads k x {args.rerank} stored vectors per query)"
-        )
+        print(f"(a float32 vector is {args.dim * 4:,} B; re-ranking reads k x {args.rerank} stored vectors)")
 
 
 if __name__ == "__main__":
