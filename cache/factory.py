@@ -21,7 +21,8 @@ from cache.feed import DEFAULT_FEED_LENGTH
 from cache.keys import DEFAULT_PREFIX, check_name
 from cache.retry import RetryPolicy
 from cache.store import RecordStore
-from cache.tiered import HotTier, MemoryTier, TieredStore, parse_size, split_tiered_url
+from cache.tiered import HotTier, MemoryTier, TieredStore, split_tiered_url
+from htcvlm.sizes import parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class StoreConfig:
             if not hot.startswith(("memory:", *(f"{scheme}://" for scheme in REDIS_SCHEMES))):
                 raise ValueError(f"a tiered store's hot tier is memory:SIZE or a Redis URL, got {hot!r}")
             if hot.startswith("memory:"):
-                parse_size(hot.removeprefix("memory:"))
+                parse_size(hot.removeprefix("memory:"), "a memory tier")
             if urlsplit(cold).scheme == "tiered":
                 raise ValueError(f"a tiered store's cold tier cannot be tiered itself: {self.url!r}")
             replace(self, url=cold)  # a config of the cold URL alone: validated like any other
@@ -98,7 +99,7 @@ def _open_redis(config: StoreConfig, feed: bool) -> RecordStore:
 
 def _open_hot_tier(config: StoreConfig, url: str) -> HotTier:
     if url.startswith("memory:"):
-        return MemoryTier(parse_size(url.removeprefix("memory:")))
+        return MemoryTier(parse_size(url.removeprefix("memory:"), "a memory tier"))
     return _open_redis(replace(config, url=url), feed=False)  # a RedisStore has every method a hot tier needs
 
 

@@ -26,7 +26,6 @@ URL: `tiered:HOT|COLD`, e.g. `tiered:memory:4GiB|/data/records` or
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -39,27 +38,6 @@ from cache.keys import RecordKey
 from cache.store import RecordStore
 
 logger = logging.getLogger(__name__)
-
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|KB|MB|GB|TB)?", re.IGNORECASE)
-_UNITS = {
-    "b": 1,
-    "kib": 1 << 10,
-    "mib": 1 << 20,
-    "gib": 1 << 30,
-    "tib": 1 << 40,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-}
-
-
-def parse_size(text: str) -> int:
-    """'4GiB' -> 4294967296, '512MB' -> 512000000, '1000' -> 1000 bytes."""
-    match = _SIZE.fullmatch(text.strip())
-    if match is None or float(match.group(1)) <= 0:
-        raise ValueError(f"not a positive size: {text!r} (use e.g. 512MiB, 4GiB, 1000000)")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "b").lower()])
 
 
 def split_tiered_url(url: str) -> tuple[str, str]:

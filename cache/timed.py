@@ -1,6 +1,6 @@
-"""A store wrapper that times every call: `TimedStore(inner, observe)` calls `observe(op, seconds, error)`
-after each operation of `inner` (`error` is the exception it raised, or None), and otherwise behaves
-exactly as `inner` (see `cache.store` for the contract).
+"""A store wrapper that times every call: `TimedStore(inner, observe)` calls `observe(StoreCall(op, seconds,
+error))` after each operation of `inner` (`error`: the name of the exception it raised, or None), and
+otherwise behaves exactly as `inner` (see `cache.store` for the contract).
 
 The worker feeds its Prometheus metrics from it directly; the encoders, which run in Ray actors, keep
 their calls in a `StoreCalls` list and hand them back with each batch, so their store latency reaches
@@ -22,14 +22,15 @@ from cache.store import RecordStore
 
 logger = logging.getLogger(__name__)
 
-Observe = Callable[[str, float, BaseException | None], None]
-
 
 @dataclass(frozen=True)
 class StoreCall:
     op: str  # the RecordStore method
     seconds: float
     error: str | None  # the exception type's name if the call raised
+
+
+Observe = Callable[[StoreCall], None]
 
 
 class StoreCalls:
@@ -40,11 +41,11 @@ class StoreCalls:
         self._lock = threading.Lock()
         self._limit = limit
 
-    def __call__(self, op: str, seconds: float, error: BaseException | None) -> None:
+    def __call__(self, call: StoreCall) -> None:
         with self._lock:
             if len(self._calls) >= self._limit:
                 del self._calls[: len(self._calls) // 2]
-            self._calls.append(StoreCall(op, seconds, None if error is None else type(error).__name__))
+            self._calls.append(call)
 
     def take(self) -> list[StoreCall]:
         """Every call kept since the last take, oldest first."""
@@ -61,14 +62,14 @@ class TimedStore(RecordStore):
     @contextmanager
     def _timed(self, op: str) -> Iterator[None]:
         started = time.perf_counter()
-        error: BaseException | None = None
+        error: str | None = None
         try:
             yield
         except Exception as e:  # not GeneratorExit: a caller that stops iter_ids early is no error
-            error = e
+            error = type(e).__name__
             raise
         finally:
-            self.observe(op, time.perf_counter() - started, error)
+            self.observe(StoreCall(op, time.perf_counter() - started, error))
 
     def put(self, key: RecordKey, blob: bytes) -> None:
         with self._timed("put"):

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from htcvlm.errors import CheckpointError
+from htcvlm.sizes import parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -30,21 +31,6 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_PATTERN = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # transformers' long-standing default: files that every file system takes
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string as transformers takes them ("5GB", "500MB", "2GiB")."""
-    if isinstance(size, int):
-        value = size
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", size, flags=re.IGNORECASE)
-        if match is None:
-            raise ValueError(f"max_shard_size must be bytes or e.g. '5GB', '500MB', got {size!r}")
-        value = int(float(match[1]) * _UNITS[(match[2] or "B").upper()])
-    if value < 1:
-        raise ValueError(f"max_shard_size must be positive, got {size!r}")
-    return value
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

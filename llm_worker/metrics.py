@@ -160,16 +160,14 @@ class Metrics:
 
         return observed
 
-    def observe_store_call(self, op: str, seconds: float, error: BaseException | None, caller: str) -> None:
-        self.store_seconds.labels(op, caller).observe(seconds)
-        if error is not None:
-            self.store_errors.labels(op, type(error).__name__, caller).inc()
+    def observe_store_call(self, call: StoreCall, caller: str) -> None:
+        self.store_seconds.labels(call.op, caller).observe(call.seconds)
+        if call.error is not None:
+            self.store_errors.labels(call.op, call.error, caller).inc()
 
     def observe_encoder_store_calls(self, calls: list[StoreCall]) -> None:
         for call in calls:
-            self.store_seconds.labels(call.op, "encoder").observe(call.seconds)
-            if call.error is not None:
-                self.store_errors.labels(call.op, call.error, "encoder").inc()
+            self.observe_store_call(call, "encoder")
 
     def observe_index_sync(self, kind: str, seconds: float, followed: Followed) -> None:
         self.index_sync_seconds.labels(kind).observe(seconds)
@@ -178,9 +176,7 @@ class Metrics:
 
     def timed(self, store: RecordStore, caller: str) -> TimedStore:
         """`store` with every call timed into these metrics under `caller`."""
-        return TimedStore(
-            store, lambda op, seconds, error: self.observe_store_call(op, seconds, error, caller)
-        )
+        return TimedStore(store, lambda call: self.observe_store_call(call, caller))
 
     def watch(self, service: OneTokenService) -> None:
         """Meter a service before it serves: its and its encoders' store calls, its encoder batches, its

@@ -17,7 +17,8 @@ from cache.lmdb_store import LmdbConfig, LmdbStore
 from cache.records import get_record, key_of, put_records
 from cache.redis_store import RedisConfig, RedisStore
 from cache.retry import RetryPolicy
-from cache.tiered import MemoryTier, TieredStore, parse_size
+from cache.tiered import MemoryTier, TieredStore
+from htcvlm.sizes import parse_size
 
 from .helpers import FINGERPRINT, RedisServer, make_record
 
