@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from cache.errors import CacheError
 
@@ -38,6 +38,15 @@ class FeedTrimmedError(CacheError):
 class Change:
     op: Op
     image_id: str
+
+    @classmethod
+    def read(cls, op: str, image_id: str, fingerprint: str) -> Change:
+        """A change as a store read it back; an op it never writes is a ValueError (a damaged feed)."""
+        if op not in OPS:
+            raise ValueError(
+                f"unknown change {op!r} of image {image_id!r} in the feed of model {fingerprint}"
+            )
+        return cls(cast(Op, op), image_id)
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,11 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import cast
 
 import lmdb
 
 from cache.errors import StoreFullError
-from cache.feed import DEFAULT_FEED_LENGTH, OPS, Change, FeedPosition, FeedRead, Op, check_trimmed
+from cache.feed import DEFAULT_FEED_LENGTH, Change, FeedPosition, FeedRead, check_trimmed
 from cache.keys import DEFAULT_PREFIX, RecordKey, check_name, record_key_prefix
 from cache.store import RecordStore
 
@@ -165,9 +164,7 @@ class LmdbStore(RecordStore):
                     if not raw_key.startswith(feed) or len(changes) == limit:
                         break
                     op, image_id = raw.decode().split(":")
-                    if op not in OPS:
-                        raise ValueError(f"unknown change {raw!r} in the feed of model {fingerprint}")
-                    changes.append(Change(cast(Op, op), image_id))
+                    changes.append(Change.read(op, image_id, fingerprint))
         seq = after.seq + len(changes)
         return FeedRead(changes, FeedPosition(str(seq) if seq else after.offset, seq))
 

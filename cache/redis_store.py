@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis
@@ -39,7 +39,7 @@ from redis.exceptions import ClusterDownError, RedisClusterException, TryAgainEr
 from redis.retry import Retry
 
 from cache.errors import StoreFullError, StoreUnavailableError
-from cache.feed import DEFAULT_FEED_LENGTH, OPS, Change, FeedPosition, FeedRead, Op, check_trimmed
+from cache.feed import DEFAULT_FEED_LENGTH, Change, FeedPosition, FeedRead, Op, check_trimmed
 from cache.keys import DEFAULT_PREFIX, RecordKey, check_name, record_key_prefix
 from cache.retry import RetryPolicy, call_with_retry
 from cache.store import RecordStore
@@ -277,10 +277,7 @@ class RedisStore(RecordStore):
         changes = []
         for _, raw_fields in entries:
             fields = _pairs(raw_fields)
-            op, image_id = _text(fields[b"op"]), _text(fields[b"id"])
-            if op not in OPS:
-                raise ValueError(f"unknown change {fields!r} in the feed of model {fingerprint}")
-            changes.append(Change(cast(Op, op), image_id))
+            changes.append(Change.read(_text(fields[b"op"]), _text(fields[b"id"]), fingerprint))
         if not changes:
             return FeedRead([], after)
         return FeedRead(changes, FeedPosition(_text(entries[-1][0]), after.seq + len(changes)))

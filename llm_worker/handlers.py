@@ -133,9 +133,8 @@ class OneTokenServicer(pb_grpc.OneTokenServicer):
         images = [_image_ref(ref) for ref in request.images]
         if which is None and not images:
             raise InvalidRequestError("set image_id or image_bytes, or list the images")
-        note(
-            image_id=request.image_id or (images[0].image_id or "" if images else "")
-        )  # known before it fails
+        first = images[0].image_id if images else request.image_id
+        note(image_id=first or "")  # known before the call can fail ("" when asked by bytes)
         call = await self.service.ask(
             request.question,
             options,

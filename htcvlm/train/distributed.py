@@ -46,7 +46,7 @@ from htcvlm.pool import VQATensors, procedural_pool, tensorize
 from htcvlm.train.loop import load_training_state, lr_at, save_training_state
 from htcvlm.train.lora import add_adapters, merge_adapters
 from htcvlm.train.recipe import RECIPES, TrainConfig, Variant
-from htcvlm.train.run import run_training
+from htcvlm.train.run import run_training, write_run_record
 from htcvlm.train.stages import answer_loss, frozen_modules, stage2_optimizer, stage2_parameters
 from htcvlm.train.stream import LlavaSource, ProceduralSource, SampleRows, Source, StepPlan, rows_to_batch
 
@@ -350,20 +350,16 @@ def run_distributed(
         logger.info("%s: %d image files missing, left out", llava[0], len(data.missing))
     resumed_from = latest_step((out / "ray").resolve())
     metrics = fit_stage2(start, out, cfg, source, scaling, variant, val)
-    (out / "training.json").write_text(
-        json.dumps(
-            {
-                "variant": variant,
-                "preset": preset,
-                "init_from": str(init_from) if init_from else None,
-                "overrides": {k: str(v) for k, v in config_overrides.items()},
-                "train": asdict(cfg),
-                "scaling": asdict(scaling),
-                "missing_images": 0 if llava is None else len(data.missing),
-                "resumed_from_step": resumed_from,
-            },
-            indent=2,
-        )
+    write_run_record(
+        out,
+        variant,
+        preset,
+        init_from,
+        config_overrides,
+        cfg,
+        scaling=asdict(scaling),
+        missing_images=0 if llava is None else len(data.missing),
+        resumed_from_step=resumed_from,
     )
     if not math.isfinite(metrics.get("loss", 0.0)):
         logger.warning("the last loss is %s", metrics.get("loss"))

@@ -6,6 +6,7 @@ import json
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -98,18 +99,7 @@ def run_training(
     elif cfg.freeze_vision and model.has_vision and not tower_trained:
         logger.warning("the vision tower is untrained (no stage 0, no pretrained weights): stage 2 trains it")
         cfg = replace(cfg, freeze_vision=False)
-    (out / "training.json").write_text(
-        json.dumps(
-            {
-                "variant": variant,
-                "preset": preset,
-                "init_from": str(init_from) if init_from else None,
-                "overrides": {k: str(v) for k, v in config_overrides.items()},
-                "train": asdict(cfg),
-            },
-            indent=2,
-        )
-    )
+    write_run_record(out, variant, preset, init_from, config_overrides, cfg)
     if cfg.steps == 0:  # stages 1 and 0 only: a start for several variants' stage 2 (`init_from`)
         model.eval()
         save_pretrained(model, out)
@@ -117,3 +107,24 @@ def run_training(
     assert train_data is not None
     train_vlm(model, train_data, cfg, variant, out=out, val=val_data)
     return model
+
+
+def write_run_record(
+    out: Path,
+    variant: str,
+    preset: str,
+    init_from: str | Path | None,
+    config_overrides: dict[str, Any],
+    cfg: TrainConfig,
+    **more: Any,
+) -> None:
+    """`out/training.json`: what the run was asked for (and `more` of what happened), for its reruns."""
+    record = {
+        "variant": variant,
+        "preset": preset,
+        "init_from": str(init_from) if init_from else None,
+        "overrides": {k: str(v) for k, v in config_overrides.items()},
+        "train": asdict(cfg),
+        **more,
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2))
