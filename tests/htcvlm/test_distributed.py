@@ -155,6 +155,18 @@ def _onetoken_train(out: Path) -> subprocess.Popen:
     )
 
 
+def settled_step(runs: Path, quiet_s: float = 3.0, timeout_s: float = 60.0) -> int:
+    """The last checkpointed step once no new checkpoint has appeared for `quiet_s`: Ray's workers of a
+    killed driver can still register one while they go down, and the rerun resumes from that."""
+    deadline = time.monotonic() + timeout_s
+    step, since = latest_step(runs), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.2)
+        if (now := latest_step(runs)) != step:
+            step, since = now, time.monotonic()
+    return step
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -180,7 +192,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights(start
     finally:
         _kill_group(proc)
         proc.wait(timeout=30)
-    killed_at = latest_step(out / "ray")
+    killed_at = settled_step(out / "ray")
     assert 0 < killed_at < CFG.steps, f"killed after step {killed_at}: not mid-way"
     rerun = _onetoken_train(out)
     try:
