@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from htcvlm.errors import InvalidQuestionError, RecordMismatchError, TooManyImagesError
 from htcvlm.generation import FinishReason, GenerationOptions, RowState, StepEvent, sample_tokens
 from htcvlm.mask import to_additive
-from htcvlm.model import HTCVLM
+from htcvlm.model import HTCVLM, KVState
 from htcvlm.placement import Records, place_records, record_groups, text_position
 from htcvlm.record import Record
 
@@ -121,6 +121,51 @@ def encode_questions(
     return prompts
 
 
+def read_placed(
+    model: HTCVLM,
+    shared: KVState,
+    past: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    voco_real: torch.Tensor,
+    ids: torch.Tensor,
+    prompt_lengths: torch.Tensor,
+    first: torch.Tensor,
+) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+    """Left-padded text (B, T) read over placed voco states: the one text pass of decoding and of
+    multi-image training (htcvlm/train/multi.py), so the two cannot drift apart.
+
+    shared: the shared prefix state (1, kv_heads, n_shared, head_dim) per layer, read unless the layout
+    says not; past, voco_real: `place_states`' output; first (B,): each row's first text position.
+    Returns the logits (B, T, vocab), the cache after the text and which of its keys are real.
+    """
+    layout, dtype = model.layout, model.dtype
+    batch, width = ids.shape
+    # (B, n_past + T): which keys are real. The shared prefix always is; left padding never is.
+    text_real = torch.arange(width, device=ids.device)[None] >= (width - prompt_lengths)[:, None]
+    past_real = torch.cat([voco_real.new_ones(batch, layout.n_shared_read), voco_real], dim=1)
+    if layout.n_shared_read:
+        # (1, kv_heads, n_shared, head_dim) -> (B, ...) before each row's voco state: every row reads
+        # the one shared prefix state at its own positions 0 .. n_shared - 1
+        past = [
+            (
+                torch.cat([sk.expand(batch, -1, -1, -1), k], dim=2),
+                torch.cat([sv.expand(batch, -1, -1, -1), v], dim=2),
+            )
+            for (sk, sv), (k, v) in zip(shared, past, strict=True)
+        ]
+    cache = DynamicCache(list(past))
+    positions = first[:, None] + (text_real.long().cumsum(dim=1) - 1).clamp(min=0)
+    causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
+    allowed = torch.cat([past_real[:, None].expand(-1, width, -1), causal[None] & text_real[:, None]], dim=2)
+    out = model.llm(
+        input_ids=ids,
+        attention_mask=to_additive(allowed, dtype)[:, None],  # (B, 1, T, n_past + T)
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+    )
+    return out.logits, cache, torch.cat([past_real, text_real], dim=1)
+
+
 class DecodeBatch:
     """The decoding state of a batch of (records, prompt) rows: injected cache, key mask and positions.
 
@@ -147,37 +192,12 @@ class DecodeBatch:
             ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
         # per layer (B, kv_heads, K * n_voco, head_dim), and (B, K * n_voco): which voco slots are real
         past, voco_real = place_records(groups, layout, model.llm, dtype, device)
-        # (B, n_past + T): which keys are real. The shared prefix always is; left padding never is.
-        text_real = torch.arange(width, device=device)[None] >= (width - self.prompt_lengths)[:, None]
-        past_real = torch.cat([voco_real.new_ones(batch, layout.n_shared_read), voco_real], dim=1)
-        self.key_valid = torch.cat([past_real, text_real], dim=1)
-        if layout.n_shared_read:
-            # (1, kv_heads, n_shared, head_dim) -> (B, ...) before each row's voco state: every row reads
-            # the model's one shared prefix state at its own positions 0 .. n_shared - 1
-            past = [
-                (
-                    torch.cat([sk.expand(batch, -1, -1, -1), k], dim=2),
-                    torch.cat([sv.expand(batch, -1, -1, -1), v], dim=2),
-                )
-                for (sk, sv), (k, v) in zip(model.shared_prefix(), past, strict=True)
-            ]
-        self.cache = DynamicCache(past)
-        # (B, 1): the first text position of each row's full pass, after its last image
-        first = torch.tensor([[text_position(layout, len(g))] for g in groups], device=device)
-        positions = first + (text_real.long().cumsum(dim=1) - 1).clamp(min=0)
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        allowed = torch.cat(
-            [past_real[:, None].expand(-1, width, -1), causal[None] & text_real[:, None]], dim=2
+        first = torch.tensor([text_position(layout, len(g)) for g in groups], device=device)
+        logits, self.cache, self.key_valid = read_placed(
+            model, model.shared_prefix(), past, voco_real, ids, self.prompt_lengths, first
         )
-        out = model.llm(
-            input_ids=ids,
-            attention_mask=to_additive(allowed, dtype)[:, None],  # (B, 1, T, n_past + T)
-            position_ids=positions,
-            cache=self.cache,
-            use_cache=True,
-        )
-        self.prompt_logits = out.logits  # (B, T, vocab), left-padded
-        self.next_positions = first[:, 0] + self.prompt_lengths  # (B,)
+        self.prompt_logits = logits  # (B, T, vocab), left-padded
+        self.next_positions = first + self.prompt_lengths  # (B,)
 
     def last_logits(self) -> torch.Tensor:
         return self.prompt_logits[:, -1]

@@ -116,17 +116,32 @@ def place_records(
     LLM's rotary embedding is looked up only when something moves: one record per row needs none.
     """
     batch, most = len(groups), max(len(g) for g in groups)
-    n_layers, kv_heads, n_voco, head_dim = groups[0][0].keys.shape
     work = torch.promote_types(dtype, torch.float32)
     # (B, K, layers, kv_heads, n_voco, head_dim): record slots, zero where a row has fewer records
-    keys = torch.zeros(batch, most, n_layers, kv_heads, n_voco, head_dim, dtype=work, device=device)
+    keys = torch.zeros(batch, most, *groups[0][0].keys.shape, dtype=work, device=device)
     values = torch.zeros_like(keys)
     for row, group in enumerate(groups):
         for slot, rec in enumerate(group):
             keys[row, slot] = rec.keys.to(device=device, dtype=work)
             values[row, slot] = rec.values.to(device=device, dtype=work)
     counts = torch.tensor([len(g) for g in groups], device=device)
-    slots = torch.arange(most, device=device)
+    past, real = place_states(keys, values, counts, layout, llm)
+    return [(k.to(dtype), v.to(dtype)) for k, v in past], real
+
+
+def place_states(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    counts: torch.Tensor,
+    layout: SequenceLayout,
+    llm: nn.Module,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """The move itself, on tensors (differentiable: training runs it on voco states it backpropagates
+    through). keys, values (B, K, layers, kv_heads, n_voco, head_dim): row b's images in its first
+    counts[b] slots; what lies in the other slots is masked. Returns place_records' pair, in keys' dtype.
+    """
+    batch, most, n_layers, kv_heads, n_voco, head_dim = keys.shape
+    slots = torch.arange(most, device=keys.device)
     if most > 1:
         delta = slots * layout.n_voco  # (K,): q_i - p, the same for every row's i-th record
         keys = rotate_keys(keys, delta[:, None, None, None], rotary_of(llm))  # (K, 1, 1, 1) over (B, K, ..)
@@ -134,6 +149,5 @@ def place_records(
     # -> (layers, B, kv_heads, K * n_voco, head_dim): slot i's tokens at columns i * n_voco …
     keys = keys.permute(2, 0, 3, 1, 4, 5).reshape(n_layers, batch, kv_heads, most * n_voco, head_dim)
     values = values.permute(2, 0, 3, 1, 4, 5).reshape(n_layers, batch, kv_heads, most * n_voco, head_dim)
-    keys, values = keys.to(dtype), values.to(dtype)
-    real = (slots[None] < counts[:, None]).repeat_interleave(n_voco, dim=1)  # (B, K * n_voco)
+    real = (slots[None] < counts.to(keys.device)[:, None]).repeat_interleave(n_voco, dim=1)  # (B, K * n_voco)
     return [(keys[i], values[i]) for i in range(n_layers)], real
