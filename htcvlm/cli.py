@@ -8,6 +8,7 @@ ONETOKEN_* variables are read through `env` (here and in llm_worker.cli), and on
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -229,6 +230,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_multi(args: argparse.Namespace) -> int:
+    """Multi-image accuracy per k and kind on test-split scenes, through compress() and decode()."""
+    import torch  # only the model commands pay for it
+
+    from htcvlm.checkpoint import load_pretrained
+    from htcvlm.defaults import DEFAULT_MODEL_DIR
+    from htcvlm.evaluate import multi_image_accuracy, multi_image_set, multi_image_table
+
+    torch.set_num_threads(args.threads)
+    model = load_pretrained(args.model or DEFAULT_MODEL_DIR)
+    pool, questions = multi_image_set(model, args.ks, args.per_kind)
+    result = multi_image_accuracy(model, pool, questions)
+    print(multi_image_table(result, args.ks))
+    print(f"all: {100 * result['all']:.1f} % of {len(questions)} questions (chance in brackets)")
+    if args.out:
+        model_dir = str(args.model or DEFAULT_MODEL_DIR)
+        figures = {"model": model_dir, "ks": args.ks, "per_kind": args.per_kind, "accuracy": result}
+        Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     """The voco token's attention over the anchors and the first patch tokens, as a PNG heatmap."""
     import torch  # only the model commands pay for it
@@ -382,6 +404,16 @@ def add_model_commands(
     evaluate.add_argument("--threads", type=int, default=threads, help=threads_help)
     evaluate.set_defaults(func=cmd_eval)
 
+    multi = add_command(
+        sub, "eval-multi", "accuracy of questions over several cached images, by k and kind", common
+    )
+    multi.add_argument("--model", help="checkpoint folder (default: the shipped model)")
+    multi.add_argument("--ks", type=_positive, nargs="+", default=[2, 4, 8, 16], help="images a question")
+    multi.add_argument("--per-kind", type=_positive, default=100, help="questions of each kind and k")
+    multi.add_argument("--out", help="JSON file for the figures (default: print only)")
+    multi.add_argument("--threads", type=int, default=threads, help=threads_help)
+    multi.set_defaults(func=cmd_eval_multi)
+
     retrieval = add_command(sub, "retrieval", "near-duplicate recall@k of augmented copies", common)
     retrieval.add_argument("--model", required=True, help="checkpoint folder")
     retrieval.add_argument("--procedural", type=int, default=500, help="procedural test scenes")
@@ -488,6 +520,10 @@ def _add_recipe_flags(train: argparse.ArgumentParser) -> None:
     flag("--easy", "extra single-object samples (curriculum)", type=int)
     flag("--easy-steps", "first steps on single-object samples", type=int)
     flag("--questions", "questions per procedural training image, packed into one pass", type=_positive)
+    flag("--multi-rows", "rows a stage-2 step of one question over several pool images", type=int)
+    flag("--multi-images", "the most images of such a row (k uniform from 1)", type=_positive)
+    flag("--contrastive", "weight of InfoNCE over two augmented views' voco latents (search)", type=float)
+    flag("--contrastive-images", "images a step for it, two views each", type=int)
     flag("--warmup", type=int)
     flag("--val-size", "validation samples scored at each eval", type=int)
     flag("--eval-every", type=int)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
+from htcvlm.data.multi import MULTI_QTYPES, MultiQuestion, facts_of_cells, multi_question
 from htcvlm.data.questions import KIND_OF, QTYPES
 from htcvlm.decode import decode
 from htcvlm.generation import GenerationOptions
@@ -77,6 +79,54 @@ def accuracy(model: HTCVLM, data: VQATensors, upper: bool = False) -> dict[str, 
         if qtype in KIND_OF:
             hits[KIND_OF[qtype]].append(ok)
     return {key: sum(v) / len(v) for key, v in hits.items()}
+
+
+def multi_image_set(
+    model: HTCVLM, ks: Sequence[int], per_kind: int, pool_size: int = 2000, seed: int = 0
+) -> tuple[VQATensors, list[MultiQuestion]]:
+    """Test-split scenes and `per_kind` questions of each multi-image kind for every k in `ks`."""
+    pool = procedural_pool(model, "test", pool_size)
+    assert pool.cells is not None
+    facts = facts_of_cells(pool.cells)
+    rng = random.Random(f"multi-eval/{seed}")
+    questions = [
+        multi_question(facts, k, qtype, rng) for k in ks for qtype in MULTI_QTYPES for _ in range(per_kind)
+    ]
+    return pool, questions
+
+
+@torch.inference_mode()
+def multi_image_accuracy(
+    model: HTCVLM, pool: VQATensors, questions: Sequence[MultiQuestion], batch_size: int = 64
+) -> dict[str, float]:
+    """Exact-match accuracy through the product path: every image compressed once, each question decoded
+    from its images' records in order. Keys: "k=K/qtype", "k=K/all" and "all"."""
+    used = sorted({i for q in questions for i in q.images})
+    records = {}
+    for start in range(0, len(used), 256):
+        chunk = used[start : start + 256]
+        pixels = pool.pixels[chunk].float().to(model.device) / 255.0
+        records.update(zip(chunk, model.compress_pixels(pixels, [f"{i:064x}" for i in chunk]), strict=True))
+    hits: dict[str, list[bool]] = defaultdict(list)
+    options = GenerationOptions(max_new_tokens=MAX_ANSWER_TOKENS)
+    for start in range(0, len(questions), batch_size):
+        part = questions[start : start + batch_size]
+        rows = [[records[i] for i in q.images] for q in part]
+        for q, answer in zip(part, decode(model, rows, [q.text for q in part], options), strict=True):
+            ok = answer.text == q.answer
+            for key in (f"k={len(q.images)}/{q.qtype}", f"k={len(q.images)}/all", "all"):
+                hits[key].append(ok)
+    return {key: sum(v) / len(v) for key, v in hits.items()}
+
+
+def multi_image_table(result: Mapping[str, float], ks: Sequence[int]) -> str:
+    """Markdown: accuracy % per k and kind, with the chance level of each (a uniform guess)."""
+    chance = {"count": lambda k: 1 / (k + 1), "find": lambda k: 1 / k, "compare": lambda k: 0.5}
+    lines = ["| k | " + " | ".join(MULTI_QTYPES) + " | all |", "|---|" + "---|" * (len(MULTI_QTYPES) + 1)]
+    for k in ks:
+        cells = [f"{100 * result[f'k={k}/{q}']:.1f} ({100 * chance[q](k):.0f})" for q in MULTI_QTYPES]
+        lines.append(f"| {k} | " + " | ".join(cells) + f" | {100 * result[f'k={k}/all']:.1f} |")
+    return "\n".join(lines)
 
 
 def retention(result: float, lower: float, upper: float) -> float:

@@ -80,9 +80,10 @@ def near_duplicate_recall(
     rng = random.Random(seed)
     base = latents(model, originals)
     results: dict[str, dict[str, float]] = {}
-    all_ranks = []
+    all_ranks, all_copies = [], []
     for name, augment in AUGMENTATIONS.items():
         copies = latents(model, [augment(img, rng) for img in originals])
+        all_copies.append(copies)
         sims = copies @ base.T  # (N copies, N originals), cosine
         own = sims.diagonal()[:, None]
         ranks = (sims > own).sum(dim=1)  # 0 when the original is the best match
@@ -90,7 +91,28 @@ def near_duplicate_recall(
         results[name] = {f"recall@{k}": float((ranks < k).float().mean()) for k in ks}
     ranks = torch.cat(all_ranks)
     results["all"] = {f"recall@{k}": float((ranks < k).float().mean()) for k in ks}
+    results["pooled"] = pooled_recall(base, all_copies, ks)
     return results
+
+
+def pooled_recall(
+    base: torch.Tensor, copies: Sequence[torch.Tensor], ks: Sequence[int] = (1, 10)
+) -> dict[str, float]:
+    """Every original and every copy indexed together, each copy searched among all of them but itself:
+    recall@k is the share of copies with an image of the same source in their top k (another copy
+    counts, as it would in a search). Also the cosine between distinct originals (mean and max): how
+    far apart unrelated images lie, which a threshold on the score needs."""
+    n = len(base)
+    index = torch.cat([base, *copies])  # (N * (1 + A), d): source of row r is r % N
+    source = torch.arange(len(index)) % n
+    queries = torch.arange(n, len(index))
+    sims = index[queries] @ index.T
+    sims[torch.arange(len(queries)), queries] = -torch.inf  # the query itself is not a hit
+    top = sims.topk(max(ks), dim=1).indices  # (Q, max k)
+    same = source[top] == source[queries][:, None]
+    out = {f"recall@{k}": float(same[:, :k].any(dim=1).float().mean()) for k in ks}
+    between = (base @ base.T)[~torch.eye(n, dtype=torch.bool)]
+    return out | {"cos_mean": float(between.mean()), "cos_max": float(between.max())}
 
 
 def skimage_photos() -> list[Image.Image]:
@@ -107,5 +129,12 @@ def skimage_photos() -> list[Image.Image]:
 def format_recall(name: str, results: dict[str, dict[str, float]]) -> str:
     lines = [f"{name}", f"{'augmentation':<14}" + "".join(f"{k:>12}" for k in results["all"])]
     for aug, scores in results.items():
-        lines.append(f"{aug:<14}" + "".join(f"{v:>12.3f}" for v in scores.values()))
+        if aug != "pooled":
+            lines.append(f"{aug:<14}" + "".join(f"{v:>12.3f}" for v in scores.values()))
+    pooled = results["pooled"]
+    lines.append(
+        "pooled (originals and copies indexed together, same source counts): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in pooled.items() if k.startswith("recall"))
+        + f"; cosine between distinct originals: mean {pooled['cos_mean']:.4f}, max {pooled['cos_max']:.4f}"
+    )
     return "\n".join(lines)

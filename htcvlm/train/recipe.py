@@ -46,12 +46,28 @@ class TrainConfig:
     questions: int = 4  # questions per training image, packed into one row after its compressed prefix
     val_size: int = 500  # validation samples scored at each validation
     lora_rank: int = 0  # > 0: stage 2 trains LoRA adapters of this rank on the LLM (merged when saved)
+    multi_rows: int = 0  # stage 2: rows a step of one question over k pool images (htcvlm/data/multi.py)
+    multi_images: int = 8  # the most images of a multi-image row; k is uniform in 1 … this
+    contrastive: float = 0.0  # stage 2: weight of InfoNCE over two views' voco latents (0: off)
+    contrastive_images: int = 64  # images a step for it, two augmented views each
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}")
         if self.questions < 1:
             raise ValueError(f"questions must be >= 1, got {self.questions}")
+        from htcvlm.data.multi import MAX_QUESTION_IMAGES  # not at import: the CLI reads this file early
+
+        if self.multi_rows < 0 or not 1 <= self.multi_images <= MAX_QUESTION_IMAGES:
+            raise ValueError(
+                f"multi_rows must be >= 0 and multi_images in [1, {MAX_QUESTION_IMAGES}], "
+                f"got {self.multi_rows}, {self.multi_images}"
+            )
+        if self.contrastive < 0 or self.contrastive_images < 2:
+            raise ValueError(
+                f"contrastive must be >= 0 and contrastive_images >= 2, got "
+                f"{self.contrastive}, {self.contrastive_images}"
+            )
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
 

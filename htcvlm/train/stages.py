@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import time
 from pathlib import Path
 
@@ -17,13 +18,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from htcvlm.data.multi import ImageFacts, facts_of_cells
 from htcvlm.data.scenes import GRID
 from htcvlm.evaluate import accuracy
 from htcvlm.mgvq import MGVQ
 from htcvlm.model import HTCVLM
 from htcvlm.pool import CELL_CLASSES, VQATensors, map_batches
+from htcvlm.train.contrastive import contrastive_loss
 from htcvlm.train.data import batch_indices
 from htcvlm.train.loop import load_training_state, run_steps, save_training_state
+from htcvlm.train.multi import draw_rows, multi_image_logits
 from htcvlm.train.recipe import TrainConfig, Variant
 
 logger = logging.getLogger(__name__)
@@ -192,6 +196,22 @@ def stage2_optimizer(model: HTCVLM, cfg: TrainConfig) -> torch.optim.AdamW:
     )
 
 
+def multi_image_facts(data: VQATensors, cfg: TrainConfig, upper: bool) -> list[ImageFacts] | None:
+    """The pool's images as multi-image questions see them, when the recipe asks for such rows."""
+    if not cfg.multi_rows:
+        return None
+    if upper:
+        raise ValueError("multi-image rows train the compressed path; the upper bound has no records")
+    if data.cells is None:
+        raise ValueError("multi-image rows need per-cell scene labels: procedural data only")
+    return facts_of_cells(data.cells)
+
+
+def step_rng(cfg: TrainConfig, step: int, what: str) -> random.Random:
+    """A step's own generator for `what` it draws: a resumed run draws what an unbroken one would."""
+    return random.Random(f"{what}/{cfg.seed}/{step}")
+
+
 def train_vlm(
     model: HTCVLM,
     data: VQATensors,
@@ -222,6 +242,8 @@ def train_vlm(
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + start)
     started = time.perf_counter()
 
+    facts = multi_image_facts(data, cfg, upper)
+
     def loss_at(step: int) -> tuple[torch.Tensor, dict[str, str]]:
         idx = batch_indices(data, step, cfg, gen)
         b = {k: v.to(model.device) if v is not None else None for k, v in data.batch(idx).items()}
@@ -229,7 +251,23 @@ def train_vlm(
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             logits, _ = model(**b, text_attends_visual=upper)
             loss = answer_loss(logits, b["input_ids"], scored)
-        return loss, {"loss": f"{loss.item():.3f}"}
+            shown = {"loss": f"{loss.item():.3f}"}
+            if facts is not None:
+                rng = step_rng(cfg, step, "multi")
+                rows = draw_rows(model, facts, cfg.multi_rows, cfg.multi_images, rng)
+                multi = answer_loss(
+                    multi_image_logits(model, data, rows),
+                    rows.ids.to(model.device),
+                    rows.scored.to(model.device),
+                )
+                shown["multi"] = f"{multi.item():.3f}"
+                loss = loss + multi
+            if cfg.contrastive:
+                rng = step_rng(cfg, step, "contrastive")
+                nce = contrastive_loss(model, data, cfg.contrastive_images, rng, cfg.freeze_vision)
+                shown["nce"] = f"{nce.item():.3f}"
+                loss = loss + cfg.contrastive * nce
+        return loss, shown
 
     def validate(step: int, loss: torch.Tensor) -> None:
         """Every cfg.eval_every steps and after the last: accuracy on `val`, logged, and the state saved."""

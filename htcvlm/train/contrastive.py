@@ -1,0 +1,65 @@
+"""The voco latent as a search key: InfoNCE over the latents of two augmented views of each image.
+
+`Search` ranks images by the cosine of their latents (the voco tokens' final hidden state, which no
+answer ever reads: text reads the voco tokens' keys and values, made from each layer's input). The
+answer loss never shapes that latent for search; this loss does. Each of a step's images is seen twice,
+each view a random chain of the augmentations users' near-duplicates carry (`htcvlm.retrieval`: crop,
+resize, color jitter, JPEG re-encoding, each with probability 1/2, at least one); a view's latent must
+find its twin among the other views of the step (symmetric InfoNCE, temperature `TEMPERATURE`).
+
+The frozen tower and MGVQ see each view afresh (no cached features: the views are new every step).
+Training images come from the training pool only; scikit-image's photos stay the held-out real set.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from htcvlm.images import ImageProcessing, to_pixels
+from htcvlm.model import HTCVLM
+from htcvlm.pool import VQATensors
+from htcvlm.retrieval import AUGMENTATIONS
+from htcvlm.train.multi import voco_states
+
+TEMPERATURE = 0.1
+
+
+def augmented_view(
+    pixels_u8: torch.Tensor, size: int, processing: ImageProcessing, rng: random.Random
+) -> torch.Tensor:
+    """(3, S, S) uint8 -> (3, size, size) float in [0, 1]: a random chain of the retrieval augmentations,
+    preprocessed as compress() preprocesses an image file."""
+    image = Image.fromarray(pixels_u8.permute(1, 2, 0).numpy())
+    names = [name for name in AUGMENTATIONS if rng.random() < 0.5] or [rng.choice(list(AUGMENTATIONS))]
+    for name in names:  # in AUGMENTATIONS' order: crop, resize, color jitter, JPEG last
+        image = AUGMENTATIONS[name](image, rng)
+    return to_pixels(image, size, processing)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """Symmetric InfoNCE: row i of `a` (N, d) must pick row i of `b` among all of b's rows, and back."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    logits = a @ b.T / temperature
+    target = torch.arange(len(a), device=a.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def contrastive_loss(
+    model: HTCVLM, pool: VQATensors, n_images: int, rng: random.Random, freeze_vision: bool = True
+) -> torch.Tensor:
+    """InfoNCE over two views of `n_images` distinct pool images drawn by `rng`; the vision tower
+    trains through it unless `freeze_vision` (the MGVQ never does)."""
+    picks = rng.sample(range(len(pool)), n_images)
+    size, processing = model.config.image_size, model.config.preprocess
+    views = torch.stack(
+        [augmented_view(pool.pixels[i], size, processing, rng) for i in picks for _ in range(2)]
+    ).to(model.device)  # (2N, 3, S, S): image i's views at rows 2i and 2i + 1
+    with torch.no_grad():  # the frozen encoders; P_d, P_v, the voco token and the LLM train
+        patches = model.vision_patches(views) if model.has_vision and freeze_vision else None
+        quantized = model.mgvq.encode(views).quantized if model.has_mgvq else None
+    *_, latents = voco_states(model, views, quantized, patches)
+    return info_nce(latents[0::2], latents[1::2])
