@@ -7,16 +7,28 @@ L2-normalized (cosine = inner product, as `cache.index` stores them), written in
 reference. For each factory string: train on `--train` sampled rows, add in chunks (build time), then per
 nprobe: recall@k of the index alone and after exactly re-ranking its top `k * --rerank` candidates with
 their stored vectors (read back from the memmap, as the service would read stored latents), single-query
-QPS (re-ranking included), and bytes per vector of the serialized index.
+QPS (re-ranking included), and bytes per vector of the serialized index; last, the peak resident memory.
 
-    python bench/bench_ivfpq.py --n 1000000 --dir /work     # ~16 GB of disk, both cores for a long while
-    python bench/bench_ivfpq.py --n 200000                  # a fifth of it
+Memory: the memmap lives in the page cache, which the kernel reclaims, so what the process holds is the
+training sample (`--train` x dim x 4 bytes) and about as much again for the residuals PQ is trained on,
+the index (codes, ids, nlist x dim x 4 bytes of centroids) and one chunk being made or added (50,000 x dim
+x 4 bytes, a few times over). Measured at 4096 dims: 3.4 GiB peak with `--train 20000` (the chunks
+dominate); `--train 100000` adds ~5 GB, well inside 24 GiB.
+Time: IVF training is k-means, `--kmeans-iter` x train x nlist x dim multiply-adds (faiss's default is 25
+iterations; 10 do for coarse lists, which re-ranking with nprobe 16 barely depends on), then every added
+vector is assigned to a list (n x nlist x dim). The million-vector IVF4096 run in 24 GiB on 2 cores,
+~15 min on an idle machine (5 to train, 6 to add, the rest making and scanning 16 GB):
+
+    python bench/bench_ivfpq.py --n 1000000 --dir /work --train 100000 --kmeans-iter 10 \\
+        --specs IVF4096,PQ64 --nprobe 16 --rerank 50
+    python bench/bench_ivfpq.py --n 200000                  # a fifth of it, as in docs/BENCHMARKS.md
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -73,6 +85,12 @@ def main() -> None:
     parser.add_argument("--specs", nargs="+", default=["IVF1024,PQ64", "IVF1024,PQ128"])
     parser.add_argument("--nprobe", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--rerank", type=int, default=10, help="candidates re-ranked: k times this")
+    parser.add_argument(
+        "--kmeans-iter",
+        type=int,
+        default=25,
+        help="k-means iterations training the IVF lists (faiss's default)",
+    )
     parser.add_argument("--dir", default=None, help="where the memmap of latents goes (default: a temp dir)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -98,6 +116,7 @@ def main() -> None:
         sample = np.sort(rng.choice(args.n, min(args.train, args.n), replace=False))
         for spec in args.specs:
             index = faiss.index_factory(args.dim, spec, faiss.METRIC_INNER_PRODUCT)
+            faiss.extract_index_ivf(index).cp.niter = args.kmeans_iter
             started = time.perf_counter()
             index.train(np.asarray(latents[sample]))
             trained = time.perf_counter() - started
@@ -123,6 +142,8 @@ def main() -> None:
                 )
             del index
         print(f"(a float32 vector is {args.dim * 4:,} B; re-ranking reads k x {args.rerank} stored vectors)")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        print(f"peak resident memory {peak:.1f} GiB (the memmap's page cache not counted)")
 
 
 if __name__ == "__main__":

@@ -135,6 +135,11 @@ class LmdbStore(RecordStore):
         with self._env.begin() as txn:
             return [txn.get(self._k(key)) for key in keys]
 
+    def get_prefixes(self, keys: Sequence[RecordKey], size: int) -> list[bytes | None]:
+        # buffers=True maps each value: only the pages of its first `size` bytes are read from disk
+        with self._env.begin(buffers=True) as txn:
+            return [None if (buf := txn.get(self._k(key))) is None else bytes(buf[:size]) for key in keys]
+
     def contains(self, key: RecordKey) -> bool:
         # buffers=True maps the value instead of copying it: a membership test costs no value bytes
         with self._env.begin(buffers=True) as txn:

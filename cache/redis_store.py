@@ -14,11 +14,11 @@ approximately (`XADD MAXLEN ~`) to `feed_length` entries. XINFO STREAM's `entrie
 behind: this needs Redis 7.0 or newer. On a Redis Cluster the feed key and a record key lie in different
 slots, so the two could not share a MULTI; this class speaks to one node.
 
-Least privilege: the store sends only GET, SET, EXISTS, DEL, SCAN, MULTI, EXEC, XADD, XRANGE and XINFO
-STREAM, on keys under its prefix. An ACL user for it (`redis_acl_rule(prefix)`, e.g. `ACL SETUSER
-onetoken on >PASSWORD resetkeys ~onetoken:* resetchannels -@all +get +set +exists +del +scan +multi
-+exec +xadd +xrange +xinfo|stream`) can do nothing else: no FLUSHALL, CONFIG, KEYS, EVAL or MODULE, and
-no key outside the prefix.
+Least privilege: the store sends only GET, GETRANGE, SET, EXISTS, DEL, SCAN, MULTI, EXEC, XADD, XRANGE
+and XINFO STREAM, on keys under its prefix. An ACL user for it (`redis_acl_rule(prefix)`, e.g. `ACL
+SETUSER onetoken on >PASSWORD resetkeys ~onetoken:* resetchannels -@all +get +getrange +set +exists
++del +scan +multi +exec +xadd +xrange +xinfo|stream`) can do nothing else: no FLUSHALL, CONFIG, KEYS,
+EVAL or MODULE, and no key outside the prefix.
 
 Under `maxmemory` with an LRU policy Redis may evict any record: that is an ordinary miss here, and
 `cache.records.lookup` tells it apart from an image never seen by asking the vector index.
@@ -62,7 +62,19 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 
 
 # every command the store sends
-COMMANDS = ("get", "set", "exists", "del", "scan", "multi", "exec", "xadd", "xrange", "xinfo|stream")
+COMMANDS = (
+    "get",
+    "getrange",
+    "set",
+    "exists",
+    "del",
+    "scan",
+    "multi",
+    "exec",
+    "xadd",
+    "xrange",
+    "xinfo|stream",
+)
 
 
 def redis_acl_rule(prefix: str = DEFAULT_PREFIX) -> str:
@@ -213,6 +225,18 @@ class RedisStore(RecordStore):
             return pipe.execute()
 
         return self._call(f"pipelined GET x{len(keys)}", run) if keys else []
+
+    def get_prefixes(self, keys: Sequence[RecordKey], size: int) -> list[bytes | None]:
+        def run() -> list[bytes | None]:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.getrange(self._k(key), 0, size - 1)  # both ends inclusive
+            # GETRANGE answers b"" for a missing key; a stored blob is never empty
+            return [raw or None for raw in pipe.execute()]
+
+        if size <= 0:
+            raise ValueError(f"size must be positive, got {size}")
+        return self._call(f"pipelined GETRANGE x{len(keys)}", run) if keys else []
 
     def iter_ids(self, fingerprint: str) -> Iterator[str]:
         start = record_key_prefix(fingerprint, self.config.key_prefix)

@@ -18,7 +18,9 @@ import hashlib
 import json
 import logging
 import struct
+from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
@@ -118,8 +120,8 @@ def serialize(record: Record, kv_dtype: KvDtype = "fp16") -> bytes:
     return blob
 
 
-def read_metadata(blob: bytes) -> dict[str, str]:
-    """The string metadata of a blob without decoding its tensors; raises CorruptRecordError."""
+def _header(blob: bytes) -> dict[str, Any]:
+    """The safetensors JSON header of a blob (or of a prefix holding all of it); raises CorruptRecordError."""
     if len(blob) < 8:
         raise CorruptRecordError(f"record blob of {len(blob)} bytes is shorter than its 8-byte header length")
     (n,) = struct.unpack("<Q", blob[:8])
@@ -137,7 +139,56 @@ def read_metadata(blob: bytes) -> dict[str, str]:
             f"record format version {metadata.get('format_version')!r} is not {FORMAT_VERSION!r}; "
             "re-encode the image with this version"
         )
-    return metadata
+    return header
+
+
+def read_metadata(blob: bytes) -> dict[str, str]:
+    """The string metadata of a blob without decoding its tensors; raises CorruptRecordError."""
+    return _header(blob)["__metadata__"]
+
+
+# safetensors dtype -> little-endian numpy dtype of a stored latent (bf16 is read as the top half of fp32)
+_LATENT_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+def read_latent(prefix: bytes, *, fingerprint: str, image_id: str) -> np.ndarray | int:
+    """A record's latent (d,) as float32 from the first bytes of its blob, or, when `prefix` is too short
+    to hold it, how many bytes from the start are needed (a store's `get_prefixes` then reads that many).
+
+    safetensors puts wider dtypes first, so with fp16/bf16/int8 K/V the fp32 latent sits right after the
+    header (~1 KiB in); with fp32 K/V it follows the keys. Checks the format, the model, the image id and
+    the latent's dtype and shape, raising CorruptRecordError or FingerprintMismatchError as `deserialize`
+    does; it cannot check the payload checksum, which covers the K/V bytes left unread.
+    """
+    if len(prefix) < 8:
+        return 8
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n <= _MAX_HEADER_BYTES and len(prefix) < 8 + n:
+        return 8 + n
+    header = _header(prefix)
+    metadata = header["__metadata__"]
+    if metadata.get("fingerprint") != fingerprint:
+        raise FingerprintMismatchError(
+            f"record of image {metadata.get('image_id')} belongs to model {metadata.get('fingerprint')!r}, "
+            f"not {fingerprint!r}; re-encode the image with this model"
+        )
+    if metadata.get("image_id") != image_id:
+        raise CorruptRecordError(f"blob stored under image {image_id} holds image {metadata.get('image_id')}")
+    try:
+        entry = header["latent"]
+        dtype = _LATENT_DTYPES[entry["dtype"]]
+        (d,) = entry["shape"]
+        start, stop = (8 + n + int(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptRecordError(f"record of image {image_id} has no usable latent entry: {e}") from e
+    if stop - start != d * 2 * (1 + (dtype == "<f4")) or d <= 0:
+        raise CorruptRecordError(f"latent of image {image_id} spans {stop - start} bytes for {d} values")
+    if len(prefix) < stop:
+        return stop
+    raw = np.frombuffer(prefix, dtype=dtype, count=d, offset=start)
+    if dtype == "<u2":  # bf16: the high 16 bits of an fp32
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)  # always a copy: the prefix buffer is not kept
 
 
 def deserialize(blob: bytes, *, fingerprint: str | None = None, image_id: str | None = None) -> Record:

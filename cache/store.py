@@ -10,6 +10,10 @@ any thread: implementations are thread-safe.
 - `delete(key) -> bool`: remove; True if the key existed.
 - `put_many(items)` / `get_many(keys)`: the same for a batch in one round trip where the backend allows;
   `get_many` returns one entry per key, in order, None for each miss. Batches are not atomic.
+- `get_prefixes(keys, size)`: the first `size` bytes of each blob (all of a shorter one), None for a miss,
+  in one round trip where the backend allows. For reading a record's header and latent without its K/V
+  (`cache.serde.read_latent`): 16 KiB of a 528 KiB record at paper size. Each prefix is read at once,
+  so it never mixes two versions of a record. The default reads whole blobs; backends override it.
 - `iter_ids(fingerprint) -> Iterator[str]`: image ids of one model's stored records, in no set order.
 - `count(fingerprint) -> int`: how many records of one model are stored (a full key scan on Redis).
 - `feed_position(fingerprint) -> FeedPosition`: the position after every change written so far to the
@@ -55,6 +59,9 @@ class RecordStore(ABC):
 
     @abstractmethod
     def get_many(self, keys: Sequence[RecordKey]) -> list[bytes | None]: ...
+
+    def get_prefixes(self, keys: Sequence[RecordKey], size: int) -> list[bytes | None]:
+        return [None if blob is None else blob[:size] for blob in self.get_many(keys)]
 
     @abstractmethod
     def iter_ids(self, fingerprint: str) -> Iterator[str]: ...

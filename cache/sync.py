@@ -7,6 +7,8 @@ passed over, so one bad record never stops the others from being indexed. A stor
 (StoreUnavailableError) is not a bad record: it propagates.
 
 - `stored_latents(store, fingerprint, image_ids)`: (ids, latents) batches of the records that are usable.
+- `read_latents(store, fingerprint, image_ids, dim)`: the latents alone, read from the first bytes of each
+  blob without its K/V (`RecordStore.get_prefixes`), one entry per id; what re-ranking reads per search.
 - `build_from_store` / `load_or_rebuild`: a whole index from the store (start-up, ingest without one).
 - `follow(index, store)`: apply the store's change feed since the index's position (`cache.feed`):
   records other processes stored are indexed, deleted ones removed; the worker calls it every fraction
@@ -29,12 +31,15 @@ from cache.errors import CorruptRecordError, FingerprintMismatchError, IndexCorr
 from cache.feed import FeedTrimmedError
 from cache.index import IndexConfig, LatentIndex
 from cache.keys import RecordKey
-from cache.serde import deserialize
+from cache.serde import deserialize, read_latent
 from cache.store import RecordStore
 
 logger = logging.getLogger(__name__)
 
 BATCH = 256  # records per store round trip
+# Bytes of a blob first read for its latent, beyond the latent itself: a header is ~1 KiB with a short
+# source URI (up to ~10 KiB with the longest); a longer one costs a second read of just those blobs.
+HEADER_GUESS = 4096
 
 
 def stored_latents(
@@ -59,6 +64,43 @@ def stored_latents(
             rows.append(record.latent.float().numpy())
         if ids:
             yield ids, np.stack(rows)
+
+
+def read_latents(
+    store: RecordStore, fingerprint: str, image_ids: Sequence[str], dim: int, batch: int = 1024
+) -> list[np.ndarray | None]:
+    """The stored latents (dim,) float32 of `image_ids`, in order: None where the record is gone, or
+    unusable (logged, as in `stored_latents`). Reads each blob's header and latent, not its K/V: one
+    round trip per `batch` ids when the K/V is fp16, bf16 or int8 (the latent comes first), two when
+    it is fp32 or a header is long."""
+    found: list[np.ndarray | None] = [None] * len(image_ids)
+    for start in range(0, len(image_ids), batch):
+        pending = list(range(start, min(start + batch, len(image_ids))))
+        size = 8 + HEADER_GUESS + 4 * dim
+        while pending:
+            keys = [RecordKey(fingerprint, image_ids[n]) for n in pending]
+            needs: dict[int, int] = {}
+            for n, prefix in zip(pending, store.get_prefixes(keys, size), strict=True):
+                if prefix is None:
+                    continue  # deleted or evicted
+                try:
+                    latent = read_latent(prefix, fingerprint=fingerprint, image_id=image_ids[n])
+                    if isinstance(latent, int) and len(prefix) < size:  # the whole blob, yet too short
+                        raise CorruptRecordError(f"a blob of {len(prefix)} bytes ends before its latent")
+                    if isinstance(latent, np.ndarray) and latent.shape != (dim,):
+                        raise CorruptRecordError(f"its latent has shape {latent.shape}, not ({dim},)")
+                except (CorruptRecordError, FingerprintMismatchError) as e:
+                    logger.warning(
+                        "passing over image %s: its stored record is unusable (%s)", image_ids[n], e
+                    )
+                    continue
+                if isinstance(latent, int):
+                    needs[n] = latent  # > size: every round reads further, so this ends
+                else:
+                    found[n] = latent
+            pending = list(needs)
+            size = max(needs.values(), default=size)
+    return found
 
 
 @dataclass(frozen=True)

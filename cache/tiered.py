@@ -56,6 +56,8 @@ class HotTier(Protocol):
 
     def get_many(self, keys: Sequence[RecordKey]) -> list[bytes | None]: ...
 
+    def get_prefixes(self, keys: Sequence[RecordKey], size: int) -> list[bytes | None]: ...
+
     def put_many(self, items: Sequence[tuple[RecordKey, bytes]]) -> None: ...
 
     def delete(self, key: RecordKey) -> bool: ...
@@ -85,6 +87,11 @@ class MemoryTier:
                 if blob is not None:
                     self._blobs.move_to_end(key)
         return found
+
+    def get_prefixes(self, keys: Sequence[RecordKey], size: int) -> list[bytes | None]:
+        # no move_to_end: a prefix read (re-ranking scans hundreds of candidates) is no sign of use
+        with self._lock:
+            return [None if (blob := self._blobs.get(key)) is None else blob[:size] for key in keys]
 
     def put_many(self, items: Sequence[tuple[RecordKey, bytes]]) -> None:
         with self._lock:
@@ -201,6 +208,21 @@ class TieredStore(RecordStore):
             self.counts.hot += len(keys) - len(missing)
             self.counts.cold += len(promoted)
             self.counts.missed += len(missing) - len(promoted)
+        return found
+
+    def get_prefixes(self, keys: Sequence[RecordKey], size: int) -> list[bytes | None]:
+        """Hot tier first, the rest from the cold tier; nothing is promoted: re-ranking reads the prefixes
+        of hundreds of candidates per search, which would flush the records actually being asked about."""
+        self._forget_changed(keys)
+        try:
+            found = self.hot.get_prefixes(keys, size)
+        except CacheError as e:
+            logger.warning("hot tier read failed, reading the disk tier: %s", e)
+            found = [None] * len(keys)
+        missing = [n for n, prefix in enumerate(found) if prefix is None]
+        cold = self.cold.get_prefixes([keys[n] for n in missing], size) if missing else []
+        for n, prefix in zip(missing, cold, strict=True):
+            found[n] = prefix
         return found
 
     def contains(self, key: RecordKey) -> bool:

@@ -95,6 +95,10 @@ class TimedStore(RecordStore):
         with self._timed("get_many"):
             return self.inner.get_many(keys)
 
+    def get_prefixes(self, keys: Sequence[RecordKey], size: int) -> list[bytes | None]:
+        with self._timed("get_prefixes"):
+            return self.inner.get_prefixes(keys, size)
+
     def iter_ids(self, fingerprint: str) -> Iterator[str]:
         with self._timed("iter_ids"):  # from the first id to the last (or until the caller stops)
             yield from self.inner.iter_ids(fingerprint)

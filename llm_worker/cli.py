@@ -1,7 +1,8 @@
 """`onetoken` command line: serve | ingest | encode | ask | search | demo, plus the model-core commands.
 
 Configuration comes from flags, whose defaults come from ONETOKEN_* environment variables (read here and
-nowhere else): ONETOKEN_MODEL, ONETOKEN_STORE, ONETOKEN_INDEX_DIR, ONETOKEN_INDEX_SPEC, ONETOKEN_KV_DTYPE,
+nowhere else): ONETOKEN_MODEL, ONETOKEN_STORE, ONETOKEN_INDEX_DIR, ONETOKEN_INDEX_SPEC,
+ONETOKEN_INDEX_RERANK, ONETOKEN_KV_DTYPE,
 ONETOKEN_ENCODER_BACKEND, ONETOKEN_ENCODERS, ONETOKEN_GPUS_PER_ENCODER, ONETOKEN_RAY_ADDRESS, ONETOKEN_HOST,
 ONETOKEN_PORT, ONETOKEN_METRICS_PORT, ONETOKEN_LOG_FORMAT, ONETOKEN_ADDRESS (for the client commands),
 ONETOKEN_LOG_LEVEL.
@@ -67,6 +68,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         log_format=getattr(args, "log_format", "plain"),
         index_dir=args.index_dir,
         index_spec=args.index_spec,
+        index_rerank=args.index_rerank,
         **security_options(args),
     )
 
@@ -110,6 +112,15 @@ def add_service_options(p: argparse.ArgumentParser, in_workdir: bool = False) ->
         "--index-spec",
         default=env("INDEX_SPEC", "Flat"),
         help="FAISS factory string, e.g. IVF4096,Flat for large collections [$ONETOKEN_INDEX_SPEC]",
+    )
+    rerank = env("INDEX_RERANK")
+    p.add_argument(
+        "--index-rerank",
+        type=int,
+        default=int(rerank) if rerank else None,
+        metavar="R",
+        help="Search re-ranks k x R index candidates by exact cosine with their stored latents; 0 = off "
+        "(default: 50 for lossy specs such as IVF4096,PQ64, else 0) [$ONETOKEN_INDEX_RERANK]",
     )
     p.add_argument(
         "--kv-dtype",

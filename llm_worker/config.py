@@ -23,6 +23,9 @@ class WorkerConfig:
     port: int = 50051  # 0 picks a free port (tests)
     index_dir: str = DEFAULT_INDEX_DIR
     index_spec: str = "Flat"  # a faiss.index_factory string; "IVF4096,Flat" and the like for scale
+    # Search re-ranks k x index_rerank index candidates by exact cosine with their stored latents
+    # (cache.search); 0 = off; None = cache.index.DEFAULT_RERANK for lossy specs (PQ, SQ), else 0.
+    index_rerank: int | None = None
     max_message_mb: int = 64  # gRPC send/receive limit: image bytes travel in requests
     max_decode_batch: int = 32  # rows decoded together, one forward per step
     max_pending_asks: int = 256  # Asks waiting for a decode slot before RESOURCE_EXHAUSTED
@@ -47,6 +50,10 @@ class WorkerConfig:
         for name in ("max_message_mb", "max_decode_batch", "max_pending_asks", "default_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.index_rerank is not None and self.index_rerank < 0:
+            raise ValueError(
+                f"index_rerank must be >= 0 (0 = off) or None (by spec), got {self.index_rerank}"
+            )
         if self.index_follow_s < 0:
             raise ValueError(f"index_follow_s must be >= 0, got {self.index_follow_s}")
         if self.index_save_s <= 0:

@@ -21,6 +21,7 @@ from cache.feed import FeedTrimmedError
 from cache.index import IndexConfig, LatentIndex
 from cache.keys import RecordKey
 from cache.records import LookupStatus, delete_record, get_records, lookup
+from cache.search import search_stored
 from cache.serde import check_source_uri, read_metadata
 from cache.store import RecordStore
 from cache.sync import Followed, build_from_store, follow, load_or_rebuild
@@ -164,7 +165,9 @@ class OneTokenService:
                 f"{model.fingerprint()[:12]}…; point both at the same checkpoint"
             )
         store = open_store(config.store)
-        index_config = IndexConfig(dim=model.llm.config.hidden_size, spec=config.index_spec)
+        index_config = IndexConfig(
+            dim=model.llm.config.hidden_size, spec=config.index_spec, rerank=config.index_rerank
+        )
         index = await asyncio.to_thread(
             load_or_rebuild, config.index_dir, store, model.fingerprint(), index_config
         )
@@ -326,7 +329,8 @@ class OneTokenService:
             query = record.latent.float().numpy()
         else:
             raise InvalidRequestError("set one query: image_id, image_bytes or latent")
-        hits = (await asyncio.to_thread(self.index.search, query, k))[0]
+        # re-ranked by exact cosine with stored latents for a lossy index (IndexConfig.rerank)
+        hits = await asyncio.to_thread(search_stored, self.index, self.store, query, k)
         blobs = await asyncio.to_thread(self.store.get_many, [self._key(h.image_id) for h in hits])
         found = []
         for hit, blob in zip(hits, blobs, strict=True):
