@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file
 
 from htcvlm.checkpoint import load_pretrained, save_pretrained
-from htcvlm.data.llava import read_llava
+from htcvlm.data.llava import conversations, read_llava
 from htcvlm.evaluate import accuracy
 from htcvlm.model import HTCVLM
 from htcvlm.pool import VQATensors, procedural_pool, tensorize
@@ -345,8 +345,9 @@ def run_distributed(
             raise ValueError(
                 f"{llava[0]} has {len(data.turns)} turns with images, need more than {cfg.val_size}"
             )
-        source = LlavaSource(data.turns[: -cfg.val_size], cfg.seed)
-        val = LlavaSource(data.turns[-cfg.val_size :], cfg.seed)
+        # conversations train with their turns packed; held-out turns validate each alone
+        source = LlavaSource(conversations(data.turns[: -cfg.val_size]), cfg.seed)
+        val = LlavaSource(tuple((turn,) for turn in data.turns[-cfg.val_size :]), cfg.seed)
         logger.info("%s: %d image files missing, left out", llava[0], len(data.missing))
     resumed_from = latest_step((out / "ray").resolve())
     metrics = fit_stage2(start, out, cfg, source, scaling, variant, val)
