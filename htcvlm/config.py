@@ -159,13 +159,14 @@ class LLMConfig:
 class LayoutConfig:
     """The LLM's sequence around the image, a checkpoint's prompt format:
 
-        [BOS] · before_image · V_hy · separator · voco · prompt(question)
+        [BOS] · before_image · V_hy · separator · voco · prompt(q) · answer [· next_prompt(q2) · answer2 …]
 
     The text before the image is the same for every image: its key/value state is computed once per model
     and shared by every record. The separator, like V_hy, is never seen by text, so a record stays the
     voco tokens' state alone. Texts are tokenized piece by piece without special tokens, as LLaVA tokenizes
     the chunks around `<image>`; `{system}` in before_image and prompt stands for `system`, `{question}`
-    in prompt for the asked question. The defaults are the tiny model's [V_hy; voco; "Question: … Answer:"].
+    in prompt (and in next_prompt, a conversation's later turns) for the asked question. The defaults are
+    the tiny model's [V_hy; voco; "Question: … Answer:"].
     """
 
     bos: bool = field(default=False, metadata=OMIT_AT_DEFAULT)  # the tokenizer's BOS at position 0
@@ -175,6 +176,9 @@ class LayoutConfig:
     separator: str = field(default="", metadata=OMIT_AT_DEFAULT)  # between V_hy and voco (VoCo-LLaMA: "\n")
     # Everything after the voco tokens (VoCo-LLaMA: "\n{system} USER: {question} ASSISTANT:").
     prompt: str = field(default="Question: {question}\nAnswer:", metadata=OMIT_AT_DEFAULT)
+    # A later turn of a conversation, right after the answer before it and its stop token (LLaVA-1.5's
+    # vicuna_v1: "USER: {question} ASSISTANT:"); empty: `prompt` again. Training packs conversations so.
+    next_prompt: str = field(default="", metadata=OMIT_AT_DEFAULT)
     # Whether text attends [BOS] + before_image (LLaVA-built) or only keys from the first voco on
     # (VoCo-LLaMA). Text never attends V_hy or the separator either way.
     text_attends_prefix: bool = field(default=True, metadata=OMIT_AT_DEFAULT)
@@ -185,6 +189,8 @@ class LayoutConfig:
         object.__setattr__(self, "stop_tokens", tuple(self.stop_tokens))  # JSON gives a list
         if self.prompt.count("{question}") != 1:
             raise ValueError(f"prompt must hold '{{question}}' exactly once, got {self.prompt!r}")
+        if self.next_prompt and self.next_prompt.count("{question}") != 1:
+            raise ValueError(f"next_prompt must hold '{{question}}' exactly once, got {self.next_prompt!r}")
         if "{question}" in self.before_image + self.separator + self.system:
             raise ValueError("'{question}' belongs in prompt only: the text before the voco is per model")
         if not all(isinstance(t, str) and t for t in self.stop_tokens):

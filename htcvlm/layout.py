@@ -1,6 +1,6 @@
 """A config's sequence layout resolved against the model's tokenizer: the token ids and every position.
 
-    [BOS · before_image] · V_hy · separator · voco · prompt(question) · answer
+    [BOS · before_image] · V_hy · separator · voco · prompt(question) · answer [· next_prompt(q2) · answer2 …]
      0 .. n_shared-1       ...                 voco_position            text_position ..
 
 The shared prefix [BOS · before_image] is the same for every image: its key/value state belongs to the
@@ -29,6 +29,7 @@ class SequenceLayout:
     visual_attention: VisualAttention
     text_attends_prefix: bool  # whether text reads the shared prefix (else only keys from voco on)
     prompt: str  # the text after the voco tokens, `{system}` filled in, `{question}` still to fill
+    next_prompt: str  # a conversation's later turn after the answer before it, likewise
     stop_ids: frozenset[int]  # EOS and the configured stop tokens: each ends an answer
 
     @property
@@ -54,8 +55,11 @@ class SequenceLayout:
         """Shared prefix tokens that text attends: all of them or none."""
         return self.n_shared if self.text_attends_prefix else 0
 
-    def prompt_text(self, question: str) -> str:
-        return self.prompt.replace("{question}", question.strip())
+    def prompt_text(self, question: str, turn: int = 0) -> str:
+        """The text around a question: `prompt` for the first turn of a conversation (the only one the
+        service asks), `next_prompt` for turn 1 and later, each right after the answer before it."""
+        template = self.next_prompt if turn else self.prompt
+        return template.replace("{question}", question.strip())
 
     def mask(
         self,
@@ -103,6 +107,7 @@ def resolve_layout(config: HTCConfig, tokenizer: PreTrainedTokenizerBase) -> Seq
         visual_attention=config.visual_attention,
         text_attends_prefix=lc.text_attends_prefix,
         prompt=lc.with_system(lc.prompt),
+        next_prompt=lc.with_system(lc.next_prompt or lc.prompt),
         stop_ids=frozenset(
             i for i in (tokenizer.eos_token_id, *(vocab[t] for t in lc.stop_tokens)) if i is not None
         ),

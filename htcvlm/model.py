@@ -380,10 +380,11 @@ class HTCVLM(nn.Module):
         """Take a fingerprint known to be that of the current weights (a checkpoint's, verified)."""
         self._fingerprint = (self.weights_version(), fingerprint)
 
-    def prompt_ids(self, question: str) -> list[int]:
+    def prompt_ids(self, question: str, turn: int = 0) -> list[int]:
         """The token ids of a question as the model sees it after the voco token: the layout's prompt
-        template around it (today's tiny model: "Question: … Answer:")."""
-        return self.tokenizer(self.layout.prompt_text(question), add_special_tokens=False).input_ids
+        template around it (today's tiny model: "Question: … Answer:"); for turn > 0 of a conversation,
+        the template of a later turn, read right after the answer before it."""
+        return self.tokenizer(self.layout.prompt_text(question, turn), add_special_tokens=False).input_ids
 
     @property
     def stop_ids(self) -> frozenset[int]:

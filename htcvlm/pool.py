@@ -29,14 +29,15 @@ from htcvlm.model import HTCVLM
 class VQATensors:
     """A pre-rendered pool: images as uint8 and token ids of their questions and answers, right-padded.
 
-    Row i holds image i's question segments (prompt, answer, EOS) packed one after another: one for
-    evaluation pools, several for training (see `hybrid_mask`); questions/answers/qtypes are the first.
+    Row i holds image i's question segments packed one after another: one for evaluation pools, several
+    for training (see `hybrid_mask`); questions/answers/qtypes are the first. A segment is one question
+    (prompt, answer, EOS) or a whole conversation, its turns one after another (`conversation_ids`).
     """
 
     pixels: torch.Tensor  # (N, 3, S, S) uint8
     ids: torch.Tensor  # (N, T) long: the segments, then padding
     segments: torch.Tensor  # (N, K) long: each segment's length (0 where a row has fewer)
-    scored: torch.Tensor  # (N, T) bool: answer tokens and EOS, the positions Eq. 9 scores
+    scored: torch.Tensor  # (N, T) bool: answer tokens and EOS of every turn, the positions Eq. 9 scores
     qtypes: list[str]
     answers: list[str]
     questions: list[str]
@@ -95,13 +96,38 @@ def map_batches(
     return out
 
 
+# One segment's text: its turns' token ids one after another, and which of them the loss scores.
+Segment = tuple[list[int], list[bool]]
+
+
+def conversation_ids(
+    model: HTCVLM,
+    turns: Sequence[tuple[str, str]],
+    prompt_ids: Callable[[str, int], list[int]] | None = None,
+    answer_ids: Callable[[str], list[int]] | None = None,
+) -> Segment:
+    """A conversation's (question, answer) turns as one segment, as the chat template lays them out: the
+    first turn's prompt, its answer and EOS, then each later turn's prompt (`next_prompt`), answer and EOS.
+    Causal attention inside the segment lets every turn read the turns before it. Scored: the answer
+    tokens and the EOS ending each, never a prompt. `prompt_ids`/`answer_ids`: cached tokenizers."""
+    prompt_ids = prompt_ids or model.prompt_ids
+    answer_ids = answer_ids or model.answer_ids
+    ids: list[int] = []
+    scored: list[bool] = []
+    for turn, (question, answer) in enumerate(turns):
+        prompt, target = prompt_ids(question, turn), answer_ids(answer)
+        ids += prompt + target
+        scored += [False] * len(prompt) + [True] * len(target)
+    return ids, scored
+
+
 def tensorize(model: HTCVLM, samples: Sequence[VQASample]) -> VQATensors:
     size = model.config.image_size
     pixels = torch.empty(len(samples), 3, size, size, dtype=torch.uint8)
     # a pool asks a few hundred distinct texts many times over: tokenize each once
     prompt_ids = functools.cache(model.prompt_ids)
     answer_ids = functools.cache(model.answer_ids)
-    rows: list[list[tuple[list[int], list[int]]]] = []  # per sample, (prompt, answer) per segment
+    rows: list[list[Segment]] = []  # per sample, its segments: the first question's conversation, then `more`
     for i, s in enumerate(samples):
         if s.image.size == (size, size):
             pixels[i] = torch.from_numpy(np.array(s.image.convert("RGB"))).permute(2, 0, 1)  # HWC -> CHW
@@ -109,18 +135,19 @@ def tensorize(model: HTCVLM, samples: Sequence[VQASample]) -> VQATensors:
             pixels[i] = (
                 (to_pixels(to_rgb(s.image), size, model.config.preprocess) * 255).round().to(torch.uint8)
             )
-        rows.append([(prompt_ids(q), answer_ids(a)) for q, a in [(s.question, s.answer), *s.more]])
+        conversations = [[(s.question, s.answer), *s.follow_ups], *([m] for m in s.more)]
+        rows.append([conversation_ids(model, c, prompt_ids, answer_ids) for c in conversations])
     k = max(len(r) for r in rows)
-    segments = torch.tensor([[len(p) + len(a) for p, a in r] + [0] * (k - len(r)) for r in rows])
+    segments = torch.tensor([[len(ids) for ids, _ in r] + [0] * (k - len(r)) for r in rows])
     width = int(segments.sum(dim=1).max())
     ids = torch.full((len(rows), width), model.tokenizer.pad_token_id, dtype=torch.long)
     scored = torch.zeros((len(rows), width), dtype=torch.bool)
     for i, r in enumerate(rows):
         at = 0
-        for prompt, answer in r:
-            end = at + len(prompt) + len(answer)
-            ids[i, at:end] = torch.tensor(prompt + answer)
-            scored[i, at + len(prompt) : end] = True
+        for segment, marks in r:
+            end = at + len(segment)
+            ids[i, at:end] = torch.tensor(segment)
+            scored[i, at:end] = torch.tensor(marks)
             at = end
     return VQATensors(
         pixels=pixels,

@@ -3,7 +3,8 @@
 - scenes: `Scene`s of 1–4 objects (shape, color, size, texture, position) and their Pillow rendering
 - questions: closed-set semantic and detail questions about a scene, the answer vocabulary and templates
 - dataset: `ProceduralVQA`, deterministic per (split, seed, index), and the `VQASample` both sets give
-- llava: `read_llava()` and `LlavaVQA` for LLaVA-format JSON with images on disk
+- llava: `read_llava()` for LLaVA-format JSON with images on disk; `LlavaConversations` (a conversation's
+  turns packed, for training) and `LlavaVQA` (each turn alone)
 """
 
 from htcvlm.data.dataset import (
@@ -15,12 +16,14 @@ from htcvlm.data.dataset import (
     sample_seed,
 )
 from htcvlm.data.llava import (
+    LlavaConversations,
     LlavaData,
     LlavaError,
     LlavaFormatError,
     LlavaTurn,
     LlavaVQA,
     MissingImageError,
+    conversations,
     read_llava,
 )
 from htcvlm.data.questions import (
@@ -38,6 +41,7 @@ __all__ = [
     "KIND_OF",
     "QTYPES",
     "SPLITS",
+    "LlavaConversations",
     "LlavaData",
     "LlavaError",
     "LlavaFormatError",
@@ -52,6 +56,7 @@ __all__ = [
     "answer_vocabulary",
     "answers_for",
     "ask",
+    "conversations",
     "draw_question",
     "draw_questions",
     "object_mask",

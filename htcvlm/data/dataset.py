@@ -53,8 +53,12 @@ class VQASample:
     kind: Kind | None
     qtype: str
     scene: Scene | None = None
-    # further (question, answer) pairs about the same image: a trainer packs them into one pass
+    # further (question, answer) pairs about the same image: a trainer packs them into one pass, each
+    # as if asked alone
     more: tuple[tuple[str, str], ...] = ()
+    # the later turns of the question's conversation (LLaVA), each asked after the answers before it:
+    # a trainer packs them after the first answer, every turn reading the turns before it
+    follow_ups: tuple[tuple[str, str], ...] = ()
 
 
 def sample_seed(split: Split, index: int, seed: int = 0) -> int:

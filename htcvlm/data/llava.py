@@ -6,10 +6,10 @@ The format (LLaVA-Instruct, llava_v1_5_mix665k) is one JSON list of entries:
       "conversations": [{"from": "human", "value": "<image>\\nWhat are the colors of the bus?"},
                         {"from": "gpt", "value": "The bus is white and red."}, ...]}, ...]
 
-Each human/gpt pair becomes one `LlavaTurn` with the `<image>` tag removed. A multi-turn conversation thus
-becomes several independent (question, answer) pairs about the same image: later turns lose the earlier
-ones as context, which the one-question-per-image trainer accepts (`turn` keeps the order for a trainer
-that wants to rebuild the dialogue).
+Each human/gpt pair becomes one `LlavaTurn` with the `<image>` tag removed, listed in conversation order.
+`conversations()` groups them back into dialogues: training packs a whole conversation after one compressed
+image, each turn reading the turns before it (`LlavaConversations`); `LlavaVQA` gives every turn alone, as
+the service asks questions (validation).
 
 Failures, all `LlavaError`s, which the trainer's entry point catches to report a bad data set:
 - `LlavaFormatError`: the file is not JSON, or an entry is not of the shape above (the entry is named);
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -153,8 +154,40 @@ def read_llava(
     return LlavaData(tuple(turns), tuple(missing), text_only)
 
 
+Conversation = tuple[LlavaTurn, ...]  # one entry's turns in order, one image
+
+
+def conversations(turns: Sequence[LlavaTurn]) -> tuple[Conversation, ...]:
+    """read_llava()'s turns grouped back into their conversations: a new one starts at each turn 0 (and
+    at the first turn of a list cut mid-conversation, as a held-out tail cuts it)."""
+    grouped: list[list[LlavaTurn]] = []
+    for turn in turns:
+        if not grouped or turn.turn == 0 or turn.image_path != grouped[-1][-1].image_path:
+            grouped.append([])
+        grouped[-1].append(turn)
+    return tuple(tuple(g) for g in grouped)
+
+
+def conversation_sample(conversation: Conversation, image: Image.Image) -> VQASample:
+    """A conversation about `image` as one sample: its first turn, the later ones as `follow_ups`."""
+    first, *later = conversation
+    return VQASample(
+        image=image,
+        question=first.question,
+        answer=first.answer,
+        kind=None,
+        qtype="llava",
+        follow_ups=tuple((t.question, t.answer) for t in later),
+    )
+
+
+def open_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")  # convert() loads the pixels, so the file can close here
+
+
 class LlavaVQA:
-    """Map-style dataset over read_llava()'s turns: opens and converts the image to RGB on each access."""
+    """Map-style dataset over read_llava()'s turns, each alone: opens the image as RGB on each access."""
 
     def __init__(self, data: LlavaData) -> None:
         self.data = data
@@ -164,6 +197,19 @@ class LlavaVQA:
 
     def __getitem__(self, index: int) -> VQASample:
         turn = self.data.turns[index]
-        with Image.open(turn.image_path) as image:
-            rgb = image.convert("RGB")  # convert() loads the pixels, so the file can close here
-        return VQASample(image=rgb, question=turn.question, answer=turn.answer, kind=None, qtype="llava")
+        return conversation_sample((turn,), open_rgb(turn.image_path))
+
+
+class LlavaConversations:
+    """Map-style dataset over conversations: one sample per conversation, its turns packed (see
+    `conversation_sample`); opens the image as RGB on each access."""
+
+    def __init__(self, items: Sequence[Conversation]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> VQASample:
+        conversation = self.items[index]
+        return conversation_sample(conversation, open_rgb(conversation[0].image_path))

@@ -42,12 +42,14 @@ VICUNA_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 # LLaVA-1.5's sequence, "<image>" replaced by V_hy · voco: the text on each side tokenized on its own, the
-# question after a newline, the answer ending at </s> (sep2 of the TWO separator style).
+# question after a newline, the answer ending at </s> (sep2 of the TWO separator style), a later turn of
+# the conversation right after that </s> (what training on multi-turn LLaVA data packs).
 LLAVA_LAYOUT = LayoutConfig(
     bos=True,
     system=VICUNA_SYSTEM,
     before_image="{system} USER: ",
     prompt="\n{question} ASSISTANT:",
+    next_prompt="USER: {question} ASSISTANT:",
     stop_tokens=("</s>",),
 )
 PD_HIDDEN = HTCConfig().pd_hidden  # the paper's width of W1 in P_d

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerFast
 
 from htcvlm.data.dataset import draw_question
-from htcvlm.data.llava import LlavaVQA, read_llava
+from htcvlm.data.llava import LlavaConversations, LlavaVQA, conversations, read_llava
 from htcvlm.data.questions import answer_vocabulary
 from htcvlm.model import HTCVLM
 from htcvlm.pool import VQATensors, procedural_pool, tensorize
@@ -30,19 +31,27 @@ def procedural_tokenizer(vocab_size: int = 512, n_questions: int = 4000) -> PreT
 def llava_pools(
     model: HTCVLM, json_path: Path, image_root: Path, val_size: int
 ) -> tuple[VQATensors, VQATensors]:
-    """LLaVA-format data: every (question, answer) turn a sample; the last `val_size` held out."""
-    data = LlavaVQA(read_llava(json_path, image_root, on_missing="skip"))
-    if len(data) <= val_size:
-        raise ValueError(f"{json_path} has {len(data)} turns with images, need more than val_size={val_size}")
-    samples = [data[i] for i in range(len(data))]
-    return tensorize(model, samples[:-val_size]), tensorize(model, samples[-val_size:])
+    """LLaVA-format data: the last `val_size` turns held out, each alone (as the service asks); the turns
+    before them train, one row per conversation with its turns packed (a conversation the cut splits
+    keeps its earlier turns)."""
+    data = read_llava(json_path, image_root, on_missing="skip")
+    if len(data.turns) <= val_size:
+        raise ValueError(
+            f"{json_path} has {len(data.turns)} turns with images, need more than val_size={val_size}"
+        )
+    train = LlavaConversations(conversations(data.turns[:-val_size]))
+    val = LlavaVQA(replace(data, turns=data.turns[-val_size:]))
+    return (
+        tensorize(model, [train[i] for i in range(len(train))]),
+        tensorize(model, [val[i] for i in range(len(val))]),
+    )
 
 
 def training_pools(
     model: HTCVLM, cfg: TrainConfig, llava: tuple[Path, Path] | None = None
 ) -> tuple[VQATensors, VQATensors]:
-    """(training, validation) pools: procedural ones as `cfg` sizes them, or LLaVA-format turns from
-    `llava` = (JSON file, image root) with the last cfg.val_size held out."""
+    """(training, validation) pools: procedural ones as `cfg` sizes them, or LLaVA-format conversations
+    from `llava` = (JSON file, image root) with the last cfg.val_size turns held out."""
     if llava is not None:
         return llava_pools(model, *llava, cfg.val_size)
     train = procedural_pool(model, "train", cfg.pool, cfg.easy, cfg.questions)

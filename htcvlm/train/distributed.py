@@ -5,7 +5,8 @@
   `fit_stage2` from there; the final weights land in `out` as a normal checkpoint folder.
 - `fit_stage2`: one `TorchTrainer` run. Each worker reads its own Ray Data stream of positions mapped to
   rows by `stream.SampleRows` (procedural scenes rendered, LLaVA images decoded, in Ray Data's workers);
-  `train_worker` is the loop each Ray Train worker runs.
+  `train_worker` is the loop each Ray Train worker runs. Rank 0 sends every step's metrics through a Ray
+  queue to this process, where `progress.StepLog` shows and keeps them (bar, `out/metrics.jsonl`).
 
 Why one stream per worker rather than `streaming_split` of one dataset: `streaming_split` hands blocks to
 whichever worker asks first, so which worker saw which sample would depend on timing. Here worker r's
@@ -29,6 +30,7 @@ import logging
 import math
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -39,14 +41,15 @@ import torch
 from safetensors.torch import load_file
 
 from htcvlm.checkpoint import load_pretrained, save_pretrained
-from htcvlm.data.llava import read_llava
+from htcvlm.data.llava import conversations, read_llava
 from htcvlm.evaluate import accuracy
 from htcvlm.model import HTCVLM
 from htcvlm.pool import VQATensors, procedural_pool, tensorize
 from htcvlm.train.loop import load_training_state, lr_at, save_training_state
 from htcvlm.train.lora import add_adapters, merge_adapters
+from htcvlm.train.progress import StepLog
 from htcvlm.train.recipe import RECIPES, TrainConfig, Variant
-from htcvlm.train.run import run_training, write_run_record
+from htcvlm.train.run import RUN_RECORD, run_record, run_training
 from htcvlm.train.stages import answer_loss, frozen_modules, stage2_optimizer, stage2_parameters
 from htcvlm.train.stream import LlavaSource, ProceduralSource, SampleRows, Source, StepPlan, rows_to_batch
 
@@ -95,19 +98,29 @@ def fit_stage2(
     scaling: Scaling,
     variant: Variant = "hybrid",
     val: Source | None = None,
+    record: dict[str, Any] | None = None,
+    show_progress: bool = True,
 ) -> dict[str, Any]:
     """Stage 2 from the checkpoint at `start` on Ray Train; resumes from `out`/ray when it holds a run.
-    Writes the final model and training state into `out`; returns the last reported metrics."""
+    Writes the final model and training state into `out`; returns the last reported metrics.
+
+    `record`: the run's config as `run.run_record` lays it out (default: the variant, `cfg` and
+    `scaling`), saved as `out/training.json` before training and beside every checkpoint. Every step's
+    metrics reach this process (`progress.StepLog`: a bar, `out/metrics.jsonl`, TensorBoard if installed)."""
     import ray
     from ray.data import ActorPoolStrategy, ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
 
     plan = scaling.plan(cfg.batch_size)
     start, storage = start.resolve(), (out / "ray").resolve()  # workers run in folders of their own
     start_step = latest_step(storage)
     if start_step:
         logger.info("resuming stage 2 from step %d (%s)", start_step, storage / RUN_NAME)
+    if record is None:
+        record = {"variant": variant, "train": asdict(cfg), "scaling": asdict(scaling)}
+    (out / RUN_RECORD).write_text(json.dumps(record, indent=2))
     datasets = {}
     remaining = (cfg.steps - start_step) * plan.rows_per_step
     for rank in range(plan.workers):
@@ -121,6 +134,7 @@ def fit_stage2(
             compute=ActorPoolStrategy(size=1),
             num_cpus=scaling.data_cpus,
         )
+    steps = Queue(actor_options={"num_cpus": 0})  # rank 0 -> this process: one entry per step
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -130,6 +144,8 @@ def fit_stage2(
             "scaling": asdict(scaling),
             "start_step": start_step,
             "val": val,
+            "record": record,
+            "steps": steps,
         },
         scaling_config=ScalingConfig(
             num_workers=plan.workers,
@@ -148,7 +164,17 @@ def fit_stage2(
             datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
         ),
     )
-    result = trainer.fit()
+    with StepLog(out, start_step, cfg.steps, show_progress) as step_log:
+        # fit() blocks (and wants the main thread for its signal handlers): a thread follows the steps
+        done = threading.Event()
+        follower = threading.Thread(target=_follow, args=(steps, step_log, done), daemon=True)
+        follower.start()
+        try:
+            result = trainer.fit()
+        finally:
+            done.set()
+            follower.join()
+            steps.shutdown(force=True)
     if result.checkpoint is None:
         raise RuntimeError(f"stage 2 ended without a checkpoint: {result.error}")
     with result.checkpoint.as_directory() as folder:
@@ -161,6 +187,25 @@ def fit_stage2(
         merge_adapters(model)
         save_pretrained(model.eval(), out)
     return dict(result.metrics or {})
+
+
+def _follow(steps: Any, step_log: StepLog, done: threading.Event, poll_s: float = 0.25) -> None:
+    """Move every entry the workers put in `steps` (a Ray Queue) into `step_log`, until `done` is set
+    and the queue is drained."""
+    from ray.exceptions import RayError
+
+    while True:
+        finished = done.is_set()  # read before draining: an entry put before fit() returned is drained
+        try:
+            entries = steps.get_nowait_batch(steps.qsize())
+        except RayError as e:  # the queue's actor is gone: training goes on, its log ends here
+            logger.warning("per-step metrics stopped: %s", e)
+            return
+        for entry in entries:
+            step_log.write(entry)
+        if finished:
+            return
+        done.wait(poll_s)
 
 
 def train_worker(config: dict[str, Any]) -> None:
@@ -207,6 +252,7 @@ def train_worker(config: dict[str, Any]) -> None:
     bad: set[int] = set()
     started = time.perf_counter()
     while step < cfg.steps:
+        step_started = time.perf_counter()
         micro = [next(rows) for _ in range(plan.accumulation)]
         expected = plan.positions(rank, step, np.arange(plan.rows_per_step)).reshape(plan.accumulation, -1)
         for got, want in zip(micro, expected, strict=True):
@@ -214,12 +260,13 @@ def train_worker(config: dict[str, Any]) -> None:
                 raise RuntimeError(f"step {step}: rank {rank} read positions {got['position']}, not {want}")
         bad.update(int(i) for m in micro for i in m["index"][~m["ok"]])
         batches = [rows_to_batch(m, device) for m in micro]
-        # (scored tokens, summed loss, skipped rows) of the whole global batch
+        # (scored tokens, summed loss, skipped rows, tokens through the LLM) of the whole global batch
         totals = torch.tensor(
             [
                 sum(float(b["scored"][:, 1:].sum()) for b in batches),
                 0.0,
                 float(sum((~m["ok"]).sum() for m in micro)),
+                float(sum(_sequence_tokens(model, b["text_lengths"]) for b in batches)),
             ]
         )
         _all_reduce(totals[:1], world)
@@ -242,21 +289,42 @@ def train_worker(config: dict[str, Any]) -> None:
         opt.step()
         _all_reduce(totals[1:], world)
         step += 1
+        seconds = time.perf_counter() - step_started
         log.append({"step": step, "loss": float(totals[1]), "skipped_rows": int(totals[2])})
-        if step % cfg.eval_every and step != cfg.steps:
-            continue
-        log[-1]["minutes"] = (time.perf_counter() - started) / 60  # since this worker started
-        metrics: dict[str, Any] = dict(log[-1])
-        metrics["bad_images"] = _count_distinct(bad, world)
-        with tempfile.TemporaryDirectory() as folder:
-            saved = None
-            if rank == 0:
-                if val is not None:
-                    metrics["val_accuracy"] = log[-1]["val_accuracy"] = _validate(model, frozen, val, upper)
-                logger.info("step %d: %s", step, json.dumps(metrics))
-                save_training_state(Path(folder), model, opt, step, log)
-                saved = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=saved)
+        entry = {
+            **log[-1],
+            "lr": opt.param_groups[0]["lr"],
+            "tokens": int(totals[3]),
+            "scored_tokens": int(totals[0]),
+            "seconds": seconds,
+            "tokens_per_s": float(totals[3]) / seconds,
+        }
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            log[-1]["minutes"] = (time.perf_counter() - started) / 60  # since this worker started
+            metrics: dict[str, Any] = dict(log[-1])
+            metrics["bad_images"] = _count_distinct(bad, world)
+            with tempfile.TemporaryDirectory() as folder:
+                saved = None
+                if rank == 0:
+                    if val is not None:
+                        metrics["val_accuracy"] = log[-1]["val_accuracy"] = _validate(
+                            model, frozen, val, upper
+                        )
+                    logger.info("step %d: %s", step, json.dumps(metrics))
+                    save_training_state(Path(folder), model, opt, step, log)
+                    # the run's config beside the weights: a checkpoint says how it was trained
+                    (Path(folder) / RUN_RECORD).write_text(json.dumps(config["record"], indent=2))
+                    saved = ray.train.Checkpoint.from_directory(folder)
+                ray.train.report(metrics, checkpoint=saved)
+            entry.update({k: metrics[k] for k in ("bad_images", "val_accuracy") if k in metrics})
+        if rank == 0:
+            config["steps"].put(entry)
+
+
+def _sequence_tokens(model: HTCVLM, text_lengths: torch.Tensor) -> int:
+    """Tokens a micro-batch runs through the LLM: each row's prefix [S; V_hy; sep; voco] and its text
+    (padding not counted); text_lengths (B, K) as `rows_to_batch` gives them."""
+    return len(text_lengths) * model.layout.text_position + int(text_lengths.sum())
 
 
 def _validate(model: HTCVLM, frozen: list[torch.nn.Module], val: VQATensors, upper: bool) -> float:
@@ -345,13 +413,11 @@ def run_distributed(
             raise ValueError(
                 f"{llava[0]} has {len(data.turns)} turns with images, need more than {cfg.val_size}"
             )
-        source = LlavaSource(data.turns[: -cfg.val_size], cfg.seed)
-        val = LlavaSource(data.turns[-cfg.val_size :], cfg.seed)
+        # conversations train with their turns packed; held-out turns validate each alone
+        source = LlavaSource(conversations(data.turns[: -cfg.val_size]), cfg.seed)
+        val = LlavaSource(tuple((turn,) for turn in data.turns[-cfg.val_size :]), cfg.seed)
         logger.info("%s: %d image files missing, left out", llava[0], len(data.missing))
-    resumed_from = latest_step((out / "ray").resolve())
-    metrics = fit_stage2(start, out, cfg, source, scaling, variant, val)
-    write_run_record(
-        out,
+    record = run_record(
         variant,
         preset,
         init_from,
@@ -359,8 +425,9 @@ def run_distributed(
         cfg,
         scaling=asdict(scaling),
         missing_images=0 if llava is None else len(data.missing),
-        resumed_from_step=resumed_from,
+        resumed_from_step=latest_step((out / "ray").resolve()),
     )
+    metrics = fit_stage2(start, out, cfg, source, scaling, variant, val, record)
     if not math.isfinite(metrics.get("loss", 0.0)):
         logger.warning("the last loss is %s", metrics.get("loss"))
     return metrics

@@ -20,6 +20,8 @@ from htcvlm.train.stages import train_mgvq, train_vision, train_vlm
 
 logger = logging.getLogger(__name__)
 
+RUN_RECORD = "training.json"  # the run's config, beside the checkpoint it trained
+
 
 def init_weights(model: HTCVLM, path: Path) -> int:
     """Copy every tensor of the checkpoint at `path` whose name and shape match `model`'s; returns how many.
@@ -109,6 +111,25 @@ def run_training(
     return model
 
 
+def run_record(
+    variant: str,
+    preset: str,
+    init_from: str | Path | None,
+    config_overrides: dict[str, Any],
+    cfg: TrainConfig,
+    **more: Any,
+) -> dict[str, Any]:
+    """What the run was asked for (and `more` of what happened), as `training.json` holds it."""
+    return {
+        "variant": variant,
+        "preset": preset,
+        "init_from": str(init_from) if init_from else None,
+        "overrides": {k: str(v) for k, v in config_overrides.items()},
+        "train": asdict(cfg),
+        **more,
+    }
+
+
 def write_run_record(
     out: Path,
     variant: str,
@@ -118,13 +139,6 @@ def write_run_record(
     cfg: TrainConfig,
     **more: Any,
 ) -> None:
-    """`out/training.json`: what the run was asked for (and `more` of what happened), for its reruns."""
-    record = {
-        "variant": variant,
-        "preset": preset,
-        "init_from": str(init_from) if init_from else None,
-        "overrides": {k: str(v) for k, v in config_overrides.items()},
-        "train": asdict(cfg),
-        **more,
-    }
-    (out / "training.json").write_text(json.dumps(record, indent=2))
+    """`out/training.json` (`run_record`), for the run's reruns."""
+    record = run_record(variant, preset, init_from, config_overrides, cfg, **more)
+    (out / RUN_RECORD).write_text(json.dumps(record, indent=2))

@@ -6,7 +6,8 @@ these pieces into Ray Data and Ray Train.
 - `StepPlan`: the global batch split into N workers × accumulation micro-batches; which global positions
   each worker reads, in order
 - `ProceduralSource` / `LlavaSource`: which sample a global position is (drawn with replacement, as the
-  single-process trainer draws from its pool), and the sample itself
+  single-process trainer draws from its pool), and the sample itself (a LLaVA conversation with its
+  turns packed into one segment)
 - `SampleRows`: the Ray Data stage, positions -> rows as the model reads them (rendered or decoded image,
   token ids), with a bad image (missing, corrupt) turned into an `ok=False` row that scores nothing
 """
@@ -24,7 +25,7 @@ from PIL import Image
 from htcvlm.checkpoint import load_tokenizer
 from htcvlm.config import HTCConfig
 from htcvlm.data.dataset import ProceduralVQA, VQASample
-from htcvlm.data.llava import LlavaTurn
+from htcvlm.data.llava import Conversation, conversation_sample, open_rgb
 from htcvlm.model import new_model
 from htcvlm.pool import EASY_WEIGHTS, tensorize
 
@@ -119,31 +120,32 @@ class ProceduralSource:
 
 @dataclass(frozen=True)
 class LlavaSource:
-    """LLaVA-format turns, one (question, answer) a sample; images are opened only when a row is made,
+    """LLaVA-format conversations, one a sample with its turns packed (`conversation_sample`; a validation
+    source holds one-turn conversations, each turn alone); images are opened only when a row is made,
     and one that cannot be read (gone since listing, not an image, truncated) becomes None."""
 
-    turns: tuple[LlavaTurn, ...]
+    conversations: tuple[Conversation, ...]
     seed: int
 
     def __len__(self) -> int:
-        return len(self.turns)
+        return len(self.conversations)
 
     def indices(self, positions: np.ndarray) -> np.ndarray:
         return draw(positions, self.seed, 0, len(self))
 
     def samples(self, indices: np.ndarray, image_size: int) -> list[VQASample | None]:
-        return [read_turn(self.turns[i]) for i in map(int, indices)]
+        return [read_conversation(self.conversations[i]) for i in map(int, indices)]
 
 
-def read_turn(turn: LlavaTurn) -> VQASample | None:
-    """The turn with its image, or None when the image file cannot be decoded."""
+def read_conversation(conversation: Conversation) -> VQASample | None:
+    """The conversation with its image, or None when the image file cannot be decoded."""
+    path = conversation[0].image_path
     try:
-        with Image.open(turn.image_path) as image:
-            rgb = image.convert("RGB")  # loads every pixel: a truncated file fails here, not later
+        rgb = open_rgb(path)  # loads every pixel: a truncated file fails here, not later
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for missing, unknown and broken files
-        logger.warning("skipping %s: %s", turn.image_path, e)
+        logger.warning("skipping %s: %s", path, e)
         return None
-    return VQASample(image=rgb, question=turn.question, answer=turn.answer, kind=None, qtype="llava")
+    return conversation_sample(conversation, rgb)
 
 
 Source = ProceduralSource | LlavaSource

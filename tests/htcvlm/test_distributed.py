@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from htcvlm.checkpoint import load_pretrained
 from htcvlm.data.dataset import ProceduralVQA
 from htcvlm.pool import EASY_WEIGHTS, tensorize
 from htcvlm.train.distributed import RUN_NAME, Scaling, fit_stage2, latest_step, run_distributed
+from htcvlm.train.progress import METRICS_FILE
 from htcvlm.train.recipe import TrainConfig
 from htcvlm.train.run import run_training
 from htcvlm.train.stream import ProceduralSource, SampleRows, StepPlan
@@ -135,6 +136,33 @@ def test_two_workers_reach_the_weights_of_one(start, two_workers, tmp_path):
     )
 
 
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+
+
+def test_the_driver_logs_every_step_and_keeps_the_run_config_beside_each_checkpoint(two_workers):
+    """Per step, the driver's metrics.jsonl holds the loss the workers logged, the learning rate, the
+    tokens through the LLM and their rate; every checkpoint Ray Train kept, and the output folder,
+    hold the run's config (training.json) beside the weights."""
+    entries, log = _metrics(two_workers), json.loads((two_workers / "train_state.json").read_text())["log"]
+    assert [e["step"] for e in entries] == list(range(1, CFG.steps + 1))
+    np.testing.assert_allclose([e["loss"] for e in entries], [e["loss"] for e in log], rtol=1e-6)
+    # 32 rows a step, each its prefix [V_hy; voco] and up to 2 questions (prompts and scored answers)
+    prefix = load_pretrained(two_workers).layout.text_position
+    assert all(e["tokens"] > 32 * prefix + e["scored_tokens"] > 32 * prefix for e in entries)
+    assert all(e["tokens_per_s"] == pytest.approx(e["tokens"] / e["seconds"]) for e in entries)
+    assert entries[0]["lr"] == pytest.approx(CFG.lr / CFG.warmup)  # warm-up, then the peak
+    assert entries[1]["lr"] == pytest.approx(CFG.lr)
+    assert [e["step"] for e in entries if "bad_images" in e] == list(range(4, CFG.steps + 1, 4))
+    record = json.loads((two_workers / "training.json").read_text())
+    assert record["train"] == json.loads(json.dumps(asdict(CFG))) and record["scaling"]["workers"] == 2
+    kept = sorted(p for p in (two_workers / "ray" / RUN_NAME).glob("checkpoint_*") if p.is_dir())
+    assert len(kept) == 2  # Ray Train keeps the last two
+    for folder in kept:
+        assert json.loads((folder / "training.json").read_text()) == record
+        assert (folder / "model.safetensors").is_file()
+
+
 def _onetoken_train(out: Path) -> subprocess.Popen:
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in RECIPE.items()]
     command = [sys.executable, "-m", "llm_worker.cli", "train", "--out", str(out), *flags]
@@ -207,6 +235,10 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights(start
     assert [e["step"] for e in log if "val_accuracy" in e] == list(range(4, CFG.steps + 1, 4))
     np.testing.assert_allclose(_losses(out), _losses(two_workers), rtol=1e-5)
     _assert_same_weights(out, two_workers)
+    # the rerun dropped the killed run's lines after its checkpoint and logged every step from there; the
+    # killed driver may have missed the last steps before its checkpoint (never drained from the queue)
+    steps = [e["step"] for e in _metrics(out)]
+    assert steps == sorted(set(steps)) and steps[-(CFG.steps - killed_at) :] == list(range(killed_at + 1, 25))
 
 
 def test_merged_lora_adapters_give_the_logits_of_the_adapted_model(tokenizer, tmp_path):

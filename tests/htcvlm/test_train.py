@@ -24,7 +24,7 @@ from htcvlm.train.run import init_weights
 from htcvlm.train.stages import CellHeads, answer_loss, cell_accuracy, train_vision, train_vlm
 from llm_worker.cli import main
 
-from .helpers import make_model
+from .helpers import LLAVA, QUESTIONS, make_model
 
 
 def test_loss_counts_answer_tokens_only():
@@ -143,6 +143,62 @@ def test_packed_questions_score_as_each_question_alone(tokenizer):
                 assert torch.equal(packed.ids[i, start : start + n], alone.ids[i, :n])
                 assert torch.equal(packed.scored[i, start : start + n], alone.scored[i, :n])
                 torch.testing.assert_close(logits[i, start : start + n], single[i, :n], atol=1e-5, rtol=1e-5)
+
+
+# LLaVA-1.5's chat template: a later turn has a text of its own ("USER: …"), read right after the answer
+# before it; the tiny model's template (None) asks every turn as its first.
+CHAT = dataclasses.replace(LLAVA, next_prompt="USER: {question} ASSISTANT:")
+TURNS = ((QUESTIONS[0], "a circle"), (QUESTIONS[1], "red"), (QUESTIONS[2], "two, both small"))
+
+
+@pytest.mark.parametrize("layout", [None, CHAT], ids=["tiny", "chat"])
+def test_packed_conversations_give_each_turn_its_logits_after_its_history(tokenizer, layout):
+    """A conversation's turns packed after one compressed image (and an independent question after it, as
+    the tiny recipe packs): turn k has the logits it has in an unpacked row of turns 0..k alone, so it
+    reads the voco token, the shared prefix and the earlier turns as the chat template lays them out; and
+    the loss scores exactly every turn's answer tokens and the EOS that ends each."""
+    model = make_model(tokenizer, seed=0, **({} if layout is None else {"layout": layout})).eval()
+    data = ProceduralVQA("train", 2)
+    (q0, a0), *later = TURNS
+    samples = [
+        dataclasses.replace(
+            data[i], question=q0, answer=a0, follow_ups=tuple(later), more=(("color?", "blue"),)
+        )
+        for i in range(2)
+    ]
+    packed = tensorize(model, samples)
+    assert packed.segments.shape == (2, 2)  # the conversation, then the independent question
+    with torch.no_grad():
+        logits = model(**_inputs(packed))[0]
+    for k in range(len(TURNS)):
+        history = tensorize(
+            model, [dataclasses.replace(s, follow_ups=tuple(later[:k]), more=()) for s in samples]
+        )
+        with torch.no_grad():
+            alone = model(**_inputs(history))[0]
+        for i in range(2):
+            n = int(history.lengths[i])  # turns 0..k: the packed conversation's first n tokens
+            assert torch.equal(packed.ids[i, :n], history.ids[i, :n])
+            assert torch.equal(packed.scored[i, :n], history.scored[i, :n])
+            torch.testing.assert_close(logits[i, :n], alone[i, :n], atol=1e-5, rtol=1e-5)
+    # the earlier turns are read: another first answer changes the later turns' logits
+    other = tensorize(model, [dataclasses.replace(s, answer="a square", more=()) for s in samples])
+    with torch.no_grad():
+        changed = model(**_inputs(other))[0]
+    tail = slice(int(other.lengths[0]) - 5, int(other.lengths[0]))
+    assert not torch.allclose(
+        changed[0, tail], logits[0, int(packed.segments[0, 0]) - 5 : int(packed.segments[0, 0])]
+    )
+    # scored: each answer's tokens and its EOS, nothing of a prompt
+    eos, length = tokenizer.eos_token_id, int(packed.lengths[0])
+    ids, scored = packed.ids[0, :length], packed.scored[0, :length]
+    answers = [*(a for _, a in TURNS), "blue"]
+    assert ids[scored].tolist() == [t for a in answers for t in model.answer_ids(a)]
+    assert (ids[scored] == eos).sum() == len(answers) and not (ids[~scored] == eos).any()
+    prompts = [model.layout.prompt_text(q, turn) for turn, (q, _) in enumerate(TURNS)]
+    assert tokenizer.decode(ids[~scored]) == "".join([*prompts, model.layout.prompt_text("color?")])
+    if layout is not None:
+        assert prompts[1].startswith("USER: ") and not prompts[0].startswith("USER: ")
 
 
 def test_optimizer_state_round_trips_without_pickle(tokenizer):

@@ -1,4 +1,5 @@
-"""read_llava and LlavaVQA on a small LLaVA-format file with real PNGs in tmp_path."""
+"""read_llava, conversations, LlavaVQA and LlavaConversations on a small LLaVA-format file with real
+PNGs in tmp_path."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import pytest
 from PIL import Image
 
 from htcvlm.data.llava import (
+    LlavaConversations,
     LlavaError,
     LlavaFormatError,
     LlavaVQA,
     MissingImageError,
+    conversations,
     read_llava,
 )
 
@@ -93,6 +96,26 @@ def test_dataset_opens_images_as_rgb(tmp_path: Path, image_root: Path) -> None:
         "llava",
         None,
     )
+
+
+def test_conversations_group_the_turns_back_and_pack_them_into_one_sample(
+    tmp_path: Path, image_root: Path
+) -> None:
+    """Each entry's turns are one conversation, its first turn the sample's question and the later ones its
+    follow-ups in order; a list cut mid-conversation (a held-out tail) starts a conversation where it
+    starts."""
+    turns = read_llava(write(tmp_path, ENTRIES), image_root).turns
+    grouped = conversations(turns)
+    assert [[(t.entry_id, t.turn) for t in c] for c in grouped] == [
+        [("one", 0)],
+        [("multi", 0), ("multi", 1), ("multi", 2)],
+        [("7", 0)],
+    ]
+    assert [[t.turn for t in c] for c in conversations(turns[2:])] == [[1, 2], [0]]
+    packed = LlavaConversations(grouped)[1]
+    assert (packed.question, packed.answer) == ("Describe it.", "A blue square.")
+    assert packed.follow_ups == (("Is it large?", "No."), ("How many?", "One.")) and packed.more == ()
+    assert packed.image.mode == "RGB" and packed.image.size == (8, 8)
 
 
 def test_missing_image_raises_a_typed_error_naming_entry_and_file(tmp_path: Path, image_root: Path) -> None:
