@@ -139,7 +139,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     given = {f.name: v for f in fields(TrainConfig) if (v := getattr(args, f.name, None)) is not None}
-    model_overrides = {k: v for k in ("n_discrete", "fusion") if (v := getattr(args, k)) is not None}
+    model_overrides = {
+        k: v for k in ("n_discrete", "fusion", "image_marker") if (v := getattr(args, k)) is not None
+    }
     if args.workers:
         return _train_distributed(args, TrainConfig.from_name(args.recipe, **given), model_overrides)
     if given.get("lora_rank"):
@@ -284,7 +286,7 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
     scenes = ProceduralVQA("test", args.procedural, image_size=model.config.image_size)
     sets = {
         f"procedural test scenes ({args.procedural})": [scenes[i].image for i in range(args.procedural)],
-        "scikit-image photos (26)": skimage_photos(),
+        "scikit-image photos (25)": skimage_photos(),
     }
     for name, images in sets.items():
         print(format_recall(name, near_duplicate_recall(model, images, seed=args.seed)))
@@ -386,6 +388,11 @@ def add_model_commands(
         "--fusion",
         choices=get_args(FusionMode),
         help="how the anchors join the patches (default: the preset's)",
+    )
+    train.add_argument(
+        "--image-marker",
+        help="text after each image's voco tokens in a question about several images, {i} its number "
+        "from 1, e.g. ' (image {i})' (default: none)",
     )
     train.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     _add_distributed_flags(train)

@@ -179,6 +179,11 @@ class LayoutConfig:
     # A later turn of a conversation, right after the answer before it and its stop token (LLaVA-1.5's
     # vicuna_v1: "USER: {question} ASSISTANT:"); empty: `prompt` again. Training packs conversations so.
     next_prompt: str = field(default="", metadata=OMIT_AT_DEFAULT)
+    # In a question about several images, the text right after image i's voco tokens, `{i}` its number
+    # from 1 (e.g. " (image {i})"): it reads the voco tokens before it, so "image 3" in a question can
+    # be found by content rather than by a distance that changes with the number of images. Empty: none.
+    # A question about one image never has one.
+    image_marker: str = field(default="", metadata=OMIT_AT_DEFAULT)
     # Whether text attends [BOS] + before_image (LLaVA-built) or only keys from the first voco on
     # (VoCo-LLaMA). Text never attends V_hy or the separator either way.
     text_attends_prefix: bool = field(default=True, metadata=OMIT_AT_DEFAULT)
@@ -191,6 +196,8 @@ class LayoutConfig:
             raise ValueError(f"prompt must hold '{{question}}' exactly once, got {self.prompt!r}")
         if self.next_prompt and self.next_prompt.count("{question}") != 1:
             raise ValueError(f"next_prompt must hold '{{question}}' exactly once, got {self.next_prompt!r}")
+        if self.image_marker and self.image_marker.count("{i}") != 1:
+            raise ValueError(f"image_marker must hold '{{i}}' exactly once, got {self.image_marker!r}")
         if "{question}" in self.before_image + self.separator + self.system:
             raise ValueError("'{question}' belongs in prompt only: the text before the voco is per model")
         if not all(isinstance(t, str) and t for t in self.stop_tokens):

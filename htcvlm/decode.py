@@ -23,9 +23,17 @@ from transformers import DynamicCache
 
 from htcvlm.errors import InvalidQuestionError, RecordMismatchError, TooManyImagesError
 from htcvlm.generation import FinishReason, GenerationOptions, RowState, StepEvent, sample_tokens
+from htcvlm.layout import SequenceLayout
 from htcvlm.mask import to_additive
 from htcvlm.model import HTCVLM, KVState
-from htcvlm.placement import Records, place_records, record_groups, text_position
+from htcvlm.placement import (
+    Records,
+    place_records,
+    record_groups,
+    row_text,
+    text_position,
+    voco_key_positions,
+)
 from htcvlm.record import Record
 
 logger = logging.getLogger(__name__)
@@ -63,9 +71,14 @@ def context_room(model: HTCVLM, n_records: int = 1) -> int:
 
 
 def max_images(model: HTCVLM) -> int:
-    """The most images one question can ask about: k records' voco tokens take k * n_voco positions and
-    at least one prompt token and one answer token must follow (`max_position_embeddings` bounds it)."""
-    return (context_room(model) - 2) // model.layout.n_voco + 1
+    """The most images one question can ask about: k records' voco tokens take k * n_voco positions (and
+    their markers, where the layout has them), and at least one prompt token and one answer token must
+    follow (`max_position_embeddings` bounds it)."""
+    low, high = 1, (context_room(model) - 2) // model.layout.n_voco + 1  # high: were there no markers
+    while low < high:  # the room left falls as images are added: the last count that leaves 2
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if context_room(model, mid) >= 2 else (low, mid - 1)
+    return low
 
 
 def encode_questions(
@@ -121,26 +134,46 @@ def encode_questions(
     return prompts
 
 
+def left_padded_text(
+    layout: SequenceLayout, counts: Sequence[int], texts: Sequence[Sequence[int]], pad: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's text after its `counts[b]` images (markers, then `texts[b]`: a prompt, or a prompt and
+    its answer), left-padded: ids (B, T), true lengths (B,) and positions (B, T). Padding takes the
+    row's first text position; it is never read."""
+    rows = [row_text(layout, n, text) for n, text in zip(counts, texts, strict=True)]
+    lengths = torch.tensor([len(ids) for ids, _ in rows], device=device)
+    width = int(lengths.max())
+    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+    positions = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for row, (text, where) in enumerate(rows):
+        ids[row, width - len(text) :] = torch.tensor(text, dtype=torch.long)
+        positions[row] = where[0]
+        positions[row, width - len(text) :] = torch.tensor(where, dtype=torch.long)
+    return ids, lengths, positions
+
+
 def read_placed(
     model: HTCVLM,
     shared: KVState,
     past: Sequence[tuple[torch.Tensor, torch.Tensor]],
     voco_real: torch.Tensor,
     ids: torch.Tensor,
-    prompt_lengths: torch.Tensor,
-    first: torch.Tensor,
+    lengths: torch.Tensor,
+    positions: torch.Tensor,
 ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
     """Left-padded text (B, T) read over placed voco states: the one text pass of decoding and of
     multi-image training (htcvlm/train/multi.py), so the two cannot drift apart.
 
     shared: the shared prefix state (1, kv_heads, n_shared, head_dim) per layer, read unless the layout
-    says not; past, voco_real: `place_states`' output; first (B,): each row's first text position.
-    Returns the logits (B, T, vocab), the cache after the text and which of its keys are real.
+    says not; past, voco_real: `place_states`' output; ids, lengths, positions: `left_padded_text`'s.
+    A text token reads the voco keys placed before it (a marker only its own image's and earlier ones),
+    the shared prefix and the text before it. Returns the logits (B, T, vocab), the cache after the
+    text and which of its keys are real.
     """
     layout, dtype = model.layout, model.dtype
     batch, width = ids.shape
     # (B, n_past + T): which keys are real. The shared prefix always is; left padding never is.
-    text_real = torch.arange(width, device=ids.device)[None] >= (width - prompt_lengths)[:, None]
+    text_real = torch.arange(width, device=ids.device)[None] >= (width - lengths)[:, None]
     past_real = torch.cat([voco_real.new_ones(batch, layout.n_shared_read), voco_real], dim=1)
     if layout.n_shared_read:
         # (1, kv_heads, n_shared, head_dim) -> (B, ...) before each row's voco state: every row reads
@@ -153,9 +186,13 @@ def read_placed(
             for (sk, sv), (k, v) in zip(shared, past, strict=True)
         ]
     cache = DynamicCache(list(past))
-    positions = first[:, None] + (text_real.long().cumsum(dim=1) - 1).clamp(min=0)
+    slots = voco_real.shape[1] // layout.n_voco
+    key_at = torch.tensor(voco_key_positions(layout, slots), device=ids.device)  # (K * n_voco,)
+    before = key_at[None, None] < positions[:, :, None]  # (B, T, K * n_voco): voco keys before each token
+    reads_voco = voco_real[:, None] & before
+    reads_shared = reads_voco.new_ones(batch, width, layout.n_shared_read)
     causal = torch.ones(width, width, dtype=torch.bool, device=ids.device).tril()
-    allowed = torch.cat([past_real[:, None].expand(-1, width, -1), causal[None] & text_real[:, None]], dim=2)
+    allowed = torch.cat([reads_shared, reads_voco, causal[None] & text_real[:, None]], dim=2)
     out = model.llm(
         input_ids=ids,
         attention_mask=to_additive(allowed, dtype)[:, None],  # (B, 1, T, n_past + T)
@@ -183,21 +220,18 @@ class DecodeBatch:
         check_records(model, [rec for group in groups for rec in group])
         self.model = model
         device, dtype, layout = model.device, model.dtype, model.layout
-        batch = len(groups)
-        self.prompt_lengths = torch.tensor([len(p) for p in prompts], device=device)
-        width = int(self.prompt_lengths.max())
-        pad = model.tokenizer.pad_token_id
-        ids = torch.full((batch, width), pad, dtype=torch.long, device=device)
-        for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long, device=device)
+        counts = [len(g) for g in groups]
+        # the prompt and, in a question about several images, each image's marker before it
+        ids, self.prompt_lengths, positions = left_padded_text(
+            layout, counts, prompts, model.tokenizer.pad_token_id, device
+        )
         # per layer (B, kv_heads, K * n_voco, head_dim), and (B, K * n_voco): which voco slots are real
         past, voco_real = place_records(groups, layout, model.llm, dtype, device)
-        first = torch.tensor([text_position(layout, len(g)) for g in groups], device=device)
         logits, self.cache, self.key_valid = read_placed(
-            model, model.shared_prefix(), past, voco_real, ids, self.prompt_lengths, first
+            model, model.shared_prefix(), past, voco_real, ids, self.prompt_lengths, positions
         )
         self.prompt_logits = logits  # (B, T, vocab), left-padded
-        self.next_positions = first + self.prompt_lengths  # (B,)
+        self.next_positions = positions[:, -1] + 1  # (B,)
 
     def last_logits(self) -> torch.Tensor:
         return self.prompt_logits[:, -1]

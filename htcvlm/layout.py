@@ -11,7 +11,9 @@ says it does not: VoCo-LLaMA's text sees keys from the first voco on), the voco 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -31,6 +33,8 @@ class SequenceLayout:
     prompt: str  # the text after the voco tokens, `{system}` filled in, `{question}` still to fill
     next_prompt: str  # a conversation's later turn after the answer before it, likewise
     stop_ids: frozenset[int]  # EOS and the configured stop tokens: each ends an answer
+    # image i's marker (0-based i) in a question about several images; () for none
+    marker_ids: Callable[[int], tuple[int, ...]] = field(default=lambda i: (), compare=False)
 
     @property
     def n_shared(self) -> int:
@@ -111,4 +115,15 @@ def resolve_layout(config: HTCConfig, tokenizer: PreTrainedTokenizerBase) -> Seq
         stop_ids=frozenset(
             i for i in (tokenizer.eos_token_id, *(vocab[t] for t in lc.stop_tokens)) if i is not None
         ),
+        marker_ids=_marker_ids(tokenizer, lc.image_marker),
     )
+
+
+def _marker_ids(tokenizer: PreTrainedTokenizerBase, template: str) -> Callable[[int], tuple[int, ...]]:
+    """Image i's marker, tokenized once per i (a question may name thousands of images)."""
+
+    @functools.cache
+    def marker(i: int) -> tuple[int, ...]:
+        return _ids(tokenizer, template.replace("{i}", str(i + 1))) if template else ()
+
+    return marker

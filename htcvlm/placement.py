@@ -1,12 +1,15 @@
 """Several records in one context: each image's voco state moved, exactly, to its place in the sequence.
 
-    [S] · voco^1 · voco^2 · … · voco^k · prompt(question) · answer
-          q_1      q_2          q_k      text_position(k)
+    [S] · voco^1 · m_1 · voco^2 · m_2 · … · voco^k · m_k · prompt(question) · answer
+          q_1            q_2                 q_k            text_position(k)
 
 A record's keys were cached after the rotary embedding at the voco position p = layout.voco_position.
-Image i's voco tokens go to q_i = p + (i - 1) * n_voco, the places they would have in a sequence that
-held every image's voco tokens one after another; the prompt starts after the last one. With k = 1
-nothing moves, so one record is decoded exactly as it always was.
+Image i's voco tokens go to q_i = p + (offset of slot i): after the voco tokens and the markers m_j of
+the images before it, the places they would have in a sequence that held every image one after another.
+A marker is the layout's `image_marker` text for image i ("(image 3)"), only in a question about several
+images; it is text, computed with the prompt, and reads the voco tokens before it. The prompt starts
+after the last one. With k = 1 nothing moves and there is no marker, so one record is decoded exactly as
+it always was.
 
 Why a move is exact: RoPE turns each pair of a key's features by an angle proportional to its position,
 pos * inv_freq, and rotations compose, so the key the model would have cached at q is the cached key
@@ -14,7 +17,7 @@ turned by (q - p) * inv_freq: k' = k cos(Δθ) + rotate_half(k) sin(Δθ). Value
 not move. What the moved key stands for is image i compressed on its own, its V_hy, separator and a copy
 of the shared prefix shifted by q_i - p, seen by nothing but its own voco tokens (as in M_hy); RoPE
 attention depends only on relative positions, so that block's voco keys and values are exactly those of
-the record, turned. Text then reads S (when the layout says so), every voco token and itself.
+the record, turned. Text then reads S (when the layout says so), every voco token before it and itself.
 
 This holds only where the rotary embedding is a fixed rotation per position: RoPE types whose
 frequencies do not depend on the sequence (`PURE_ROTATION`). YaRN scales cos and sin by a constant
@@ -52,14 +55,47 @@ def record_groups(rows: Sequence[Records]) -> list[tuple[Record, ...]]:
     return groups
 
 
+def markers(layout: SequenceLayout, n_records: int) -> list[tuple[int, ...]]:
+    """Each image's marker token ids in a question about `n_records` images (none for one image)."""
+    return [layout.marker_ids(i) if n_records > 1 else () for i in range(n_records)]
+
+
+def slot_offsets(layout: SequenceLayout, n_records: int) -> list[int]:
+    """q_i - p for each image: slot i follows the voco tokens and markers of the slots before it. Slot
+    i's offset is the same in every question of two or more images, so one batch shares them."""
+    offsets, at = [], 0
+    for marker in markers(layout, n_records):
+        offsets.append(at)
+        at += layout.n_voco + len(marker)
+    return offsets
+
+
 def voco_positions(layout: SequenceLayout, n_records: int) -> list[int]:
     """q_1 … q_k: where each record's first voco token sits in a context of `n_records` images."""
-    return [layout.voco_position + i * layout.n_voco for i in range(n_records)]
+    return [layout.voco_position + o for o in slot_offsets(layout, n_records)]
 
 
 def text_position(layout: SequenceLayout, n_records: int) -> int:
-    """The first prompt position after `n_records` images (layout.text_position for one)."""
-    return layout.text_position + (n_records - 1) * layout.n_voco
+    """The first prompt position after `n_records` images and their markers (layout.text_position for
+    one)."""
+    return voco_positions(layout, n_records)[-1] + layout.n_voco + len(markers(layout, n_records)[-1])
+
+
+def row_text(layout: SequenceLayout, n_records: int, prompt: Sequence[int]) -> tuple[list[int], list[int]]:
+    """A row's text after its images, in position order: each image's marker then the prompt (and
+    what follows it); and each token's position."""
+    ids: list[int] = []
+    positions: list[int] = []
+    for marker, q in zip(markers(layout, n_records), voco_positions(layout, n_records), strict=True):
+        ids += marker
+        positions += range(q + layout.n_voco, q + layout.n_voco + len(marker))
+    first = text_position(layout, n_records)
+    return ids + list(prompt), positions + list(range(first, first + len(prompt)))
+
+
+def voco_key_positions(layout: SequenceLayout, n_slots: int) -> list[int]:
+    """The position of every placed voco key column, slot by slot (the columns of `place_states`)."""
+    return [q + j for q in voco_positions(layout, n_slots) for j in range(layout.n_voco)]
 
 
 def rotary_of(llm: nn.Module) -> nn.Module:
@@ -143,10 +179,11 @@ def place_states(
     batch, most, n_layers, kv_heads, n_voco, head_dim = keys.shape
     slots = torch.arange(most, device=keys.device)
     if most > 1:
-        delta = slots * layout.n_voco  # (K,): q_i - p, the same for every row's i-th record
+        delta = torch.tensor(slot_offsets(layout, most), device=keys.device)  # (K,): q_i - p, every row
         keys = rotate_keys(keys, delta[:, None, None, None], rotary_of(llm))  # (K, 1, 1, 1) over (B, K, ..)
     # (B, K, layers, kv_heads, n_voco, head_dim) -> (layers, B, kv_heads, K, n_voco, head_dim)
-    # -> (layers, B, kv_heads, K * n_voco, head_dim): slot i's tokens at columns i * n_voco …
+    # -> (layers, B, kv_heads, K * n_voco, head_dim): slot i's tokens at columns i * n_voco … (the order
+    # of columns is not the order of positions where markers sit between slots: masks go by position)
     keys = keys.permute(2, 0, 3, 1, 4, 5).reshape(n_layers, batch, kv_heads, most * n_voco, head_dim)
     values = values.permute(2, 0, 3, 1, 4, 5).reshape(n_layers, batch, kv_heads, most * n_voco, head_dim)
     real = (slots[None] < counts.to(keys.device)[:, None]).repeat_interleave(n_voco, dim=1)  # (B, K * n_voco)

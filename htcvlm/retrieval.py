@@ -108,7 +108,7 @@ def pooled_recall(
     queries = torch.arange(n, len(index))
     sims = index[queries] @ index.T
     sims[torch.arange(len(queries)), queries] = -torch.inf  # the query itself is not a hit
-    top = sims.topk(max(ks), dim=1).indices  # (Q, max k)
+    top = sims.topk(min(max(ks), len(index) - 1), dim=1).indices  # (Q, max k), itself never in it
     same = source[top] == source[queries][:, None]
     out = {f"recall@{k}": float(same[:, :k].any(dim=1).float().mean()) for k in ks}
     between = (base @ base.T)[~torch.eye(n, dtype=torch.bool)]
@@ -116,14 +116,20 @@ def pooled_recall(
 
 
 def skimage_photos() -> list[Image.Image]:
-    """The 26 real photographs shipped inside scikit-image's wheel (no download), as RGB."""
+    """The distinct real photographs shipped inside scikit-image's wheel (no download), as RGB: 25 of its
+    26 files, since chessboard_GRAY.png and chessboard_RGB.png hold the same picture (a search that
+    finds one from the other is right, and would count as a miss between different sources)."""
     try:
         import skimage.data
     except ImportError as exc:
         raise RuntimeError("the real-photo set needs scikit-image: pip install 'onetoken[dev]'") from exc
     folder = Path(skimage.data.__file__).parent
     files = sorted(p for p in folder.iterdir() if p.suffix in (".png", ".jpg"))
-    return [to_rgb(Image.open(p)) for p in files]
+    photos: dict[bytes, Image.Image] = {}
+    for path in files:
+        photo = to_rgb(Image.open(path))
+        photos.setdefault(photo.tobytes(), photo)  # the first file of each picture
+    return list(photos.values())
 
 
 def format_recall(name: str, results: dict[str, dict[str, float]]) -> str:

@@ -18,20 +18,19 @@ import torch
 from transformers import DynamicCache
 
 from htcvlm.data.multi import MULTI_QTYPES, ImageFacts, MultiQuestion, multi_question
-from htcvlm.decode import read_placed
+from htcvlm.decode import left_padded_text, read_placed
 from htcvlm.model import HTCVLM, KVState
-from htcvlm.placement import place_states, text_position
+from htcvlm.placement import place_states
 from htcvlm.pool import VQATensors
 
 
 @dataclass
 class MultiRows:
-    """Multi-image rows ready for the model: each row's pool images and its left-padded text."""
+    """Multi-image rows ready for the model: each row's pool images and its prompt and answer ids."""
 
     questions: list[MultiQuestion]
-    ids: torch.Tensor  # (B, T) long: padding, prompt, answer, EOS
-    lengths: torch.Tensor  # (B,) each row's true length
-    scored: torch.Tensor  # (B, T) bool: the answer tokens and EOS
+    texts: list[list[int]]  # prompt, answer, EOS: what follows the images and their markers
+    answer_lengths: list[int]  # the answer tokens and EOS, the positions Eq. 9 scores
 
     def __len__(self) -> int:
         return len(self.questions)
@@ -40,15 +39,8 @@ class MultiRows:
 def tokenize_rows(model: HTCVLM, questions: Sequence[MultiQuestion]) -> MultiRows:
     """Questions -> `MultiRows`, each text as the model's prompt template gives it."""
     prompt_ids, answer_ids = functools.cache(model.prompt_ids), functools.cache(model.answer_ids)
-    texts = [(prompt_ids(q.text), answer_ids(q.answer)) for q in questions]
-    lengths = torch.tensor([len(p) + len(a) for p, a in texts])
-    width = int(lengths.max())
-    ids = torch.full((len(texts), width), model.tokenizer.pad_token_id, dtype=torch.long)
-    scored = torch.zeros(len(texts), width, dtype=torch.bool)
-    for row, (prompt, answer) in enumerate(texts):
-        ids[row, width - len(prompt) - len(answer) :] = torch.tensor(prompt + answer)
-        scored[row, width - len(answer) :] = True
-    return MultiRows(list(questions), ids, lengths, scored)
+    pairs = [(prompt_ids(q.text), answer_ids(q.answer)) for q in questions]
+    return MultiRows(list(questions), [p + a for p, a in pairs], [len(a) for _, a in pairs])
 
 
 def draw_rows(
@@ -95,8 +87,11 @@ def voco_states(
     return shared_state, keys, values, latents
 
 
-def multi_image_logits(model: HTCVLM, pool: VQATensors, rows: MultiRows) -> torch.Tensor:
-    """(B, T, vocab) logits of the rows' left-padded text, row t predicting token t + 1."""
+def multi_image_logits(
+    model: HTCVLM, pool: VQATensors, rows: MultiRows
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows' left-padded text ids (B, T) (markers, prompt, answer), their logits (B, T, vocab), row t
+    predicting token t + 1, and which ids are scored (B, T): the answers and EOS."""
     device = model.device
     unique = sorted({i for q in rows.questions for i in q.images})
     slot_of = {image: at for at, image in enumerate(unique)}
@@ -107,13 +102,18 @@ def multi_image_logits(model: HTCVLM, pool: VQATensors, rows: MultiRows) -> torc
         None if batch["quantized"] is None else batch["quantized"].to(device),
         None if batch["patches"] is None else batch["patches"].to(device),
     )
-    most = max(len(q.images) for q in rows.questions)
+    counts = [len(q.images) for q in rows.questions]
     # (B, K) rows of indices into `unique`; a row's slots after its last image repeat image 0, masked
-    index = torch.zeros(len(rows), most, dtype=torch.long, device=device)
+    index = torch.zeros(len(rows), max(counts), dtype=torch.long, device=device)
     for row, q in enumerate(rows.questions):
         index[row, : len(q.images)] = torch.tensor([slot_of[i] for i in q.images])
-    counts = torch.tensor([len(q.images) for q in rows.questions], device=device)
-    past, real = place_states(keys[index], values[index], counts, model.layout, model.llm)
-    first = torch.tensor([text_position(model.layout, len(q.images)) for q in rows.questions], device=device)
-    logits, _, _ = read_placed(model, shared, past, real, rows.ids.to(device), rows.lengths.to(device), first)
-    return logits
+    past, real = place_states(
+        keys[index], values[index], torch.tensor(counts, device=device), model.layout, model.llm
+    )
+    pad = model.tokenizer.pad_token_id
+    ids, lengths, positions = left_padded_text(model.layout, counts, rows.texts, pad, device)
+    logits, _, _ = read_placed(model, shared, past, real, ids, lengths, positions)
+    width = ids.shape[1]
+    answers = torch.tensor(rows.answer_lengths, device=device)
+    scored = torch.arange(width, device=device)[None] >= (width - answers)[:, None]
+    return ids, logits, scored

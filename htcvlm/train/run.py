@@ -63,7 +63,7 @@ def run_training(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     tokenizer = procedural_tokenizer()
-    config = variant_config(HTCConfig.from_name(preset), variant).with_(**config_overrides)
+    config = model_config(preset, variant, config_overrides)
     model = new_model(config, tokenizer).to(device)
     resuming = (out / "train_state.json").is_file()
     trains_mgvq = model.has_mgvq and not resuming and init_from is None and mgvq_from is None
@@ -128,6 +128,16 @@ def run_record(
         "train": asdict(cfg),
         **more,
     }
+
+
+def model_config(preset: str, variant: Variant, overrides: dict[str, Any]) -> HTCConfig:
+    """The preset's config for `variant` with top-level fields changed, and `image_marker`, the one
+    layout field a run sets, put into its layout."""
+    fields = {k: v for k, v in overrides.items() if k != "image_marker"}
+    config = variant_config(HTCConfig.from_name(preset), variant).with_(**fields)
+    if overrides.get("image_marker"):
+        config = config.with_(layout=replace(config.layout, image_marker=str(overrides["image_marker"])))
+    return config
 
 
 def write_run_record(

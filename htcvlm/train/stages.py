@@ -255,11 +255,8 @@ def train_vlm(
             if facts is not None:
                 rng = step_rng(cfg, step, "multi")
                 rows = draw_rows(model, facts, cfg.multi_rows, cfg.multi_images, rng)
-                multi = answer_loss(
-                    multi_image_logits(model, data, rows),
-                    rows.ids.to(model.device),
-                    rows.scored.to(model.device),
-                )
+                multi_ids, multi_logits, multi_scored = multi_image_logits(model, data, rows)
+                multi = answer_loss(multi_logits, multi_ids, multi_scored)
                 shown["multi"] = f"{multi.item():.3f}"
                 loss = loss + multi
             if cfg.contrastive:

@@ -19,6 +19,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from htcvlm.config import LayoutConfig
 from htcvlm.decode import DecodeBatch, context_room, decode, encode_questions, max_images
 from htcvlm.errors import InvalidQuestionError, PlacementError, TooManyImagesError
 from htcvlm.generation import GenerationOptions
@@ -29,6 +30,8 @@ from .helpers import LLAVA, QUESTIONS, VOCO_LLAMA, greedy_with_joins, make_model
 LAYOUTS = {
     "tiny": dict(),
     "llava": dict(layout=LLAVA),
+    # image markers between the blocks: text placed between voco tokens, reading those before it
+    "tiny-marked": dict(layout=LayoutConfig(image_marker="{i}")),  # short: 32 images must fit
     "voco-llama": dict(layout=VOCO_LLAMA, channels="continuous", visual_attention="causal", n_voco=2),
 }
 N_IMAGES = 32
@@ -50,8 +53,17 @@ def images_of(row: int, k: int) -> list[int]:
     return [(row * 5 + 3 * i) % N_IMAGES for i in range(k)] if k < N_IMAGES else list(range(k))[::-1]
 
 
-def sequence(model, k: int, n_text: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Kind code, block (-1 for text) and position of every token of [S; block_1; …; S_k; block_k; text]."""
+def marker_ids(model, b: int, k: int) -> list[int]:
+    """Block b's marker, straight from the tokenizer: only in a question about several images."""
+    template = model.config.layout.image_marker
+    if k < 2 or not template:
+        return []
+    return model.tokenizer(template.replace("{i}", str(b + 1)), add_special_tokens=False).input_ids
+
+
+def sequence(model, k: int, n_text: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Kind code, block (-1 for text) and position of every token of [S; block_1; m_1; …; S_k; block_k;
+    m_k; text] (m_b: block b's marker, text), and each block's shift o_b = q_b - voco_position."""
     layout = model.layout
     part = (
         ["shared"] * layout.n_shared
@@ -59,18 +71,21 @@ def sequence(model, k: int, n_text: int) -> tuple[torch.Tensor, torch.Tensor, to
         + ["sep"] * layout.n_separator
         + ["voco"] * layout.n_voco
     )
-    kinds, blocks, positions = [], [], []
+    kinds, blocks, positions, shifts = [], [], [], []
+    shift = 0
     for b in range(k):
-        shift = b * layout.n_voco  # o_b = q_b - voco_position
-        kinds += part
-        blocks += [b] * len(part)
-        positions += range(shift, shift + len(part))
-    first_text = layout.voco_position + k * layout.n_voco
+        shifts.append(shift)
+        n_marker = len(marker_ids(model, b, k))
+        kinds += part + ["text"] * n_marker
+        blocks += [b] * len(part) + [-1] * n_marker
+        positions += range(shift, shift + len(part) + n_marker)
+        shift += layout.n_voco + n_marker
+    first_text = layout.voco_position + shift
     kinds += ["text"] * n_text
     blocks += [-1] * n_text
     positions += range(first_text, first_text + n_text)
     codes = torch.tensor([KINDS[x] for x in kinds])
-    return codes, torch.tensor(blocks), torch.tensor(positions)
+    return codes, torch.tensor(blocks), torch.tensor(positions), shifts
 
 
 def rule(model, kinds: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -84,7 +99,8 @@ def rule(model, kinds: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     visual = kinds == KINDS["visual"]
     if model.config.visual_attention == "isolated":
         inside &= ~(visual[:, None] & visual[None, :] & (index[:, None] != index[None, :]))
-    text_reads = (kinds == KINDS["voco"])[None, :] | ((kinds == KINDS["text"])[None, :] & earlier)
+    # every voco token before it (all of them for the prompt; a marker those of its image and earlier)
+    text_reads = ((kinds == KINDS["voco"]) | (kinds == KINDS["text"]))[None, :] & earlier
     if model.layout.text_attends_prefix:
         text_reads = text_reads | ((kinds == KINDS["shared"]) & (blocks == 0))[None, :]
     return torch.where((kinds == KINDS["text"])[:, None], text_reads, inside)
@@ -97,27 +113,33 @@ def additive(allowed: torch.Tensor) -> torch.Tensor:
 
 
 def reference_inputs(model, pixels: torch.Tensor, images: list[int], text: list[int]):
-    """Embeddings (1, L, d), positions (1, L) and the rule (L, L) of the full multi-image sequence."""
+    """Embeddings (1, L, d), positions (1, L), the rule (L, L) and the kinds (L,) of the full
+    multi-image sequence."""
+    k = len(images)
     shared = model.embed_text(torch.tensor(model.layout.shared_ids, dtype=torch.long))  # (n_shared, d)
-    blocks = [torch.cat([shared, model.image_embeds(pixels[i : i + 1])[0][0]]) for i in images]
-    embeds = torch.cat([*blocks, model.embed_text(torch.tensor(text, dtype=torch.long))])[None]
-    kinds, block_of, positions = sequence(model, len(images), len(text))
-    return embeds, positions[None], rule(model, kinds, block_of)
+    parts = []
+    for b, i in enumerate(images):
+        marker = model.embed_text(torch.tensor(marker_ids(model, b, k), dtype=torch.long))
+        parts += [shared, model.image_embeds(pixels[i : i + 1])[0][0], marker]
+    embeds = torch.cat([*parts, model.embed_text(torch.tensor(text, dtype=torch.long))])[None]
+    kinds, block_of, positions, _ = sequence(model, k, len(text))
+    return embeds, positions[None], rule(model, kinds, block_of), kinds
 
 
 @torch.inference_mode()
 def reference_logits(model, pixels, images: list[int], text: list[int]) -> torch.Tensor:
-    """(len(text), vocab): the full masked pass's logits over the text."""
-    embeds, positions, allowed = reference_inputs(model, pixels, images, text)
+    """(markers + len(text), vocab): the full masked pass's logits over every text token, the images'
+    markers first."""
+    embeds, positions, allowed, kinds = reference_inputs(model, pixels, images, text)
     out = model.llm(inputs_embeds=embeds, attention_mask=additive(allowed), position_ids=positions)
-    return out.logits[0, -len(text) :]
+    return out.logits[0, kinds == KINDS["text"]]
 
 
 @torch.inference_mode()
 def reference_generate(model, pixels, images: list[int], prompt: list[int], n_new: int) -> list[int]:
     """transformers' generate(): the prefix before the text prefilled under the rule, then a 2D mask that
     is 0 over every V_hy, separator and S copy (and over S itself where text does not read it)."""
-    embeds, positions, allowed = reference_inputs(model, pixels, images, prompt)
+    embeds, positions, allowed, _ = reference_inputs(model, pixels, images, prompt)
     n_prefix = embeds.shape[1] - len(prompt)
     cache = DynamicCache()
     model.llm(
@@ -240,7 +262,9 @@ def test_a_moved_key_is_the_key_the_model_computes_at_its_place(setup):
     model, pixels, records = setup
     layout = model.layout
     images = images_of(0, 5)
-    embeds, positions, allowed = reference_inputs(model, pixels, images, [])
+    embeds, positions, allowed, kinds = reference_inputs(model, pixels, images, [])
+    shifts = sequence(model, len(images), 0)[3]
+    voco_at = torch.nonzero(kinds == KINDS["voco"])[:, 0]  # indices of every block's voco tokens
     cache = DynamicCache()
     model.llm(
         inputs_embeds=embeds,
@@ -249,14 +273,13 @@ def test_a_moved_key_is_the_key_the_model_computes_at_its_place(setup):
         cache=cache,
         use_cache=True,
     )
-    block = layout.n_shared + layout.n_visual + layout.n_separator + layout.n_voco
     rotary = rotary_of(model.llm)
     for b, image in enumerate(images):
-        voco = slice(b * block + block - layout.n_voco, (b + 1) * block)
+        voco = voco_at[b * layout.n_voco : (b + 1) * layout.n_voco]
         # per layer (1, kv_heads, n_voco, head_dim) -> (layers, kv_heads, n_voco, head_dim)
         at_place = torch.stack([layer.keys[0, :, voco] for layer in cache.layers])
         values = torch.stack([layer.values[0, :, voco] for layer in cache.layers])
-        moved = rotate_keys(records[image].keys, torch.tensor(b * layout.n_voco), rotary)
+        moved = rotate_keys(records[image].keys, torch.tensor(shifts[b]), rotary)
         assert (moved - at_place).abs().max() < 1e-5, f"block {b}"
         assert (values - records[image].values).abs().max() < 1e-5, f"block {b}: values do not move"
         if b:
@@ -305,11 +328,12 @@ def test_the_number_of_images_is_bounded_by_the_context(setup):
     layout, most = model.layout, max_images(model)
     limit = model.llm.config.max_position_embeddings
     assert context_room(model, most) >= 2 > context_room(model, most + 1)
-    assert context_room(model, 3) == limit - layout.voco_position - 3 * layout.n_voco
+    markers = sum(len(marker_ids(model, b, 3)) for b in range(3))
+    assert context_room(model, 3) == limit - layout.voco_position - 3 * layout.n_voco - markers
     with pytest.raises(TooManyImagesError, match=rf"asks about {most + 1} images.*at most {most} images"):
         encode_questions(model, ["Color?"], 1, most + 1)
     prompt = model.prompt_ids("Color?")
-    fits = (context_room(model) - len(prompt) - N_NEW) // layout.n_voco + 1  # the most images that fit
+    fits = max(k for k in range(1, most + 1) if context_room(model, k) >= len(prompt) + N_NEW)
     assert len(encode_questions(model, ["Color?"], N_NEW, fits)[0]) == len(prompt)
     with pytest.raises(InvalidQuestionError, match=rf"after {fits + 1} images.*fewer images"):
         encode_questions(model, ["Color?"], N_NEW, fits + 1)

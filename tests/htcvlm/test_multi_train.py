@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from htcvlm.config import LayoutConfig
 from htcvlm.data.dataset import draw_question
 from htcvlm.data.multi import (
     MULTI_COUNT_WORDS,
@@ -22,6 +23,7 @@ from htcvlm.data.multi import (
 )
 from htcvlm.data.scenes import render
 from htcvlm.decode import DecodeBatch
+from htcvlm.placement import row_text
 from htcvlm.pool import VQATensors, cell_labels
 from htcvlm.train.contrastive import contrastive_loss, info_nce
 from htcvlm.train.multi import multi_image_logits, tokenize_rows, voco_states
@@ -99,6 +101,7 @@ def test_a_question_needs_images_it_can_name(facts):
 LAYOUTS = {
     "tiny": dict(),
     "llava": dict(layout=LLAVA),
+    "tiny-marked": dict(layout=LayoutConfig(image_marker=" (image {i})")),
     "voco-llama": dict(layout=VOCO_LLAMA, channels="continuous", visual_attention="causal", n_voco=2),
 }
 
@@ -127,20 +130,20 @@ def test_training_logits_are_decodings_for_every_row(tokenizer, layout):
         MultiQuestion((1, 2, 5, 6, 8, 10, 4, 0), "color?", "image 8", "find"),
     ]
     rows = tokenize_rows(model, questions)
-    logits = multi_image_logits(model, pool, rows)
-    loss = answer_loss(logits, rows.ids, rows.scored)
+    ids, logits, scored = multi_image_logits(model, pool, rows)
+    assert scored.sum() == sum(rows.answer_lengths)
+    loss = answer_loss(logits, ids, scored)
     loss.backward()
     assert model.voco.grad is not None and model.voco.grad.abs().sum() > 0
 
     with torch.inference_mode():
         records = model.compress_pixels(pixels.float() / 255, [f"{i:064x}" for i in range(12)])
-        prompts = [row[-int(n) :].tolist() for row, n in zip(rows.ids, rows.lengths, strict=True)]
-        served = DecodeBatch(model, [[records[i] for i in q.images] for q in questions], prompts)
-    for row, n in enumerate(rows.lengths.tolist()):
+        served = DecodeBatch(model, [[records[i] for i in q.images] for q in questions], rows.texts)
+    for row, q in enumerate(questions):
+        n = len(row_text(model.layout, len(q.images), rows.texts[row])[0])  # markers, prompt, answer
         trained = logits[row, -n:].detach()
         torch.testing.assert_close(trained, served.row_prompt_logits(row), atol=1e-4, rtol=0)
-        text = prompts[row]
-        full = reference_logits(model, pixels.float() / 255, list(questions[row].images), text)
+        full = reference_logits(model, pixels.float() / 255, list(q.images), rows.texts[row])
         torch.testing.assert_close(trained, full, atol=1e-4, rtol=0)
 
 
