@@ -27,6 +27,7 @@ from htcvlm.placement import row_text
 from htcvlm.pool import VQATensors, cell_labels
 from htcvlm.train.contrastive import contrastive_loss, info_nce
 from htcvlm.train.multi import multi_image_logits, tokenize_rows, voco_states
+from htcvlm.train.run import model_config
 from htcvlm.train.stages import answer_loss
 
 from .helpers import LLAVA, VOCO_LLAMA, make_model, sharpened
@@ -186,3 +187,11 @@ def test_the_contrastive_loss_pulls_views_of_one_image_together(tokenizer):
         loss.backward()
         opt.step()
     assert held_out() < 0.7 * before, (before, held_out())
+
+
+def test_a_run_puts_its_image_marker_into_the_layout():
+    config = model_config("tiny", "hybrid", {"image_marker": " (image {i})", "n_discrete": 2})
+    assert config.layout.image_marker == " (image {i})" and config.n_discrete == 2
+    assert "image_marker" not in model_config("tiny", "hybrid", {}).to_dict().get("layout", {})
+    with pytest.raises(ValueError, match="exactly once"):
+        LayoutConfig(image_marker="(image)")
