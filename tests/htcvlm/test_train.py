@@ -252,7 +252,7 @@ def test_cli_smoke_train_resume_eval_and_analyze(tmp_path, capsys):
     assert "anchors hold" in capsys.readouterr().out
     assert main(["retrieval", "--model", str(out), "--procedural", "10"]) == 0
     printed = capsys.readouterr().out
-    assert "scikit-image photos (26)" in printed and "recall@10" in printed
+    assert "scikit-image photos (25)" in printed and "recall@10" in printed and "pooled" in printed
 
 
 def test_onetoken_train_is_the_tiny_recipe_with_the_flags_given(tmp_path, monkeypatch):
