@@ -152,18 +152,14 @@ def multi_question(
     return _ASK[qtype](facts, k, rng)
 
 
-def multi_questions(facts: Sequence[ImageFacts], ks: Sequence[int], n: int, seed: int) -> list[MultiQuestion]:
-    """n questions, each of a qtype and a k drawn uniformly (compare only where k >= 2), reproducible."""
-    rng = random.Random(seed)
+def multi_questions(
+    facts: Sequence[ImageFacts], ks: Sequence[int], n: int, rng: random.Random
+) -> list[MultiQuestion]:
+    """n questions, each of a k drawn uniformly from `ks` and a qtype uniform among those k allows
+    (compare needs k >= 2)."""
     out = []
     for _ in range(n):
         k = rng.choice(list(ks))
         qtypes = [q for q in MULTI_QTYPES if k >= 2 or q != "compare"]
         out.append(multi_question(facts, k, rng.choice(qtypes), rng))
     return out
-
-
-def multi_answer_vocabulary() -> tuple[str, ...]:
-    """Every answer a multi-image question can have."""
-    places = tuple(ordinal(i) for i in range(MAX_QUESTION_IMAGES))
-    return tuple(dict.fromkeys(MULTI_COUNT_WORDS + places + ("yes", "no")))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from htcvlm.data.multi import MULTI_QTYPES, ImageFacts, MultiQuestion, multi_question
+from htcvlm.data.multi import ImageFacts, MultiQuestion, multi_questions
 from htcvlm.decode import left_padded_text, read_placed
 from htcvlm.model import HTCVLM, KVState
 from htcvlm.placement import place_states
@@ -47,12 +47,7 @@ def draw_rows(
     model: HTCVLM, facts: Sequence[ImageFacts], n: int, max_images: int, rng: random.Random
 ) -> MultiRows:
     """n rows over the pool `facts`: k uniform in 1 … max_images, a qtype uniform among those k allows."""
-    questions = []
-    for _ in range(n):
-        k = rng.randint(1, max_images)
-        qtypes = [q for q in MULTI_QTYPES if k >= 2 or q != "compare"]
-        questions.append(multi_question(facts, k, rng.choice(qtypes), rng))
-    return tokenize_rows(model, questions)
+    return tokenize_rows(model, multi_questions(facts, range(1, max_images + 1), n, rng))
 
 
 def voco_states(

@@ -74,8 +74,8 @@ def test_every_multi_question_has_the_answer_its_images_give(facts, k):
 
 def test_answers_are_balanced_and_the_draw_is_reproducible(facts):
     facts, _ = facts
-    qs = multi_questions(facts, [4], 1200, seed=3)
-    assert qs == multi_questions(facts, [4], 1200, seed=3)
+    qs = multi_questions(facts, [4], 1200, random.Random(3))
+    assert qs == multi_questions(facts, [4], 1200, random.Random(3))
     by_type = Counter(q.qtype for q in qs)
     assert min(by_type.values()) > 300
     counts = Counter(q.answer for q in qs if q.qtype == "count")
