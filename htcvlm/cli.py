@@ -238,17 +238,29 @@ def cmd_eval_multi(args: argparse.Namespace) -> int:
 
     from htcvlm.checkpoint import load_pretrained
     from htcvlm.defaults import DEFAULT_MODEL_DIR
-    from htcvlm.evaluate import multi_image_accuracy, multi_image_set, multi_image_table
+    from htcvlm.evaluate import MAX_ANSWER_TOKENS, multi_image_accuracy, multi_image_set, multi_image_table
+    from htcvlm.train.multi import fits_uncompressed
 
     torch.set_num_threads(args.threads)
     model = load_pretrained(args.model or DEFAULT_MODEL_DIR)
     pool, questions = multi_image_set(model, args.ks, args.per_kind)
-    result = multi_image_accuracy(model, pool, questions)
+    if args.upper:  # only the questions whose images, uncompressed, the context holds
+        longest = max(len(model.prompt_ids(q.text)) for q in questions) + MAX_ANSWER_TOKENS
+        questions = [q for q in questions if fits_uncompressed(model, len(q.images), longest)]
+        if not questions:
+            raise SystemExit(f"no k of {args.ks} fits the context uncompressed")
+    result = multi_image_accuracy(model, pool, questions, upper=args.upper)
     print(multi_image_table(result, args.ks))
     print(f"all: {100 * result['all']:.1f} % of {len(questions)} questions (chance in brackets)")
     if args.out:
         model_dir = str(args.model or DEFAULT_MODEL_DIR)
-        figures = {"model": model_dir, "ks": args.ks, "per_kind": args.per_kind, "accuracy": result}
+        figures = {
+            "model": model_dir,
+            "upper": args.upper,
+            "ks": args.ks,
+            "per_kind": args.per_kind,
+            "accuracy": result,
+        }
         Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
@@ -417,6 +429,11 @@ def add_model_commands(
     multi.add_argument("--model", help="checkpoint folder (default: the shipped model)")
     multi.add_argument("--ks", type=_positive, nargs="+", default=[2, 4, 8, 16], help="images a question")
     multi.add_argument("--per-kind", type=_positive, default=100, help="questions of each kind and k")
+    multi.add_argument(
+        "--upper",
+        action="store_true",
+        help="answer uncompressed, every image token in view (the upper bound; only the k it holds)",
+    )
     multi.add_argument("--out", help="JSON file for the figures (default: print only)")
     multi.add_argument("--threads", type=int, default=threads, help=threads_help)
     multi.set_defaults(func=cmd_eval_multi)
@@ -529,6 +546,7 @@ def _add_recipe_flags(train: argparse.ArgumentParser) -> None:
     flag("--questions", "questions per procedural training image, packed into one pass", type=_positive)
     flag("--multi-rows", "rows a stage-2 step of one question over several pool images", type=int)
     flag("--multi-images", "the most images of such a row (k uniform from 1)", type=_positive)
+    flag("--multi-step-images", "pool images a step's multi-image rows share (0: any)", type=int)
     flag("--contrastive", "weight of InfoNCE over two augmented views' voco latents (search)", type=float)
     flag("--contrastive-images", "images a step for it, two views each", type=int)
     flag("--warmup", type=int)

@@ -6,11 +6,12 @@ decode() from the records. The upper bound answers with every visual token in vi
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -45,17 +46,27 @@ def predict(model: HTCVLM, data: VQATensors, upper: bool = False, batch_size: in
 
 def _greedy_uncompressed(model: HTCVLM, pixels: torch.Tensor, questions: list[str]) -> list[str]:
     """Greedy answers with text attending all visual tokens (no cache: answers are a few tokens)."""
-    prompts = [model.prompt_ids(q) for q in questions]
     pad = model.tokenizer.pad_token_id
-    generated: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for _ in range(MAX_ANSWER_TOKENS):
-        rows = [p + g for p, g in zip(prompts, generated, strict=True)]
+
+    def next_logits(rows: list[list[int]]) -> torch.Tensor:
         width = max(len(r) for r in rows)
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=model.device)
         lengths = torch.tensor([len(r) for r in rows], device=model.device)
         logits, _ = model(pixels, ids, lengths, text_attends_visual=True)
-        nxt = logits[torch.arange(len(rows)), lengths - 1].argmax(-1).tolist()
+        return logits[torch.arange(len(rows)), lengths - 1]
+
+    return _greedy(model, [model.prompt_ids(q) for q in questions], next_logits)
+
+
+def _greedy(
+    model: HTCVLM, prompts: list[list[int]], next_logits: Callable[[list[list[int]]], torch.Tensor]
+) -> list[str]:
+    """Greedy answers: `next_logits(rows)` gives the logits (B, vocab) after each row's last token; every
+    row is rerun with what it generated until it stops or has MAX_ANSWER_TOKENS."""
+    generated: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for _ in range(MAX_ANSWER_TOKENS):
+        nxt = next_logits([p + g for p, g in zip(prompts, generated, strict=True)]).argmax(-1).tolist()
         for i, token in enumerate(nxt):
             if done[i]:
                 continue
@@ -97,33 +108,72 @@ def multi_image_set(
 
 @torch.inference_mode()
 def multi_image_accuracy(
-    model: HTCVLM, pool: VQATensors, questions: Sequence[MultiQuestion], batch_size: int = 64
+    model: HTCVLM,
+    pool: VQATensors,
+    questions: Sequence[MultiQuestion],
+    batch_size: int = 64,
+    upper: bool = False,
 ) -> dict[str, float]:
     """Exact-match accuracy through the product path: every image compressed once, each question decoded
-    from its images' records in order. Keys: "k=K/qtype", "k=K/all" and "all"."""
+    from its images' records in order; or, `upper`, answered greedily with every image token in view
+    (`htcvlm.train.multi.uncompressed_logits`). Keys: "k=K/qtype", "k=K/all" and "all"."""
+    answers = (_multi_greedy_uncompressed if upper else _multi_decoded)(model, pool, questions, batch_size)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for q, answer in zip(questions, answers, strict=True):
+        for key in (f"k={len(q.images)}/{q.qtype}", f"k={len(q.images)}/all", "all"):
+            hits[key].append(answer == q.answer)
+    return {key: sum(v) / len(v) for key, v in hits.items()}
+
+
+def _multi_decoded(
+    model: HTCVLM, pool: VQATensors, questions: Sequence[MultiQuestion], batch_size: int
+) -> list[str]:
     used = sorted({i for q in questions for i in q.images})
     records = {}
     for start in range(0, len(used), 256):
         chunk = used[start : start + 256]
         pixels = pool.pixels[chunk].float().to(model.device) / 255.0
         records.update(zip(chunk, model.compress_pixels(pixels, [f"{i:064x}" for i in chunk]), strict=True))
-    hits: dict[str, list[bool]] = defaultdict(list)
     options = GenerationOptions(max_new_tokens=MAX_ANSWER_TOKENS)
+    answers = []
     for start in range(0, len(questions), batch_size):
         part = questions[start : start + batch_size]
         rows = [[records[i] for i in q.images] for q in part]
-        for q, answer in zip(part, decode(model, rows, [q.text for q in part], options), strict=True):
-            ok = answer.text == q.answer
-            for key in (f"k={len(q.images)}/{q.qtype}", f"k={len(q.images)}/all", "all"):
-                hits[key].append(ok)
-    return {key: sum(v) / len(v) for key, v in hits.items()}
+        answers += [a.text for a in decode(model, rows, [q.text for q in part], options)]
+    return answers
+
+
+def _multi_greedy_uncompressed(
+    model: HTCVLM, pool: VQATensors, questions: Sequence[MultiQuestion], batch_size: int
+) -> list[str]:
+    """Greedy answers of the uncompressed pass over each question's images (no cache: a few tokens)."""
+    from htcvlm.train.multi import uncompressed_logits
+
+    def next_logits(prefixes: torch.Tensor, images: list[list[int]], rows: list[list[int]]) -> torch.Tensor:
+        logits, lengths = uncompressed_logits(model, prefixes, images, rows)
+        return logits[torch.arange(len(rows)), lengths - 1]
+
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        part = questions[start : start + batch_size]
+        used = sorted({i for q in part for i in q.images})
+        slot_of = {image: at for at, image in enumerate(used)}
+        prefixes, _ = model.prefix_embeds(pool.pixels[used].float().to(model.device) / 255.0)
+        images = [[slot_of[i] for i in q.images] for q in part]
+        prompts = [model.prompt_ids(q.text) for q in part]
+        answers += _greedy(model, prompts, functools.partial(next_logits, prefixes, images))
+    return answers
 
 
 def multi_image_table(result: Mapping[str, float], ks: Sequence[int]) -> str:
-    """Markdown: accuracy % per k and kind, with the chance level of each (a uniform guess)."""
+    """Markdown: accuracy % per k and kind, with the chance level of each (a uniform guess); a k missing
+    from `result` is one whose images the context cannot hold."""
     chance = {"count": lambda k: 1 / (k + 1), "find": lambda k: 1 / k, "compare": lambda k: 0.5}
     lines = ["| k | " + " | ".join(MULTI_QTYPES) + " | all |", "|---|" + "---|" * (len(MULTI_QTYPES) + 1)]
     for k in ks:
+        if f"k={k}/all" not in result:
+            lines.append(f"| {k} | " + " | ".join(["beyond the context"] * len(MULTI_QTYPES)) + " | |")
+            continue
         cells = [f"{100 * result[f'k={k}/{q}']:.1f} ({100 * chance[q](k):.0f})" for q in MULTI_QTYPES]
         lines.append(f"| {k} | " + " | ".join(cells) + f" | {100 * result[f'k={k}/all']:.1f} |")
     return "\n".join(lines)

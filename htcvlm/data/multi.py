@@ -81,13 +81,21 @@ def ordinal(i: int) -> str:
     return f"image {i + 1}"
 
 
+class NoSuchImage(LookupError):
+    """No image of the pool (not yet in the question) has, or lacks, the property a question needs."""
+
+
 def _draw_where(facts: Sequence[ImageFacts], want: bool, test, rng: random.Random, avoid: set[int]) -> int:
-    """A random pool index whose facts pass `test` (or fail it, want=False), not in `avoid`."""
+    """A random pool index whose facts pass `test` (or fail it, want=False), not in `avoid`: random draws
+    first, then every image in a random order, so a rare property is found if any image has it."""
     for _ in range(MAX_DRAWS):
         i = rng.randrange(len(facts))
         if i not in avoid and bool(test(facts[i])) == want:
             return i
-    raise RuntimeError(f"no pool image {'with' if want else 'without'} the property in {MAX_DRAWS} draws")
+    for i in rng.sample(range(len(facts)), len(facts)):
+        if i not in avoid and bool(test(facts[i])) == want:
+            return i
+    raise NoSuchImage(f"no pool image {'with' if want else 'without'} the property")
 
 
 def _count(facts: Sequence[ImageFacts], k: int, rng: random.Random) -> MultiQuestion:
@@ -153,13 +161,21 @@ def multi_question(
 
 
 def multi_questions(
-    facts: Sequence[ImageFacts], ks: Sequence[int], n: int, rng: random.Random
+    facts: Sequence[ImageFacts], ks: Sequence[int], n: int, rng: random.Random, tries: int = 1
 ) -> list[MultiQuestion]:
     """n questions, each of a k drawn uniformly from `ks` and a qtype uniform among those k allows
-    (compare needs k >= 2)."""
+    (compare needs k >= 2). `tries` > 1: a question the pool cannot answer (`NoSuchImage`: a small pool
+    may lack a "red circle") is drawn again, with the same k and qtype, up to that many times in all."""
     out = []
     for _ in range(n):
         k = rng.choice(list(ks))
         qtypes = [q for q in MULTI_QTYPES if k >= 2 or q != "compare"]
-        out.append(multi_question(facts, k, rng.choice(qtypes), rng))
+        qtype = rng.choice(qtypes)
+        for attempt in range(tries):
+            try:
+                out.append(multi_question(facts, k, qtype, rng))
+                break
+            except NoSuchImage:
+                if attempt == tries - 1:
+                    raise
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache
@@ -20,8 +20,10 @@ from transformers import DynamicCache
 from htcvlm.data.multi import ImageFacts, MultiQuestion, multi_questions
 from htcvlm.decode import left_padded_text, read_placed
 from htcvlm.model import HTCVLM, KVState
-from htcvlm.placement import place_states
+from htcvlm.placement import markers, place_states
 from htcvlm.pool import VQATensors
+
+SUBSET_TRIES = 20  # draws of a multi-image question over a step's image subset before giving up
 
 
 @dataclass
@@ -44,10 +46,24 @@ def tokenize_rows(model: HTCVLM, questions: Sequence[MultiQuestion]) -> MultiRow
 
 
 def draw_rows(
-    model: HTCVLM, facts: Sequence[ImageFacts], n: int, max_images: int, rng: random.Random
+    model: HTCVLM,
+    facts: Sequence[ImageFacts],
+    n: int,
+    max_images: int,
+    rng: random.Random,
+    step_images: int = 0,
 ) -> MultiRows:
-    """n rows over the pool `facts`: k uniform in 1 … max_images, a qtype uniform among those k allows."""
-    return tokenize_rows(model, multi_questions(facts, range(1, max_images + 1), n, rng))
+    """n rows over the pool `facts`: k uniform in 1 … max_images, a qtype uniform among those k allows.
+
+    `step_images` > 0: every row draws its images from one random subset of that many pool images, so
+    the step compresses at most that many images however many rows it has (compressing is most of a
+    row's cost; reading k placed records is a short text pass)."""
+    if not step_images or step_images >= len(facts):
+        return tokenize_rows(model, multi_questions(facts, range(1, max_images + 1), n, rng))
+    subset = rng.sample(range(len(facts)), step_images)
+    # a subset may lack what a find question names: such a question is drawn again
+    drawn = multi_questions([facts[i] for i in subset], range(1, max_images + 1), n, rng, tries=SUBSET_TRIES)
+    return tokenize_rows(model, [replace(q, images=tuple(subset[i] for i in q.images)) for q in drawn])
 
 
 def voco_states(
@@ -111,4 +127,99 @@ def multi_image_logits(
     width = ids.shape[1]
     answers = torch.tensor(rows.answer_lengths, device=device)
     scored = torch.arange(width, device=device)[None] >= (width - answers)[:, None]
+    return ids, logits, scored
+
+
+def uncompressed_length(model: HTCVLM, k: int, n_text: int) -> int:
+    """Positions the uncompressed pass over k images and `n_text` text tokens takes (every image token,
+    each image's marker, the text)."""
+    layout = model.layout
+    n_markers = sum(len(m) for m in markers(layout, k))
+    return layout.n_shared + k * (layout.text_position - layout.n_shared) + n_markers + n_text
+
+
+def fits_uncompressed(model: HTCVLM, k: int, n_text: int) -> bool:
+    """Whether the LLM's context holds k uncompressed images and `n_text` text tokens."""
+    return uncompressed_length(model, k, n_text) <= model.llm.config.max_position_embeddings
+
+
+def uncompressed_logits(
+    model: HTCVLM, prefixes: torch.Tensor, images: Sequence[Sequence[int]], texts: Sequence[Sequence[int]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The uncompressed upper bound over several images: one causal pass per row over
+    [S; V_hy¹; sep; voco¹; m_1; V_hy²; sep; voco²; m_2; …; text] at consecutive positions, as a
+    LLaVA-style context holds k images, the text reading every token before it. Inside each image
+    block the single-image rule holds (each image token sees S and its own block, never another image),
+    so one image is exactly the single-image upper pass (`HTCVLM.forward(text_attends_visual=True)`).
+
+    prefixes: [S; V_hy; sep; voco] embeddings (N, text_position, d) of the images the rows name by
+    index; texts: each row's text after its markers. Returns the text logits (B, T, vocab), right-padded,
+    row t predicting token t + 1, and each row's text length (B,). Raises ValueError when a row does
+    not fit the LLM's context.
+    """
+    layout, device = model.layout, prefixes.device
+    n_shared, block = layout.n_shared, layout.text_position - layout.n_shared
+    visual = slice(0, layout.n_visual)  # inside a block
+    rows, spans, starts = [], [], []
+    for row_images, text in zip(images, texts, strict=True):
+        marks = markers(layout, len(row_images))
+        ids = torch.tensor([t for m in marks for t in m] + list(text), dtype=torch.long, device=device)
+        embedded = iter(model.embed_text(ids).split([len(m) for m in marks] + [len(text)]))
+        parts, blocks, at = [prefixes[row_images[0], :n_shared]], [], n_shared
+        for image in row_images:
+            parts += [prefixes[image, n_shared:], next(embedded)]
+            blocks.append(at)
+            at += block + len(parts[-1])
+        parts.append(next(embedded))
+        rows.append(torch.cat(parts))
+        spans.append(blocks)
+        starts.append(at)
+        if not fits_uncompressed(model, len(row_images), len(text)):
+            raise ValueError(
+                f"{len(row_images)} uncompressed images and the text take {len(rows[-1])} positions; "
+                f"the LLM holds {model.llm.config.max_position_embeddings}"
+            )
+    width = max(len(r) for r in rows)
+    embeds = prefixes.new_zeros(len(rows), width, prefixes.shape[-1])
+    allowed = torch.ones(len(rows), width, width, dtype=torch.bool, device=device).tril()
+    for r, (row, blocks) in enumerate(zip(rows, spans, strict=True)):
+        embeds[r, : len(row)] = row
+        for start in blocks:
+            inside = slice(start, start + block)
+            allowed[r, inside, n_shared:start] = False  # an image block sees S and itself only
+            if layout.visual_attention == "isolated":
+                v = slice(start + visual.start, start + visual.stop)
+                allowed[r, v, v] = torch.eye(layout.n_visual, dtype=torch.bool, device=device)
+    mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=device)
+    mask = mask.masked_fill_(~allowed, torch.finfo(embeds.dtype).min)[:, None]
+    positions = torch.arange(width, device=device)[None].expand(len(rows), -1)
+    logits = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+    lengths = torch.tensor([len(t) for t in texts], device=device)
+    at = torch.tensor(starts, device=device)[:, None] + torch.arange(int(lengths.max()), device=device)
+    text_logits = logits.gather(1, at.clamp(max=width - 1)[..., None].expand(-1, -1, logits.shape[-1]))
+    return text_logits, lengths
+
+
+def multi_image_upper_logits(
+    model: HTCVLM, pool: VQATensors, rows: MultiRows
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`multi_image_logits` for the uncompressed upper bound (`uncompressed_logits`): right-padded text
+    ids (B, T) (prompt, answer: the markers stay with their images), logits (B, T, vocab), scored (B, T)."""
+    device = model.device
+    unique = sorted({i for q in rows.questions for i in q.images})
+    slot_of = {image: at for at, image in enumerate(unique)}
+    batch = pool.batch(torch.tensor(unique))
+    prefixes, _ = model.prefix_embeds(
+        batch["pixels"].to(device),
+        None if batch["quantized"] is None else batch["quantized"].to(device),
+        None if batch["patches"] is None else batch["patches"].to(device),
+    )
+    images = [[slot_of[i] for i in q.images] for q in rows.questions]
+    logits, _ = uncompressed_logits(model, prefixes, images, rows.texts)
+    width = logits.shape[1]
+    ids = torch.full((len(rows), width), model.tokenizer.pad_token_id, dtype=torch.long, device=device)
+    scored = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+    for r, (text, n) in enumerate(zip(rows.texts, rows.answer_lengths, strict=True)):
+        ids[r, : len(text)] = torch.tensor(text, device=device)
+        scored[r, len(text) - n : len(text)] = True
     return ids, logits, scored

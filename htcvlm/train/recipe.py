@@ -48,6 +48,7 @@ class TrainConfig:
     lora_rank: int = 0  # > 0: stage 2 trains LoRA adapters of this rank on the LLM (merged when saved)
     multi_rows: int = 0  # stage 2: rows a step of one question over k pool images (htcvlm/data/multi.py)
     multi_images: int = 8  # the most images of a multi-image row; k is uniform in 1 … this
+    multi_step_images: int = 0  # > 0: a step's multi-image rows share this many pool images (0: any)
     contrastive: float = 0.0  # stage 2: weight of InfoNCE over two views' voco latents (0: off)
     contrastive_images: int = 64  # images a step for it, two augmented views each
 
@@ -62,6 +63,11 @@ class TrainConfig:
             raise ValueError(
                 f"multi_rows must be >= 0 and multi_images in [1, {MAX_QUESTION_IMAGES}], "
                 f"got {self.multi_rows}, {self.multi_images}"
+            )
+        if self.multi_step_images and self.multi_step_images < self.multi_images:
+            raise ValueError(
+                f"multi_step_images must be 0 or at least multi_images ({self.multi_images}), "
+                f"got {self.multi_step_images}"
             )
         if self.contrastive < 0 or self.contrastive_images < 2:
             raise ValueError(

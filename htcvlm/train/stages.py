@@ -27,7 +27,7 @@ from htcvlm.pool import CELL_CLASSES, VQATensors, map_batches
 from htcvlm.train.contrastive import contrastive_loss
 from htcvlm.train.data import batch_indices
 from htcvlm.train.loop import load_training_state, run_steps, save_training_state
-from htcvlm.train.multi import draw_rows, multi_image_logits
+from htcvlm.train.multi import draw_rows, multi_image_logits, multi_image_upper_logits
 from htcvlm.train.recipe import TrainConfig, Variant
 
 logger = logging.getLogger(__name__)
@@ -196,12 +196,10 @@ def stage2_optimizer(model: HTCVLM, cfg: TrainConfig) -> torch.optim.AdamW:
     )
 
 
-def multi_image_facts(data: VQATensors, cfg: TrainConfig, upper: bool) -> list[ImageFacts] | None:
+def multi_image_facts(data: VQATensors, cfg: TrainConfig) -> list[ImageFacts] | None:
     """The pool's images as multi-image questions see them, when the recipe asks for such rows."""
     if not cfg.multi_rows:
         return None
-    if upper:
-        raise ValueError("multi-image rows train the compressed path; the upper bound has no records")
     if data.cells is None:
         raise ValueError("multi-image rows need per-cell scene labels: procedural data only")
     return facts_of_cells(data.cells)
@@ -242,7 +240,7 @@ def train_vlm(
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + start)
     started = time.perf_counter()
 
-    facts = multi_image_facts(data, cfg, upper)
+    facts = multi_image_facts(data, cfg)
 
     def loss_at(step: int) -> tuple[torch.Tensor, dict[str, str]]:
         idx = batch_indices(data, step, cfg, gen)
@@ -254,8 +252,10 @@ def train_vlm(
             shown = {"loss": f"{loss.item():.3f}"}
             if facts is not None:
                 rng = step_rng(cfg, step, "multi")
-                rows = draw_rows(model, facts, cfg.multi_rows, cfg.multi_images, rng)
-                multi_ids, multi_logits, multi_scored = multi_image_logits(model, data, rows)
+                rows = draw_rows(model, facts, cfg.multi_rows, cfg.multi_images, rng, cfg.multi_step_images)
+                multi_ids, multi_logits, multi_scored = (
+                    multi_image_upper_logits if upper else multi_image_logits
+                )(model, data, rows)
                 multi = answer_loss(multi_logits, multi_ids, multi_scored)
                 shown["multi"] = f"{multi.item():.3f}"
                 loss = loss + multi

@@ -14,21 +14,34 @@ from htcvlm.config import LayoutConfig
 from htcvlm.data.dataset import draw_question
 from htcvlm.data.multi import (
     MULTI_COUNT_WORDS,
+    ImageFacts,
     MultiQuestion,
+    NoSuchImage,
     facts_of_cells,
     facts_of_scene,
     multi_question,
     multi_questions,
     ordinal,
 )
-from htcvlm.data.scenes import render
+from htcvlm.data.scenes import COLORS, SHAPES, render
 from htcvlm.decode import DecodeBatch
+from htcvlm.evaluate import multi_image_accuracy, predict
 from htcvlm.placement import row_text
-from htcvlm.pool import VQATensors, cell_labels
+from htcvlm.pool import VQATensors, cell_labels, procedural_pool
 from htcvlm.train.contrastive import contrastive_loss, info_nce
-from htcvlm.train.multi import multi_image_logits, tokenize_rows, voco_states
+from htcvlm.train.multi import (
+    draw_rows,
+    fits_uncompressed,
+    multi_image_logits,
+    multi_image_upper_logits,
+    tokenize_rows,
+    uncompressed_length,
+    uncompressed_logits,
+    voco_states,
+)
+from htcvlm.train.recipe import TrainConfig
 from htcvlm.train.run import model_config
-from htcvlm.train.stages import answer_loss
+from htcvlm.train.stages import answer_loss, train_vlm
 
 from .helpers import LLAVA, VOCO_LLAMA, make_model, sharpened
 from .test_multi_image import reference_logits
@@ -99,6 +112,40 @@ def test_a_question_needs_images_it_can_name(facts):
         multi_question(facts, 17, "count", random.Random(0))
 
 
+def test_rows_of_a_step_share_its_image_subset_and_keep_their_answers(facts, tokenizer):
+    facts, _ = facts
+    model = make_model(tokenizer)
+    rows = draw_rows(model, facts, 300, 8, random.Random(5), step_images=64)
+    used = {i for q in rows.questions for i in q.images}
+    assert len(used) <= 64 and len(used) > 32  # one subset, most of it named
+    for q in rows.questions:
+        assert recount(facts, q) == q.answer, q
+    again = draw_rows(model, facts, 300, 8, random.Random(5), step_images=64)
+    assert again.questions == rows.questions
+    whole = draw_rows(model, facts, 300, 8, random.Random(5))
+    assert len({i for q in whole.questions for i in q.images}) > 64
+
+
+def test_a_rare_property_is_found_and_a_question_the_pool_cannot_answer_is_drawn_again():
+    colors = list(COLORS)
+    common, rare = (SHAPES[0], colors[0]), (SHAPES[1], colors[1])
+    facts = [ImageFacts(frozenset({common}))] * 5000 + [ImageFacts(frozenset({rare}))]
+    found = [q for seed in range(300) for q in [_find_or_none(facts, seed)] if q is not None]
+    rare_text = f"which image shows a {rare[1]} {rare[0]}?"
+    assert {q.text for q in found} == {rare_text, f"which image shows a {common[1]} {common[0]}?"}
+    assert all(q.images == (5000,) for q in found if q.text == rare_text)  # the one image of 5,001
+    with pytest.raises(NoSuchImage):
+        multi_questions(facts, [1], 50, random.Random(0))
+    assert len(multi_questions(facts, [1], 50, random.Random(0), tries=100)) == 50
+
+
+def _find_or_none(facts, seed: int):
+    try:
+        return multi_question(facts, 1, "find", random.Random(seed))
+    except NoSuchImage:
+        return None
+
+
 LAYOUTS = {
     "tiny": dict(),
     "llava": dict(layout=LLAVA),
@@ -148,6 +195,67 @@ def test_training_logits_are_decodings_for_every_row(tokenizer, layout):
         torch.testing.assert_close(trained, full, atol=1e-4, rtol=0)
 
 
+def reference_uncompressed(model, pixels, images: list[int], text: list[int]) -> torch.Tensor:
+    """The upper bound's text logits written token by token: S once, then each image's [V_hy; sep;
+    voco] and marker, then the text, at consecutive positions; an image token reads S and the tokens of
+    its own image before it (an isolated image token only itself there); text reads everything before it."""
+    layout, k = model.layout, len(images)
+    kinds: list[tuple[str, int]] = [("shared", -1)] * layout.n_shared
+    embeds = [model.embed_text(torch.tensor(layout.shared_ids, dtype=torch.long))]
+    for b, i in enumerate(images):
+        marker = list(layout.marker_ids(b)) if k > 1 else []
+        kinds += [("visual", b)] * layout.n_visual + [("image", b)] * (layout.n_separator + layout.n_voco)
+        kinds += [("text", -1)] * len(marker)
+        embeds += [model.image_embeds(pixels[i : i + 1])[0][0], model.embed_text(torch.tensor(marker).long())]
+    kinds += [("text", -1)] * len(text)
+    embeds.append(model.embed_text(torch.tensor(text, dtype=torch.long)))
+    n = len(kinds)
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    for a, (kind, block) in enumerate(kinds):
+        for b in range(a + 1):
+            other, other_block = kinds[b]
+            if kind in ("shared", "text"):
+                allowed[a, b] = True
+            elif other == "shared" or other_block == block:
+                isolated = model.config.visual_attention == "isolated"
+                allowed[a, b] = not (isolated and kind == other == "visual" and a != b)
+    mask = torch.zeros(n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+    out = model.llm(
+        inputs_embeds=torch.cat(embeds)[None], attention_mask=mask, position_ids=torch.arange(n)[None]
+    )
+    return out.logits[0, n - len(text) :]
+
+
+@pytest.mark.parametrize("layout", ["tiny", "llava", "tiny-marked", "voco-llama"])
+def test_the_uncompressed_pass_over_several_images(tokenizer, layout):
+    """The upper bound's pass: rows of 1, 2 and 4 images in one batch give the logits of the pass
+    written token by token, and one image is the single-image upper bound of `HTCVLM.forward`."""
+    model = sharpened(make_model(tokenizer, seed=3, **LAYOUTS[layout]))
+    gen = torch.Generator().manual_seed(4)
+    pixels = torch.rand(6, 3, 64, 64, generator=gen)
+    images = [[2], [0, 5], [1, 3, 4, 0]]
+    texts = [[*model.prompt_ids("how many objects are there?"), 7, 9], model.prompt_ids("color?"), [5, 6, 7]]
+    with torch.inference_mode():
+        prefixes, _ = model.prefix_embeds(pixels)
+        logits, lengths = uncompressed_logits(model, prefixes, images, texts)
+        assert lengths.tolist() == [len(t) for t in texts]
+        for row, (row_images, text) in enumerate(zip(images, texts, strict=True)):
+            want = reference_uncompressed(model, pixels, row_images, text)
+            torch.testing.assert_close(logits[row, : len(text)], want, atol=1e-4, rtol=0)
+        single, _ = model(pixels[2:3], torch.tensor([texts[0]]), text_attends_visual=True)
+        torch.testing.assert_close(logits[0, : len(texts[0])], single[0], atol=1e-4, rtol=0)
+
+
+def test_the_uncompressed_pass_refuses_more_than_the_context_holds(tokenizer):
+    model = make_model(tokenizer)
+    limit = model.llm.config.max_position_embeddings
+    k = next(k for k in range(1, 64) if not fits_uncompressed(model, k, 10))
+    assert uncompressed_length(model, k - 1, 10) <= limit < uncompressed_length(model, k, 10)
+    prefixes, _ = model.prefix_embeds(torch.rand(1, 3, 64, 64))
+    with torch.inference_mode(), pytest.raises(ValueError, match=f"the LLM holds {limit}"):
+        uncompressed_logits(model, prefixes, [[0] * k], [[5] * 10])
+
+
 def test_training_latents_are_the_records_latents(tokenizer):
     """The latent the contrastive loss trains is the one Search ranks by: compress()'s."""
     model = make_model(tokenizer, seed=3, layout=LLAVA)
@@ -195,3 +303,37 @@ def test_a_run_puts_its_image_marker_into_the_layout():
     assert "image_marker" not in model_config("tiny", "hybrid", {}).to_dict().get("layout", {})
     with pytest.raises(ValueError, match="exactly once"):
         LayoutConfig(image_marker="(image)")
+
+
+@pytest.mark.parametrize("variant", ["hybrid", "upper"])
+def test_stage2_learns_multi_image_rows_compressed_and_uncompressed(tokenizer, variant):
+    """train_vlm with multi-image rows (a step's rows sharing a subset of the pool): the compressed path
+    for the product, the uncompressed pass for the upper bound; both lower the loss of those rows."""
+    model = make_model(tokenizer, seed=1, layout=LayoutConfig(image_marker=" (image {i})"))
+    pool = procedural_pool(model, "train", 48)
+    facts = facts_of_cells(pool.cells)
+    rows = draw_rows(model, facts, 24, 3, random.Random(9))
+    logits_of = multi_image_upper_logits if variant == "upper" else multi_image_logits
+
+    def loss() -> float:
+        with torch.no_grad():
+            return answer_loss(*(lambda i, lg, s: (lg, i, s))(*logits_of(model, pool, rows))).item()
+
+    before = loss()
+    cfg = TrainConfig(
+        steps=30, batch_size=4, lr=3e-3, warmup=3, eval_every=1000, easy_steps=0, freeze_vision=False,
+        multi_rows=24, multi_images=3, multi_step_images=16,
+    )  # fmt: skip
+    train_vlm(model, pool, cfg, variant, show_progress=False)
+    assert loss() < 0.5 * before, (before, loss())
+
+
+def test_the_uncompressed_answer_over_one_image_is_the_single_image_upper_bound(tokenizer):
+    model = sharpened(make_model(tokenizer, seed=2)).eval()
+    pool = procedural_pool(model, "test", 12)
+    questions = [MultiQuestion((i,), pool.questions[i], pool.answers[i], "count") for i in range(12)]
+    with torch.inference_mode():
+        single = predict(model, pool, upper=True)
+    assert [a for a in single if a]  # the model says something
+    result = multi_image_accuracy(model, pool, questions, upper=True)
+    assert result["all"] == sum(a == b for a, b in zip(single, pool.answers, strict=True)) / 12

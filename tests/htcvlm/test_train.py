@@ -253,6 +253,14 @@ def test_cli_smoke_train_resume_eval_and_analyze(tmp_path, capsys):
     assert main(["retrieval", "--model", str(out), "--procedural", "10"]) == 0
     printed = capsys.readouterr().out
     assert "scikit-image photos (25)" in printed and "recall@10" in printed and "pooled" in printed
+    figures = tmp_path / "multi.json"
+    assert main(["eval-multi", "--model", str(out), "--ks", "2", "--per-kind", "2"]) == 0
+    assert "| 2 | " in capsys.readouterr().out
+    upper = ["eval-multi", "--model", str(out), "--ks", "2", "8", "--per-kind", "2", "--upper"]
+    assert main([*upper, "--out", str(figures)]) == 0  # 8 images of 68 tokens do not fit 512 positions
+    assert "| 8 | beyond the context" in capsys.readouterr().out
+    result = json.loads(figures.read_text())
+    assert result["upper"] is True and "k=2/all" in result["accuracy"] and "k=8/all" not in result["accuracy"]
 
 
 def test_onetoken_train_is_the_tiny_recipe_with_the_flags_given(tmp_path, monkeypatch):
