@@ -54,6 +54,15 @@ def _continuous_projector(kind: str, d_in: int, d: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d_in, d), nn.GELU(), nn.Linear(d, d))  # LLaVA-1.5's mlp2x_gelu
 
 
+def voco_state(cache: DynamicCache, layout: SequenceLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The voco tokens' keys and values out of a pass's cache, stacked as records hold them: per layer
+    (B, kv_heads, L, head_dim) -> (B, layers, kv_heads, n_voco, head_dim) each."""
+    voco = slice(layout.voco_position, layout.text_position)
+    keys = torch.stack([layer.keys[:, :, voco] for layer in cache.layers], dim=1)
+    values = torch.stack([layer.values[:, :, voco] for layer in cache.layers], dim=1)
+    return keys, values
+
+
 def new_model(config: HTCConfig, tokenizer: PreTrainedTokenizerBase) -> HTCVLM:
     """A freshly initialised model whose LLM vocabulary is exactly the tokenizer's."""
     if config.llm.path is None:
@@ -321,10 +330,7 @@ class HTCVLM(nn.Module):
             cache=cache,
             use_cache=True,
         )
-        voco = slice(layout.voco_position, layout.text_position)
-        # per layer (B, kv_heads, L, head_dim) -> stacked (B, layers, kv_heads, n_voco, head_dim)
-        keys = torch.stack([layer.keys[:, :, voco] for layer in cache.layers], dim=1)
-        values = torch.stack([layer.values[:, :, voco] for layer in cache.layers], dim=1)
+        keys, values = voco_state(cache, layout)
         # the hidden states cover [V_hy; sep; voco] only: the voco tokens are their last n_voco rows
         latents = out.last_hidden_state[:, -layout.n_voco :].mean(dim=1)  # (B, d)
         fingerprint = self.fingerprint()

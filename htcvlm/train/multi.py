@@ -19,7 +19,7 @@ from transformers import DynamicCache
 
 from htcvlm.data.multi import ImageFacts, MultiQuestion, multi_questions
 from htcvlm.decode import left_padded_text, read_placed
-from htcvlm.model import HTCVLM, KVState
+from htcvlm.model import HTCVLM, KVState, voco_state
 from htcvlm.placement import markers, place_states
 from htcvlm.pool import VQATensors
 
@@ -90,11 +90,11 @@ def voco_states(
         cache=cache,
         use_cache=True,
     )
-    voco, shared = slice(layout.voco_position, layout.text_position), slice(0, layout.n_shared)
-    keys = torch.stack([layer.keys[:, :, voco] for layer in cache.layers], dim=1)
-    values = torch.stack([layer.values[:, :, voco] for layer in cache.layers], dim=1)
+    keys, values = voco_state(cache, layout)
+    shared = slice(0, layout.n_shared)
     shared_state = tuple((layer.keys[:1, :, shared], layer.values[:1, :, shared]) for layer in cache.layers)
-    latents = out.last_hidden_state[:, voco].mean(dim=1)  # as a record's latent: the voco rows' mean
+    # as a record's latent: the voco rows' mean
+    latents = out.last_hidden_state[:, layout.voco_position : layout.text_position].mean(dim=1)
     return shared_state, keys, values, latents
 
 
