@@ -13,6 +13,10 @@ whichever worker asks first, so which worker saw which sample would depend on ti
 a-th micro-batch of step s is fixed by `StepPlan`, so N workers together read the step's global batch
 whatever N is, and a resumed run reads what the interrupted one would have read next.
 
+Questions over several images (`--multi-rows`, procedural data): every worker draws the step's rows as
+the single process does (`stages.step_rng`, `multi.draw_rows`, facts from `stream.SourceFacts`) and
+runs every world-th of them, rendering their images itself (`_multi_image_loss`).
+
 Resuming: Ray Train keeps the run in `out/ray/stage2` and restores its latest checkpoint when the same
 command runs again; the driver reads that checkpoint's step to start each worker's stream there, and each
 worker restores the model and AdamW state from it (safetensors and JSON, never pickle). Stage 2 draws
@@ -47,11 +51,20 @@ from htcvlm.model import HTCVLM
 from htcvlm.pool import VQATensors, procedural_pool, tensorize
 from htcvlm.train.loop import load_training_state, lr_at, save_training_state
 from htcvlm.train.lora import add_adapters, merge_adapters
+from htcvlm.train.multi import draw_rows, multi_image_logits
 from htcvlm.train.progress import StepLog
 from htcvlm.train.recipe import RECIPES, TrainConfig, Variant
 from htcvlm.train.run import RUN_RECORD, run_record, run_training
-from htcvlm.train.stages import answer_loss, frozen_modules, stage2_optimizer, stage2_parameters
-from htcvlm.train.stream import LlavaSource, ProceduralSource, SampleRows, Source, StepPlan, rows_to_batch
+from htcvlm.train.stages import answer_loss, frozen_modules, stage2_optimizer, stage2_parameters, step_rng
+from htcvlm.train.stream import (
+    LlavaSource,
+    ProceduralSource,
+    SampleRows,
+    Source,
+    SourceFacts,
+    StepPlan,
+    rows_to_batch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +127,12 @@ def fit_stage2(
     from ray.util.queue import Queue
 
     plan = scaling.plan(cfg.batch_size)
+    if cfg.multi_rows and not isinstance(source, ProceduralSource):
+        raise ValueError("multi-image rows need scenes to ask about: procedural data only")
+    if cfg.contrastive:
+        raise ValueError(
+            "the contrastive search loss trains in the single-process trainer only (no --workers)"
+        )
     start, storage = start.resolve(), (out / "ray").resolve()  # workers run in folders of their own
     start_step = latest_step(storage)
     if start_step:
@@ -144,6 +163,7 @@ def fit_stage2(
             "scaling": asdict(scaling),
             "start_step": start_step,
             "val": val,
+            "source": source,
             "record": record,
             "steps": steps,
         },
@@ -250,6 +270,7 @@ def train_worker(config: dict[str, Any]) -> None:
         )
     )
     bad: set[int] = set()
+    facts = config["source"].facts() if cfg.multi_rows else None
     started = time.perf_counter()
     while step < cfg.steps:
         step_started = time.perf_counter()
@@ -274,6 +295,16 @@ def train_worker(config: dict[str, Any]) -> None:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, cfg.lr, cfg.steps)
         opt.zero_grad(set_to_none=True)
+        if facts is not None:  # this worker's share of the step's questions over several images
+            # accumulated without syncing: the last micro-batch's backward all-reduces every gradient
+            with contextlib.nullcontext() if world == 1 else ddp.no_sync():
+                with autocast:
+                    part, tokens_read = _multi_image_loss(
+                        model, cfg, config["source"], facts, step, rank, world
+                    )
+                (part * world).backward()
+            totals[1] += part.detach().float().cpu()
+            totals[3] += tokens_read
         for k, b in enumerate(batches):
             scored = b.pop("scored")
             sync = k == len(batches) - 1 or world == 1
@@ -319,6 +350,36 @@ def train_worker(config: dict[str, Any]) -> None:
             entry.update({k: metrics[k] for k in ("bad_images", "val_accuracy") if k in metrics})
         if rank == 0:
             config["steps"].put(entry)
+
+
+def _multi_image_loss(
+    model: HTCVLM,
+    cfg: TrainConfig,
+    source: ProceduralSource,
+    facts: SourceFacts,
+    step: int,
+    rank: int,
+    world: int,
+) -> tuple[torch.Tensor, int]:
+    """The step's multi-image rows, drawn as the single-process trainer draws them (`step_rng`,
+    `draw_rows`), every worker drawing all of them and running every `world`-th: this worker's part of
+    their loss (a sum over the step's scored answer tokens), and the tokens it ran through the LLM. Its
+    images are rendered here, a few hundred a step at most, with the frozen parts' outputs."""
+    rows = draw_rows(
+        model, facts, cfg.multi_rows, cfg.multi_images, step_rng(cfg, step, "multi"), cfg.multi_step_images
+    )
+    mine = rows.take(range(rank, len(rows), world))
+    if not len(mine):
+        return torch.zeros((), device=model.device, requires_grad=True), 0
+    unique = sorted({i for q in mine.questions for i in q.images})
+    local = {image: at for at, image in enumerate(unique)}
+    pool = tensorize(model, source.samples(np.array(unique), model.config.image_size))
+    frozen = _frozen_inputs(model, pool.pixels.float().to(model.device) / 255.0, cfg)
+    pool.quantized, pool.patches = frozen.get("quantized"), frozen.get("patches")
+    mine.questions = [replace(q, images=tuple(local[i] for i in q.images)) for q in mine.questions]
+    ids, logits, scored = multi_image_logits(model, pool, mine)
+    loss = answer_loss(logits, ids, scored, over=torch.tensor(float(rows.scored_tokens)))
+    return loss, len(unique) * model.layout.text_position + int((ids != model.tokenizer.pad_token_id).sum())
 
 
 def _sequence_tokens(model: HTCVLM, text_lengths: torch.Tensor) -> int:

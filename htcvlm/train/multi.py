@@ -37,6 +37,19 @@ class MultiRows:
     def __len__(self) -> int:
         return len(self.questions)
 
+    def take(self, rows: Sequence[int]) -> MultiRows:
+        """These rows, in this order."""
+        return MultiRows(
+            [self.questions[r] for r in rows],
+            [self.texts[r] for r in rows],
+            [self.answer_lengths[r] for r in rows],
+        )
+
+    @property
+    def scored_tokens(self) -> int:
+        """The answer tokens and EOS the loss averages over."""
+        return sum(self.answer_lengths)
+
 
 def tokenize_rows(model: HTCVLM, questions: Sequence[MultiQuestion]) -> MultiRows:
     """Questions -> `MultiRows`, each text as the model's prompt template gives it."""

@@ -15,8 +15,10 @@ these pieces into Ray Data and Ray Train.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 import torch
@@ -26,6 +28,7 @@ from htcvlm.checkpoint import load_tokenizer
 from htcvlm.config import HTCConfig
 from htcvlm.data.dataset import ProceduralVQA, VQASample
 from htcvlm.data.llava import Conversation, conversation_sample, open_rgb
+from htcvlm.data.multi import ImageFacts, facts_of_scene
 from htcvlm.model import new_model
 from htcvlm.pool import EASY_WEIGHTS, tensorize
 
@@ -104,7 +107,7 @@ class ProceduralSource:
         easy = self.pool + draw(positions, self.seed, 1, self.easy)
         return np.where(positions // self.batch_size < self.easy_steps, easy, drawn)
 
-    def samples(self, indices: np.ndarray, image_size: int) -> list[VQASample | None]:
+    def _sets(self, image_size: int = 64) -> tuple[ProceduralVQA, ProceduralVQA]:
         main = ProceduralVQA("train", self.pool, image_size, questions=self.questions)
         single = ProceduralVQA(
             "train",
@@ -115,7 +118,43 @@ class ProceduralSource:
             max_objects=1,
             questions=self.questions,
         )
+        return main, single
+
+    def samples(self, indices: np.ndarray, image_size: int) -> list[VQASample | None]:
+        main, single = self._sets(image_size)
         return [main[i] if i < self.pool else single[i - self.pool] for i in map(int, indices)]
+
+    def facts(self) -> SourceFacts:
+        """What multi-image questions ask about each sample, as `facts_of_cells` gives it for the
+        pre-rendered pool of the same layout, each drawn (not rendered) when first read."""
+        return SourceFacts(self)
+
+
+class SourceFacts(Sequence[ImageFacts]):
+    """A procedural source's `ImageFacts` by index, each scene drawn on first use and kept: a step's
+    multi-image rows read a few hundred of them, never the whole pool."""
+
+    def __init__(self, source: ProceduralSource) -> None:
+        self.main, self.single = source._sets()
+        self.n_main = source.pool
+        self.known: dict[int, ImageFacts] = {}
+
+    def __len__(self) -> int:
+        return len(self.main) + len(self.single)
+
+    @overload
+    def __getitem__(self, index: int) -> ImageFacts: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[ImageFacts]: ...
+    def __getitem__(self, index: int | slice) -> ImageFacts | Sequence[ImageFacts]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        if index not in self.known:
+            data, at = (self.main, index) if index < self.n_main else (self.single, index - self.n_main)
+            self.known[index] = facts_of_scene(data.draw(at)[0])
+        return self.known[index]
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,13 @@ from safetensors.torch import load_file
 
 from htcvlm.checkpoint import load_pretrained
 from htcvlm.data.dataset import ProceduralVQA
-from htcvlm.pool import EASY_WEIGHTS, tensorize
+from htcvlm.data.multi import facts_of_cells
+from htcvlm.pool import EASY_WEIGHTS, procedural_pool, tensorize
 from htcvlm.train.distributed import RUN_NAME, Scaling, fit_stage2, latest_step, run_distributed
 from htcvlm.train.progress import METRICS_FILE
 from htcvlm.train.recipe import TrainConfig
 from htcvlm.train.run import run_training
-from htcvlm.train.stream import ProceduralSource, SampleRows, StepPlan
+from htcvlm.train.stream import LlavaSource, ProceduralSource, SampleRows, StepPlan
 
 ROOT = Path(__file__).resolve().parents[2]
 # The tiny recipe made small: stages 1 and 0 one step each, stage 2 long enough to kill mid-way (the
@@ -134,6 +135,39 @@ def test_two_workers_reach_the_weights_of_one(start, two_workers, tmp_path):
         load_file(str(tmp_path / "model.safetensors"))["voco"],
         load_file(str(start / "model.safetensors"))["voco"],
     )
+
+
+def test_multi_image_rows_on_two_workers_reach_the_weights_of_one(start, two_workers, tmp_path):
+    """Questions over several images on the Ray path: every worker draws the step's rows as the
+    single-process trainer does and runs its share; 1 and 2 workers end on the same weights."""
+    cfg = replace(CFG, steps=3, eval_every=3, multi_rows=6, multi_images=3, multi_step_images=12)
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    fit_stage2(start, one, cfg, SOURCE, Scaling(workers=1, micro_batch=8, **HALF))
+    fit_stage2(start, two, cfg, SOURCE, Scaling(workers=2, micro_batch=4, **HALF))
+    np.testing.assert_allclose(_losses(one), _losses(two), rtol=1e-5)
+    _assert_same_weights(one, two)
+    # the first step's single-image rows are those of the run without multi-image rows: these add to it
+    assert _losses(two)[0] > _losses(two_workers)[0] + 0.1
+
+
+def test_the_stream_asks_about_the_scenes_the_pool_holds(start):
+    """The facts the Ray path draws multi-image questions from are the pre-rendered pool's, so both
+    trainers draw the same questions for a step."""
+    pool = procedural_pool(load_pretrained(start), "train", CFG.pool, CFG.easy, CFG.questions)
+    facts = SOURCE.facts()
+    assert len(facts) == CFG.pool + CFG.easy
+    assert list(facts) == facts_of_cells(pool.cells)
+    with pytest.raises(IndexError):
+        facts[len(facts)]
+
+
+def test_the_ray_path_refuses_what_it_does_not_train(start, tmp_path):
+    llava = LlavaSource((), 0)
+    with pytest.raises(ValueError, match="procedural data only"):
+        fit_stage2(start, tmp_path, replace(CFG, multi_rows=4), llava, Scaling())
+    with pytest.raises(ValueError, match="single-process trainer only"):
+        fit_stage2(start, tmp_path, replace(CFG, contrastive=0.1), SOURCE, Scaling())
 
 
 def _metrics(out: Path) -> list[dict]:
