@@ -111,26 +111,37 @@ def voco_states(
     return shared_state, keys, values, latents
 
 
+def _distinct_images(
+    model: HTCVLM, pool: VQATensors, rows: MultiRows
+) -> tuple[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None], list[list[int]]]:
+    """The rows' images, each once, as the model's inputs on its device (pixels, and the frozen MGVQ's
+    and tower's outputs where the pool holds them), and each row's images as indices into them."""
+    unique = sorted({i for q in rows.questions for i in q.images})
+    slot_of = {image: at for at, image in enumerate(unique)}
+    batch = pool.batch(torch.tensor(unique))
+    device = model.device
+    inputs = (
+        batch["pixels"].to(device),
+        None if batch["quantized"] is None else batch["quantized"].to(device),
+        None if batch["patches"] is None else batch["patches"].to(device),
+    )
+    return inputs, [[slot_of[i] for i in q.images] for q in rows.questions]
+
+
 def multi_image_logits(
     model: HTCVLM, pool: VQATensors, rows: MultiRows
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The rows' left-padded text ids (B, T) (markers, prompt, answer), their logits (B, T, vocab), row t
     predicting token t + 1, and which ids are scored (B, T): the answers and EOS."""
     device = model.device
-    unique = sorted({i for q in rows.questions for i in q.images})
-    slot_of = {image: at for at, image in enumerate(unique)}
-    batch = pool.batch(torch.tensor(unique))
-    shared, keys, values, _ = voco_states(
-        model,
-        batch["pixels"].to(device),
-        None if batch["quantized"] is None else batch["quantized"].to(device),
-        None if batch["patches"] is None else batch["patches"].to(device),
-    )
+    inputs, slots = _distinct_images(model, pool, rows)
+    shared, keys, values, _ = voco_states(model, *inputs)
     counts = [len(q.images) for q in rows.questions]
-    # (B, K) rows of indices into `unique`; a row's slots after its last image repeat image 0, masked
+    # (B, K) rows of indices into the distinct images; a row's slots after its last image repeat image
+    # 0, masked
     index = torch.zeros(len(rows), max(counts), dtype=torch.long, device=device)
-    for row, q in enumerate(rows.questions):
-        index[row, : len(q.images)] = torch.tensor([slot_of[i] for i in q.images])
+    for row, row_slots in enumerate(slots):
+        index[row, : len(row_slots)] = torch.tensor(row_slots)
     past, real = place_states(
         keys[index], values[index], torch.tensor(counts, device=device), model.layout, model.llm
     )
@@ -172,7 +183,7 @@ def uncompressed_logits(
     """
     layout, device = model.layout, prefixes.device
     n_shared, block = layout.n_shared, layout.text_position - layout.n_shared
-    visual = slice(0, layout.n_visual)  # inside a block
+    limit = model.llm.config.max_position_embeddings
     rows, spans, starts = [], [], []
     for row_images, text in zip(images, texts, strict=True):
         marks = markers(layout, len(row_images))
@@ -187,10 +198,10 @@ def uncompressed_logits(
         rows.append(torch.cat(parts))
         spans.append(blocks)
         starts.append(at)
-        if not fits_uncompressed(model, len(row_images), len(text)):
+        if len(rows[-1]) > limit:  # uncompressed_length(model, len(row_images), len(text))
             raise ValueError(
                 f"{len(row_images)} uncompressed images and the text take {len(rows[-1])} positions; "
-                f"the LLM holds {model.llm.config.max_position_embeddings}"
+                f"the LLM holds {limit}"
             )
     width = max(len(r) for r in rows)
     embeds = prefixes.new_zeros(len(rows), width, prefixes.shape[-1])
@@ -200,8 +211,8 @@ def uncompressed_logits(
         for start in blocks:
             inside = slice(start, start + block)
             allowed[r, inside, n_shared:start] = False  # an image block sees S and itself only
-            if layout.visual_attention == "isolated":
-                v = slice(start + visual.start, start + visual.stop)
+            if layout.visual_attention == "isolated":  # V_hy opens the block
+                v = slice(start, start + layout.n_visual)
                 allowed[r, v, v] = torch.eye(layout.n_visual, dtype=torch.bool, device=device)
     mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=device)
     mask = mask.masked_fill_(~allowed, torch.finfo(embeds.dtype).min)[:, None]
@@ -219,16 +230,9 @@ def multi_image_upper_logits(
     """`multi_image_logits` for the uncompressed upper bound (`uncompressed_logits`): right-padded text
     ids (B, T) (prompt, answer: the markers stay with their images), logits (B, T, vocab), scored (B, T)."""
     device = model.device
-    unique = sorted({i for q in rows.questions for i in q.images})
-    slot_of = {image: at for at, image in enumerate(unique)}
-    batch = pool.batch(torch.tensor(unique))
-    prefixes, _ = model.prefix_embeds(
-        batch["pixels"].to(device),
-        None if batch["quantized"] is None else batch["quantized"].to(device),
-        None if batch["patches"] is None else batch["patches"].to(device),
-    )
-    images = [[slot_of[i] for i in q.images] for q in rows.questions]
-    logits, _ = uncompressed_logits(model, prefixes, images, rows.texts)
+    inputs, slots = _distinct_images(model, pool, rows)
+    prefixes, _ = model.prefix_embeds(*inputs)
+    logits, _ = uncompressed_logits(model, prefixes, slots, rows.texts)
     width = logits.shape[1]
     ids = torch.full((len(rows), width), model.tokenizer.pad_token_id, dtype=torch.long, device=device)
     scored = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
