@@ -14,6 +14,7 @@ Training images come from the training pool only; scikit-image's photos stay the
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,18 +49,28 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = TEMPERATURE)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def contrastive_loss(
-    model: HTCVLM, pool: VQATensors, n_images: int, rng: random.Random, freeze_vision: bool = True
-) -> torch.Tensor:
-    """InfoNCE over two views of `n_images` distinct pool images drawn by `rng`; the vision tower
-    trains through it unless `freeze_vision` (the MGVQ never does)."""
-    picks = rng.sample(range(len(pool)), n_images)
+def view_pairs(model: HTCVLM, pixels_u8: Sequence[torch.Tensor], rng: random.Random) -> torch.Tensor:
+    """(2N, 3, S, S) on the model's device: two augmented views of each (3, S, S) uint8 image, image i's
+    at rows 2i and 2i + 1, drawn from `rng` in that order."""
     size, processing = model.config.image_size, model.config.preprocess
-    views = torch.stack(
-        [augmented_view(pool.pixels[i], size, processing, rng) for i in picks for _ in range(2)]
-    ).to(model.device)  # (2N, 3, S, S): image i's views at rows 2i and 2i + 1
-    with torch.no_grad():  # the frozen encoders; P_d, P_v, the voco token and the LLM train
+    views = [augmented_view(p, size, processing, rng) for p in pixels_u8 for _ in range(2)]
+    return torch.stack(views).to(model.device)
+
+
+def view_latents(model: HTCVLM, views: torch.Tensor, freeze_vision: bool = True) -> torch.Tensor:
+    """The voco latents (N, d) of `views`: the frozen encoders without gradients; P_d, P_v, the voco
+    token and the LLM with them (the vision tower too, unless `freeze_vision`; the MGVQ never)."""
+    with torch.no_grad():
         patches = model.vision_patches(views) if model.has_vision and freeze_vision else None
         quantized = model.mgvq.encode(views).quantized if model.has_mgvq else None
     *_, latents = voco_states(model, views, quantized, patches)
+    return latents
+
+
+def contrastive_loss(
+    model: HTCVLM, pool: VQATensors, n_images: int, rng: random.Random, freeze_vision: bool = True
+) -> torch.Tensor:
+    """InfoNCE over two views of `n_images` distinct pool images drawn by `rng`."""
+    picks = rng.sample(range(len(pool)), n_images)
+    latents = view_latents(model, view_pairs(model, [pool.pixels[i] for i in picks], rng), freeze_vision)
     return info_nce(latents[0::2], latents[1::2])

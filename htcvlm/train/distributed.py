@@ -49,6 +49,7 @@ from htcvlm.data.llava import conversations, read_llava
 from htcvlm.evaluate import accuracy
 from htcvlm.model import HTCVLM
 from htcvlm.pool import VQATensors, procedural_pool, tensorize
+from htcvlm.train.contrastive import info_nce, view_latents, view_pairs
 from htcvlm.train.loop import load_training_state, lr_at, save_training_state
 from htcvlm.train.lora import add_adapters, merge_adapters
 from htcvlm.train.multi import draw_rows, multi_image_logits
@@ -129,10 +130,6 @@ def fit_stage2(
     plan = scaling.plan(cfg.batch_size)
     if cfg.multi_rows and not isinstance(source, ProceduralSource):
         raise ValueError("multi-image rows need scenes to ask about: procedural data only")
-    if cfg.contrastive:
-        raise ValueError(
-            "the contrastive search loss trains in the single-process trainer only (no --workers)"
-        )
     start, storage = start.resolve(), (out / "ray").resolve()  # workers run in folders of their own
     start_step = latest_step(storage)
     if start_step:
@@ -295,8 +292,9 @@ def train_worker(config: dict[str, Any]) -> None:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, cfg.lr, cfg.steps)
         opt.zero_grad(set_to_none=True)
+        # the step's extra terms, accumulated without syncing: the last micro-batch's backward
+        # all-reduces every gradient
         if facts is not None:  # this worker's share of the step's questions over several images
-            # accumulated without syncing: the last micro-batch's backward all-reduces every gradient
             with contextlib.nullcontext() if world == 1 else ddp.no_sync():
                 with autocast:
                     part, tokens_read = _multi_image_loss(
@@ -304,6 +302,15 @@ def train_worker(config: dict[str, Any]) -> None:
                     )
                 (part * world).backward()
             totals[1] += part.detach().float().cpu()
+            totals[3] += tokens_read
+        nce = None
+        if cfg.contrastive:
+            with contextlib.nullcontext() if world == 1 else ddp.no_sync():
+                with autocast:
+                    nce, tokens_read = _contrastive_loss(model, cfg, config["source"], step, rank, world)
+                (cfg.contrastive * nce * world).backward()
+            if rank == 0:  # every worker holds the whole term
+                totals[1] += cfg.contrastive * nce.detach().float().cpu()
             totals[3] += tokens_read
         for k, b in enumerate(batches):
             scored = b.pop("scored")
@@ -322,6 +329,8 @@ def train_worker(config: dict[str, Any]) -> None:
         step += 1
         seconds = time.perf_counter() - step_started
         log.append({"step": step, "loss": float(totals[1]), "skipped_rows": int(totals[2])})
+        if nce is not None:
+            log[-1]["nce"] = float(nce)
         entry = {
             **log[-1],
             "lr": opt.param_groups[0]["lr"],
@@ -380,6 +389,31 @@ def _multi_image_loss(
     ids, logits, scored = multi_image_logits(model, pool, mine)
     loss = answer_loss(logits, ids, scored, over=torch.tensor(float(rows.scored_tokens)))
     return loss, len(unique) * model.layout.text_position + int((ids != model.tokenizer.pad_token_id).sum())
+
+
+def _contrastive_loss(
+    model: HTCVLM, cfg: TrainConfig, source: Source, step: int, rank: int, world: int
+) -> tuple[torch.Tensor, int]:
+    """The step's InfoNCE over two views of `cfg.contrastive_images` images, drawn as the single-process
+    trainer draws it (`step_rng`, `contrastive.view_pairs`), and the tokens this worker ran through the
+    LLM. Every worker renders the images and augments every view (the generator's order), runs the
+    views of every `world`-th image and adds the others' latents, without gradients, by one all-reduce.
+    Each worker's term is the whole InfoNCE, differentiable through its own latents: the gradients of
+    the workers sum to the InfoNCE's gradient. Unreadable images (LLaVA data) are left out."""
+    rng = step_rng(cfg, step, "contrastive")
+    picks = rng.sample(range(len(source)), cfg.contrastive_images)
+    samples = [s for s in source.samples(np.array(picks), model.config.image_size) if s is not None]
+    if len(samples) < 2:  # nothing to tell apart
+        return torch.zeros((), device=model.device, requires_grad=True), 0
+    views = view_pairs(model, list(tensorize(model, samples).pixels), rng)
+    mine = torch.arange(rank, len(samples), world, device=model.device)
+    rows = torch.stack([2 * mine, 2 * mine + 1], dim=1).flatten()
+    local = view_latents(model, views[rows], cfg.freeze_vision)
+    latents = torch.zeros(len(views), local.shape[-1], device=local.device, dtype=local.dtype)
+    latents[rows] = local.detach()
+    _all_reduce(latents, world)  # each row is written by one worker: the sum is every latent
+    latents = latents.index_put((rows,), local)  # this worker's rows with their gradients
+    return info_nce(latents[0::2], latents[1::2]), len(rows) * model.layout.text_position
 
 
 def _sequence_tokens(model: HTCVLM, text_lengths: torch.Tensor) -> int:

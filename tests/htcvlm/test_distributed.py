@@ -27,10 +27,19 @@ from htcvlm.checkpoint import load_pretrained
 from htcvlm.data.dataset import ProceduralVQA
 from htcvlm.data.multi import facts_of_cells
 from htcvlm.pool import EASY_WEIGHTS, procedural_pool, tensorize
-from htcvlm.train.distributed import RUN_NAME, Scaling, fit_stage2, latest_step, run_distributed
+from htcvlm.train.contrastive import contrastive_loss
+from htcvlm.train.distributed import (
+    RUN_NAME,
+    Scaling,
+    _contrastive_loss,
+    fit_stage2,
+    latest_step,
+    run_distributed,
+)
 from htcvlm.train.progress import METRICS_FILE
 from htcvlm.train.recipe import TrainConfig
 from htcvlm.train.run import run_training
+from htcvlm.train.stages import step_rng
 from htcvlm.train.stream import LlavaSource, ProceduralSource, SampleRows, StepPlan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -137,18 +146,40 @@ def test_two_workers_reach_the_weights_of_one(start, two_workers, tmp_path):
     )
 
 
-def test_multi_image_rows_on_two_workers_reach_the_weights_of_one(start, two_workers, tmp_path):
-    """Questions over several images on the Ray path: every worker draws the step's rows as the
-    single-process trainer does and runs its share; 1 and 2 workers end on the same weights."""
-    cfg = replace(CFG, steps=3, eval_every=3, multi_rows=6, multi_images=3, multi_step_images=12)
+def test_multi_image_rows_and_the_search_loss_on_two_workers_reach_the_weights_of_one(
+    start, two_workers, tmp_path
+):
+    """Questions over several images and the contrastive search loss on the Ray path: every worker
+    draws the step's rows and views as the single-process trainer does and runs its share (the
+    InfoNCE over every view, each worker's gradient through its own); 1 and 2 workers end on the same
+    weights."""
+    cfg = replace(
+        CFG, steps=3, eval_every=3, multi_rows=6, multi_images=3, multi_step_images=12,
+        contrastive=0.5, contrastive_images=6,
+    )  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     fit_stage2(start, one, cfg, SOURCE, Scaling(workers=1, micro_batch=8, **HALF))
     fit_stage2(start, two, cfg, SOURCE, Scaling(workers=2, micro_batch=4, **HALF))
     np.testing.assert_allclose(_losses(one), _losses(two), rtol=1e-5)
     _assert_same_weights(one, two)
-    # the first step's single-image rows are those of the run without multi-image rows: these add to it
-    assert _losses(two)[0] > _losses(two_workers)[0] + 0.1
+    nce = [json.loads((out / "train_state.json").read_text())["log"][0]["nce"] for out in (one, two)]
+    assert nce[0] == pytest.approx(nce[1], rel=1e-5) and nce[0] > 0.1
+    # the first step's single-image rows are those of the run without the extra terms: these add to it
+    assert _losses(two)[0] > _losses(two_workers)[0] + 0.1 + 0.5 * nce[1]
+
+
+def test_the_ray_path_draws_the_search_loss_of_the_single_process(start):
+    """One worker's contrastive term is `contrastive_loss` on the pre-rendered pool for the same step:
+    the same images, the same views, the same InfoNCE."""
+    model = load_pretrained(start)
+    pool = procedural_pool(model, "train", CFG.pool, CFG.easy, CFG.questions)
+    cfg = replace(CFG, contrastive=0.5, contrastive_images=8)
+    with torch.no_grad():
+        ray_path, tokens = _contrastive_loss(model, cfg, SOURCE, 5, rank=0, world=1)
+        single = contrastive_loss(model, pool, 8, step_rng(cfg, 5, "contrastive"))
+    torch.testing.assert_close(ray_path, single, rtol=1e-5, atol=1e-6)
+    assert tokens == 16 * model.layout.text_position
 
 
 def test_the_stream_asks_about_the_scenes_the_pool_holds(start):
@@ -166,8 +197,6 @@ def test_the_ray_path_refuses_what_it_does_not_train(start, tmp_path):
     llava = LlavaSource((), 0)
     with pytest.raises(ValueError, match="procedural data only"):
         fit_stage2(start, tmp_path, replace(CFG, multi_rows=4), llava, Scaling())
-    with pytest.raises(ValueError, match="single-process trainer only"):
-        fit_stage2(start, tmp_path, replace(CFG, contrastive=0.1), SOURCE, Scaling())
 
 
 def _metrics(out: Path) -> list[dict]:
