@@ -547,6 +547,12 @@ def _add_recipe_flags(train: argparse.ArgumentParser) -> None:
     flag("--multi-rows", "rows a stage-2 step of one question over several pool images", type=int)
     flag("--multi-images", "the most images of such a row (k uniform from 1)", type=_positive)
     flag("--multi-step-images", "pool images a step's multi-image rows share (0: any)", type=int)
+    flag(
+        "--multi-kinds",
+        "kinds such a row asks, drawn uniformly from this list (list one twice to ask it twice as often)",
+        nargs="+",
+        choices=("count", "find", "compare"),
+    )
     flag("--contrastive", "weight of InfoNCE over two augmented views' voco latents (search)", type=float)
     flag("--contrastive-images", "images a step for it, two views each", type=int)
     flag("--warmup", type=int)

@@ -161,15 +161,25 @@ def multi_question(
 
 
 def multi_questions(
-    facts: Sequence[ImageFacts], ks: Sequence[int], n: int, rng: random.Random, tries: int = 1
+    facts: Sequence[ImageFacts],
+    ks: Sequence[int],
+    n: int,
+    rng: random.Random,
+    tries: int = 1,
+    kinds: Sequence[MultiQType] = MULTI_QTYPES,
 ) -> list[MultiQuestion]:
-    """n questions, each of a k drawn uniformly from `ks` and a qtype uniform among those k allows
-    (compare needs k >= 2). `tries` > 1: a question the pool cannot answer (`NoSuchImage`: a small pool
-    may lack a "red circle") is drawn again, with the same k and qtype, up to that many times in all."""
+    """n questions, each of a k drawn uniformly from `ks` and a qtype uniform among the `kinds` that k
+    allows (compare needs k >= 2; a kind listed twice is drawn twice as often). `tries` > 1: a question
+    the pool cannot answer (`NoSuchImage`: a small pool may lack a "red circle") is drawn again, with
+    the same k and qtype, up to that many times in all."""
+    if set(kinds) == {"compare"}:
+        ks = [k for k in ks if k >= 2]
+    if not ks or not set(kinds) <= set(MULTI_QTYPES):
+        raise ValueError(f"no question of kinds {tuple(kinds)} over {tuple(ks)} images")
     out = []
     for _ in range(n):
         k = rng.choice(list(ks))
-        qtypes = [q for q in MULTI_QTYPES if k >= 2 or q != "compare"]
+        qtypes = [q for q in kinds if k >= 2 or q != "compare"]
         qtype = rng.choice(qtypes)
         for attempt in range(tries):
             try:

@@ -375,7 +375,13 @@ def _multi_image_loss(
     their loss (a sum over the step's scored answer tokens), and the tokens it ran through the LLM. Its
     images are rendered here, a few hundred a step at most, with the frozen parts' outputs."""
     rows = draw_rows(
-        model, facts, cfg.multi_rows, cfg.multi_images, step_rng(cfg, step, "multi"), cfg.multi_step_images
+        model,
+        facts,
+        cfg.multi_rows,
+        cfg.multi_images,
+        step_rng(cfg, step, "multi"),
+        cfg.multi_step_images,
+        cfg.multi_kinds,
     )
     mine = rows.take(range(rank, len(rows), world))
     if not len(mine):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import DynamicCache
 
-from htcvlm.data.multi import ImageFacts, MultiQuestion, multi_questions
+from htcvlm.data.multi import MULTI_QTYPES, ImageFacts, MultiQType, MultiQuestion, multi_questions
 from htcvlm.decode import left_padded_text, read_placed
 from htcvlm.model import HTCVLM, KVState, voco_state
 from htcvlm.placement import markers, place_states
@@ -65,17 +65,21 @@ def draw_rows(
     max_images: int,
     rng: random.Random,
     step_images: int = 0,
+    kinds: Sequence[MultiQType] = MULTI_QTYPES,
 ) -> MultiRows:
-    """n rows over the pool `facts`: k uniform in 1 … max_images, a qtype uniform among those k allows.
+    """n rows over the pool `facts`: k uniform in 1 … max_images, a qtype uniform among the `kinds` that
+    k allows (`multi_questions`).
 
     `step_images` > 0: every row draws its images from one random subset of that many pool images, so
     the step compresses at most that many images however many rows it has (compressing is most of a
     row's cost; reading k placed records is a short text pass)."""
     if not step_images or step_images >= len(facts):
-        return tokenize_rows(model, multi_questions(facts, range(1, max_images + 1), n, rng))
+        return tokenize_rows(model, multi_questions(facts, range(1, max_images + 1), n, rng, kinds=kinds))
     subset = rng.sample(range(len(facts)), step_images)
     # a subset may lack what a find question names: such a question is drawn again
-    drawn = multi_questions([facts[i] for i in subset], range(1, max_images + 1), n, rng, tries=SUBSET_TRIES)
+    drawn = multi_questions(
+        [facts[i] for i in subset], range(1, max_images + 1), n, rng, tries=SUBSET_TRIES, kinds=kinds
+    )
     return tokenize_rows(model, [replace(q, images=tuple(subset[i] for i in q.images)) for q in drawn])
 
 

@@ -49,6 +49,8 @@ class TrainConfig:
     multi_rows: int = 0  # stage 2: rows a step of one question over k pool images (htcvlm/data/multi.py)
     multi_images: int = 8  # the most images of a multi-image row; k is uniform in 1 … this
     multi_step_images: int = 0  # > 0: a step's multi-image rows share this many pool images (0: any)
+    # the kinds a multi-image row asks, drawn uniformly from this list (one listed twice: twice as often)
+    multi_kinds: tuple[str, ...] = ("count", "find", "compare")
     contrastive: float = 0.0  # stage 2: weight of InfoNCE over two views' voco latents (0: off)
     contrastive_images: int = 64  # images a step for it, two augmented views each
 
@@ -57,13 +59,19 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}")
         if self.questions < 1:
             raise ValueError(f"questions must be >= 1, got {self.questions}")
-        from htcvlm.data.multi import MAX_QUESTION_IMAGES  # not at import: the CLI reads this file early
+        from htcvlm.data.multi import (  # not at import: the CLI reads this file early
+            MAX_QUESTION_IMAGES,
+            MULTI_QTYPES,
+        )
 
         if self.multi_rows < 0 or not 1 <= self.multi_images <= MAX_QUESTION_IMAGES:
             raise ValueError(
                 f"multi_rows must be >= 0 and multi_images in [1, {MAX_QUESTION_IMAGES}], "
                 f"got {self.multi_rows}, {self.multi_images}"
             )
+        object.__setattr__(self, "multi_kinds", tuple(self.multi_kinds))  # a list when read from JSON
+        if not self.multi_kinds or not set(self.multi_kinds) <= set(MULTI_QTYPES):
+            raise ValueError(f"multi_kinds must be some of {MULTI_QTYPES}, got {self.multi_kinds}")
         if self.multi_step_images and self.multi_step_images < self.multi_images:
             raise ValueError(
                 f"multi_step_images must be 0 or at least multi_images ({self.multi_images}), "

@@ -252,7 +252,15 @@ def train_vlm(
             shown = {"loss": f"{loss.item():.3f}"}
             if facts is not None:
                 rng = step_rng(cfg, step, "multi")
-                rows = draw_rows(model, facts, cfg.multi_rows, cfg.multi_images, rng, cfg.multi_step_images)
+                rows = draw_rows(
+                    model,
+                    facts,
+                    cfg.multi_rows,
+                    cfg.multi_images,
+                    rng,
+                    cfg.multi_step_images,
+                    cfg.multi_kinds,
+                )
                 multi_ids, multi_logits, multi_scored = (
                     multi_image_upper_logits if upper else multi_image_logits
                 )(model, data, rows)

@@ -99,6 +99,24 @@ def test_answers_are_balanced_and_the_draw_is_reproducible(facts):
     assert 0.4 < yes < 0.6
 
 
+def test_a_run_chooses_the_kinds_it_asks_and_how_often(facts, tokenizer):
+    facts, _ = facts
+    drawn = Counter(
+        q.qtype for q in multi_questions(facts, [3], 900, random.Random(1), kinds=("find", "count", "find"))
+    )
+    assert set(drawn) == {"find", "count"} and 0.6 < drawn["find"] / 900 < 0.73
+    compares = multi_questions(facts, [1, 2, 3], 200, random.Random(2), kinds=("compare",))
+    assert {q.qtype for q in compares} == {"compare"} and {len(q.images) for q in compares} == {2, 3}
+    model = make_model(tokenizer)
+    rows = draw_rows(model, facts, 50, 4, random.Random(5), step_images=32, kinds=("find",))
+    assert {q.qtype for q in rows.questions} == {"find"}
+    assert TrainConfig(multi_kinds=["find", "find", "count"]).multi_kinds == ("find", "find", "count")
+    with pytest.raises(ValueError, match="multi_kinds must be some of"):
+        TrainConfig(multi_kinds=("find", "colour"))
+    with pytest.raises(ValueError, match="multi_kinds must be some of"):
+        TrainConfig(multi_kinds=())
+
+
 def test_facts_from_cell_labels_are_the_scenes_facts(facts):
     facts, scenes = facts
     assert facts_of_cells(cell_labels(scenes[:300])) == facts[:300]

@@ -272,12 +272,15 @@ def test_onetoken_train_is_the_tiny_recipe_with_the_flags_given(tmp_path, monkey
     monkeypatch.setattr(run_module, "run_training", lambda out, **kwargs: calls.append(kwargs))
     assert main(["train", "--out", str(tmp_path)]) == 0
     flags = ["--steps", "7", "--no-freeze-vision", "--questions", "2", "--bf16", "--fusion", "post"]
+    flags += ["--multi-kinds", "find", "find", "count"]
     assert main(["train", "--out", str(tmp_path), *flags]) == 0
     default, changed = calls
     tiny = TrainConfig.from_name("tiny")
     assert default["cfg"] == tiny and (default["variant"], default["preset"]) == ("hybrid", "tiny")
     assert not {"n_discrete", "fusion"} & default.keys()  # the model preset's own values
-    assert changed["cfg"] == dataclasses.replace(tiny, steps=7, freeze_vision=False, questions=2, bf16=True)
+    assert changed["cfg"] == dataclasses.replace(
+        tiny, steps=7, freeze_vision=False, questions=2, bf16=True, multi_kinds=("find", "find", "count")
+    )
     assert changed["fusion"] == "post" and "n_discrete" not in changed
 
 
