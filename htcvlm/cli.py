@@ -177,6 +177,8 @@ def _train_distributed(args: argparse.Namespace, cfg: TrainConfig, model_overrid
         micro_batch=args.micro_batch_size,
         threads=args.threads,
         activation_checkpointing=cfg.grad_checkpointing,
+        fsdp=args.fsdp,
+        feature_cache=args.feature_cache,
     )
     started = not ray.is_initialized()
     if started:
@@ -515,6 +517,19 @@ def _add_distributed_flags(train: argparse.ArgumentParser) -> None:
         type=_positive,
         help="rows per forward in each worker; the global batch is micro-batch × workers × accumulation "
         "(default: --batch-size / --workers, no accumulation)",
+    )
+    train.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the LLM's decoder layers, their gradients and AdamW state over the workers (FSDP2) "
+        "instead of a whole copy on each (DDP): a full fine-tune larger than one GPU",
+    )
+    train.add_argument(
+        "--feature-cache",
+        metavar="DIR",
+        help="compute the frozen MGVQ's and tower's outputs for every training image once, by a Ray Data "
+        "pass, into DIR (reused by later runs with the same frozen weights and data), instead of on every "
+        "micro-batch",
     )
     train.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
 

@@ -50,6 +50,15 @@ from htcvlm.evaluate import accuracy
 from htcvlm.model import HTCVLM
 from htcvlm.pool import VQATensors, procedural_pool, tensorize
 from htcvlm.train.contrastive import info_nce, view_latents, view_pairs
+from htcvlm.train.features import frozen_inputs, precompute
+from htcvlm.train.fsdp import (
+    clip_grad_norm,
+    full_state,
+    is_sharded,
+    plain_copy,
+    shard_layers,
+    sync_replicated,
+)
 from htcvlm.train.loop import load_training_state, lr_at, save_training_state
 from htcvlm.train.lora import add_adapters, merge_adapters
 from htcvlm.train.multi import draw_rows, multi_image_logits
@@ -84,6 +93,10 @@ class Scaling:
     micro_batch: int | None = None  # rows per forward; None: the global batch / workers (no accumulation)
     threads: int = 1  # torch threads in each worker
     activation_checkpointing: bool = False  # the LLM's gradient checkpointing
+    fsdp: bool = False  # shard the LLM's decoder layers over the workers (`htcvlm.train.fsdp`); else DDP
+    # a folder for the frozen parts' outputs, computed once by a Ray Data pass (`htcvlm.train.features`)
+    # and read by the data stages; None: the workers run the frozen parts on every micro-batch
+    feature_cache: str | None = None
 
     def plan(self, batch_size: int) -> StepPlan:
         micro = self.micro_batch or batch_size // self.workers
@@ -130,6 +143,8 @@ def fit_stage2(
     plan = scaling.plan(cfg.batch_size)
     if cfg.multi_rows and not isinstance(source, ProceduralSource):
         raise ValueError("multi-image rows need scenes to ask about: procedural data only")
+    if scaling.fsdp and cfg.lora_rank:
+        raise ValueError("--fsdp shards a full fine-tune; LoRA adapters train on one GPU without it")
     start, storage = start.resolve(), (out / "ray").resolve()  # workers run in folders of their own
     start_step = latest_step(storage)
     if start_step:
@@ -137,6 +152,18 @@ def fit_stage2(
     if record is None:
         record = {"variant": variant, "train": asdict(cfg), "scaling": asdict(scaling)}
     (out / RUN_RECORD).write_text(json.dumps(record, indent=2))
+    features = None
+    if scaling.feature_cache is not None:
+        cache = precompute(
+            scaling.feature_cache,
+            start,
+            source,
+            cfg.freeze_vision,
+            actors=scaling.workers,
+            cpus=scaling.cpus_per_worker,
+            gpus=scaling.gpus_per_worker,
+        )
+        features = str(cache.folder.resolve())
     datasets = {}
     remaining = (cfg.steps - start_step) * plan.rows_per_step
     for rank in range(plan.workers):
@@ -145,7 +172,7 @@ def fit_stage2(
         numbers = ray.data.from_numpy(np.arange(max(remaining, 1)))
         datasets[f"train_{rank}"] = numbers.map_batches(
             SampleRows,
-            fn_constructor_args=(str(start), source, plan, rank, start_step, MAX_TEXT),
+            fn_constructor_args=(str(start), source, plan, rank, start_step, MAX_TEXT, features),
             batch_size=plan.micro_batch,
             compute=ActorPoolStrategy(size=1),
             num_cpus=scaling.data_cpus,
@@ -162,6 +189,7 @@ def fit_stage2(
             "val": val,
             "source": source,
             "record": record,
+            "features": features,
             "steps": steps,
         },
         scaling_config=ScalingConfig(
@@ -251,13 +279,20 @@ def train_worker(config: dict[str, Any]) -> None:
         raise RuntimeError(
             f"the checkpoint is at step {step} but the data stream starts at {config['start_step']}"
         )
-    frozen, params = frozen_modules(model, cfg), stage2_parameters(model, cfg)
     if scaling.activation_checkpointing:
         model.llm.gradient_checkpointing_enable()
+    if scaling.fsdp:
+        opt = shard_layers(model, opt, cfg)
+        ddp = model  # the layers gather and reduce their own shards; `sync_replicated` does the rest
+    else:
+        ddp = ray.train.torch.prepare_model(model, move_to_device=False)
+    # without syncing: under DDP the last micro-batch's backward all-reduces every gradient
+    quiet = contextlib.nullcontext if scaling.fsdp or world == 1 else ddp.no_sync
+    frozen, params = frozen_modules(model, cfg), stage2_parameters(model, cfg)
+    replicated = [p for p in params if not is_sharded(p)] if scaling.fsdp else []
     model.train()
     for module in frozen:
         module.eval()
-    ddp = ray.train.torch.prepare_model(model, move_to_device=False)
     upper = config["variant"] == "upper"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     val = _val_pool(model, config["val"], cfg.val_size) if rank == 0 and config["val"] is not None else None
@@ -292,10 +327,9 @@ def train_worker(config: dict[str, Any]) -> None:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, cfg.lr, cfg.steps)
         opt.zero_grad(set_to_none=True)
-        # the step's extra terms, accumulated without syncing: the last micro-batch's backward
-        # all-reduces every gradient
+        # the step's extra terms first, accumulated without syncing
         if facts is not None:  # this worker's share of the step's questions over several images
-            with contextlib.nullcontext() if world == 1 else ddp.no_sync():
+            with quiet():
                 with autocast:
                     part, tokens_read = _multi_image_loss(
                         model, cfg, config["source"], facts, step, rank, world
@@ -305,7 +339,7 @@ def train_worker(config: dict[str, Any]) -> None:
             totals[3] += tokens_read
         nce = None
         if cfg.contrastive:
-            with contextlib.nullcontext() if world == 1 else ddp.no_sync():
+            with quiet():
                 with autocast:
                     nce, tokens_read = _contrastive_loss(model, cfg, config["source"], step, rank, world)
                 (cfg.contrastive * nce * world).backward()
@@ -314,16 +348,20 @@ def train_worker(config: dict[str, Any]) -> None:
             totals[3] += tokens_read
         for k, b in enumerate(batches):
             scored = b.pop("scored")
-            sync = k == len(batches) - 1 or world == 1
-            with contextlib.nullcontext() if sync else ddp.no_sync():
+            with contextlib.nullcontext() if k == len(batches) - 1 else quiet():
                 with autocast:
-                    b.update(_frozen_inputs(model, b["pixels"], cfg))
+                    if config["features"] is None:  # else the data stage read them from the cache
+                        b.update(frozen_inputs(model, b["pixels"], cfg.freeze_vision))
                     logits, _ = ddp(**b, text_attends_visual=upper)
                     part = answer_loss(logits, b["input_ids"], scored, over=tokens)
                 # DDP averages gradients over workers: scaled by `world`, they sum to the global mean's
                 (part * world).backward()
             totals[1] += part.detach().float().cpu()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if scaling.fsdp:
+            sync_replicated(replicated, world)
+            clip_grad_norm(params, cfg.grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         _all_reduce(totals[1:], world)
         step += 1
@@ -343,15 +381,17 @@ def train_worker(config: dict[str, Any]) -> None:
             log[-1]["minutes"] = (time.perf_counter() - started) / 60  # since this worker started
             metrics: dict[str, Any] = dict(log[-1])
             metrics["bad_images"] = _count_distinct(bad, world)
+            whole = full_state(model, opt) if scaling.fsdp else None  # every worker takes part
             with tempfile.TemporaryDirectory() as folder:
                 saved = None
                 if rank == 0:
+                    kept, kept_opt = (model, opt) if whole is None else plain_copy(model, cfg, *whole)
                     if val is not None:
                         metrics["val_accuracy"] = log[-1]["val_accuracy"] = _validate(
-                            model, frozen, val, upper
+                            kept, frozen_modules(kept, cfg), val, upper
                         )
                     logger.info("step %d: %s", step, json.dumps(metrics))
-                    save_training_state(Path(folder), model, opt, step, log)
+                    save_training_state(Path(folder), kept, kept_opt, step, log)
                     # the run's config beside the weights: a checkpoint says how it was trained
                     (Path(folder) / RUN_RECORD).write_text(json.dumps(config["record"], indent=2))
                     saved = ray.train.Checkpoint.from_directory(folder)
@@ -389,7 +429,7 @@ def _multi_image_loss(
     unique = sorted({i for q in mine.questions for i in q.images})
     local = {image: at for at, image in enumerate(unique)}
     pool = tensorize(model, source.samples(np.array(unique), model.config.image_size))
-    frozen = _frozen_inputs(model, pool.pixels.float().to(model.device) / 255.0, cfg)
+    frozen = frozen_inputs(model, pool.pixels.float().to(model.device) / 255.0, cfg.freeze_vision)
     pool.quantized, pool.patches = frozen.get("quantized"), frozen.get("patches")
     mine.questions = [replace(q, images=tuple(local[i] for i in q.images)) for q in mine.questions]
     ids, logits, scored = multi_image_logits(model, pool, mine)
@@ -450,17 +490,6 @@ def _count_distinct(indices: set[int], world: int) -> int:
     gathered: list[Any] = [None] * world
     torch.distributed.all_gather_object(gathered, sorted(indices))
     return len({i for part in gathered for i in part})
-
-
-@torch.no_grad()
-def _frozen_inputs(model: HTCVLM, pixels: torch.Tensor, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """The frozen MGVQ's and tower's outputs, as `train_vlm` precomputes them for its pool."""
-    inputs = {}
-    if model.has_mgvq:
-        inputs["quantized"] = model.mgvq.encode(pixels).quantized
-    if cfg.freeze_vision and model.has_vision:
-        inputs["patches"] = model.vision_patches(pixels)
-    return inputs
 
 
 def _val_pool(model: HTCVLM, source: Source, size: int) -> VQATensors:

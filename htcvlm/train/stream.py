@@ -22,7 +22,6 @@ from typing import overload
 
 import numpy as np
 import torch
-from PIL import Image
 
 from htcvlm.checkpoint import load_tokenizer
 from htcvlm.config import HTCConfig
@@ -31,6 +30,7 @@ from htcvlm.data.llava import Conversation, conversation_sample, open_rgb
 from htcvlm.data.multi import ImageFacts, facts_of_scene
 from htcvlm.model import new_model
 from htcvlm.pool import EASY_WEIGHTS, tensorize
+from htcvlm.train.features import FeatureCache, blank_sample
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,14 @@ class SampleRows:
     """
 
     def __init__(
-        self, model_dir: str, source: Source, plan: StepPlan, rank: int, start_step: int, max_text: int
+        self,
+        model_dir: str,
+        source: Source,
+        plan: StepPlan,
+        rank: int,
+        start_step: int,
+        max_text: int,
+        features: str | None = None,
     ) -> None:
         import json
 
@@ -212,6 +219,7 @@ class SampleRows:
         self.source, self.plan, self.rank, self.start_step = source, plan, rank, start_step
         self.max_text = max_text
         self.n_segments = source.questions if isinstance(source, ProceduralSource) else 1
+        self.features = FeatureCache(features) if features is not None else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         positions = self.plan.positions(self.rank, self.start_step, batch["data"].astype(np.int64))
@@ -219,7 +227,7 @@ class SampleRows:
         config = self.text_model.config
         samples = self.source.samples(indices, config.image_size)
         ok = np.array([s is not None for s in samples])
-        blank = VQASample(Image.new("RGB", (config.image_size,) * 2), "", "", None, "llava")
+        blank = blank_sample(config.image_size)
         pool = tensorize(self.text_model, [s if s is not None else blank for s in samples])
         n, width, k = len(samples), min(pool.ids.shape[1], self.max_text), pool.segments.shape[1]
         ids = np.full((n, self.max_text), self.text_model.tokenizer.pad_token_id, dtype=np.int64)
@@ -238,6 +246,8 @@ class SampleRows:
             "segments": segments,
             "scored": scored,
             "ok": ok,
+            # the frozen parts' outputs, when cached: the worker does not run them
+            **(self.features.read(indices) if self.features is not None else {}),
         }
 
 
@@ -250,4 +260,5 @@ def rows_to_batch(rows: dict[str, np.ndarray], device: torch.device) -> dict[str
         "input_ids": torch.from_numpy(rows["ids"][:, :width]).to(device),
         "text_lengths": segments.to(device),
         "scored": torch.from_numpy(rows["scored"][:, :width]).to(device),
+        **{key: torch.from_numpy(rows[key]).to(device) for key in ("quantized", "patches") if key in rows},
     }

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from htcvlm.checkpoint import load_pretrained
+from htcvlm.checkpoint import load_pretrained, save_pretrained
 from htcvlm.data.dataset import ProceduralVQA
 from htcvlm.data.multi import facts_of_cells
 from htcvlm.pool import EASY_WEIGHTS, procedural_pool, tensorize
@@ -36,11 +36,12 @@ from htcvlm.train.distributed import (
     latest_step,
     run_distributed,
 )
+from htcvlm.train.features import SHARD, ComputeShards, FeatureCache, frozen_inputs, frozen_key, source_images
 from htcvlm.train.progress import METRICS_FILE
 from htcvlm.train.recipe import TrainConfig
 from htcvlm.train.run import run_training
 from htcvlm.train.stages import step_rng
-from htcvlm.train.stream import LlavaSource, ProceduralSource, SampleRows, StepPlan
+from htcvlm.train.stream import LlavaSource, ProceduralSource, SampleRows, StepPlan, rows_to_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 # The tiny recipe made small: stages 1 and 0 one step each, stage 2 long enough to kill mid-way (the
@@ -152,19 +153,33 @@ def test_multi_image_rows_and_the_search_loss_on_two_workers_reach_the_weights_o
     """Questions over several images and the contrastive search loss on the Ray path: every worker
     draws the step's rows and views as the single-process trainer does and runs its share (the
     InfoNCE over every view, each worker's gradient through its own); 1 and 2 workers end on the same
-    weights."""
+    weights, and so do 2 workers under FSDP (the LLM's layers sharded, run by all three passes:
+    answers, compression for the multi-image rows, the contrastive latents) reading the frozen parts'
+    outputs from a feature cache, which a second run reuses without computing anything."""
     cfg = replace(
         CFG, steps=3, eval_every=3, multi_rows=6, multi_images=3, multi_step_images=12,
         contrastive=0.5, contrastive_images=6,
     )  # fmt: skip
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir(), two.mkdir()
-    fit_stage2(start, one, cfg, SOURCE, Scaling(workers=1, micro_batch=8, **HALF))
-    fit_stage2(start, two, cfg, SOURCE, Scaling(workers=2, micro_batch=4, **HALF))
-    np.testing.assert_allclose(_losses(one), _losses(two), rtol=1e-5)
-    _assert_same_weights(one, two)
-    nce = [json.loads((out / "train_state.json").read_text())["log"][0]["nce"] for out in (one, two)]
-    assert nce[0] == pytest.approx(nce[1], rel=1e-5) and nce[0] > 0.1
+    one, two, sharded = tmp_path / "one", tmp_path / "two", tmp_path / "fsdp"
+    one.mkdir(), two.mkdir(), sharded.mkdir()
+    fit_stage2(start, one, cfg, SOURCE, Scaling(workers=1, micro_batch=8, **HALF), val=SOURCE)
+    fit_stage2(start, two, cfg, SOURCE, Scaling(workers=2, micro_batch=4, **HALF), val=SOURCE)
+    cache = tmp_path / "features"
+    scaling = Scaling(workers=2, micro_batch=4, fsdp=True, feature_cache=str(cache), **HALF)
+    fit_stage2(start, sharded, cfg, SOURCE, scaling, val=SOURCE)
+    written = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    assert len(written) == -(-len(SOURCE) // SHARD)
+    for other in (two, sharded):
+        np.testing.assert_allclose(_losses(one), _losses(other), rtol=1e-5)
+        _assert_same_weights(one, other)
+    logs = [json.loads((out / "train_state.json").read_text())["log"] for out in (one, two, sharded)]
+    nce = [log[0]["nce"] for log in logs]
+    assert nce[0] == pytest.approx(nce[1], rel=1e-5) == pytest.approx(nce[2], rel=1e-5) and nce[0] > 0.1
+    assert logs[2][-1]["val_accuracy"] == pytest.approx(logs[0][-1]["val_accuracy"])  # rank 0's whole copy
+    again = tmp_path / "again"
+    again.mkdir()
+    fit_stage2(start, again, replace(cfg, steps=1, multi_rows=0, contrastive=0.0), SOURCE, scaling)
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == written
     # the first step's single-image rows are those of the run without the extra terms: these add to it
     assert _losses(two)[0] > _losses(two_workers)[0] + 0.1 + 0.5 * nce[1]
 
@@ -182,6 +197,52 @@ def test_the_ray_path_draws_the_search_loss_of_the_single_process(start):
     assert tokens == 16 * model.layout.text_position
 
 
+def test_the_feature_cache_holds_what_the_worker_would_compute(start, tmp_path):
+    """Shards of the frozen parts' outputs per sample, read back in any order through the data stage;
+    a cache made for other weights or data is refused; a killed pass's leftovers are not shards."""
+    model = load_pretrained(start)
+    folder = tmp_path / "cache"
+    source = replace(SOURCE, pool=300, easy=20)  # two shards, the second partly filled
+    cache = FeatureCache(folder)
+    manifest = {"shard": SHARD, "images": source_images(source), **frozen_key(start, True)}
+    cache.claim(manifest)
+    assert cache.missing(len(source)) == [0, 1]
+    ComputeShards(str(start), source, str(folder), True)({"data": np.array([1])})
+    (folder / "000000.safetensors.tmp123").write_bytes(b"half a file")
+    assert cache.missing(len(source)) == [0]
+    ComputeShards(str(start), source, str(folder), True)({"data": np.array([0])})
+    assert cache.missing(len(source)) == []
+    indices = np.array([301, 3, 255, 256, 3])
+    got = cache.read(indices)
+    pixels = tensorize(model, source.samples(indices, 64)).pixels.float() / 255.0
+    want = frozen_inputs(model, pixels, freeze_vision=True)
+    assert got.keys() == {"quantized", "patches"} == want.keys()
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key].numpy(), rtol=1e-5, atol=1e-6)
+    plan = StepPlan(batch_size=CFG.batch_size, workers=2, micro_batch=2)
+    rows = SampleRows(str(start), source, plan, rank=0, start_step=9, max_text=256, features=str(folder))
+    out = rows({"data": np.arange(4)})
+    np.testing.assert_array_equal(out["patches"], cache.read(out["index"])["patches"])
+    batch = rows_to_batch(out, torch.device("cpu"))
+    assert batch["patches"].shape == (4, *want["patches"].shape[1:])
+    cache.claim(manifest)  # the same features: accepted
+    with pytest.raises(ValueError, match="its images differ"):
+        cache.claim({**manifest, "images": source_images(SOURCE)})
+    with pytest.raises(ValueError, match="its config, freeze_vision, weights_sha256 differ"):
+        cache.claim({"shard": SHARD, "images": source_images(source), **frozen_key(start, False)})
+    other = load_pretrained(start)
+    with torch.no_grad():
+        next(other.mgvq.parameters()).add_(1.0)
+    moved = tmp_path / "moved"
+    save_pretrained(other, moved)
+    assert frozen_key(moved, True)["weights_sha256"] != manifest["weights_sha256"]
+    llm_only = load_pretrained(start)
+    with torch.no_grad():
+        llm_only.voco.add_(1.0)
+    save_pretrained(llm_only, tmp_path / "llm_only")
+    assert frozen_key(tmp_path / "llm_only", True) == frozen_key(start, True)  # the LLM is not a frozen part
+
+
 def test_the_stream_asks_about_the_scenes_the_pool_holds(start):
     """The facts the Ray path draws multi-image questions from are the pre-rendered pool's, so both
     trainers draw the same questions for a step."""
@@ -197,6 +258,8 @@ def test_the_ray_path_refuses_what_it_does_not_train(start, tmp_path):
     llava = LlavaSource((), 0)
     with pytest.raises(ValueError, match="procedural data only"):
         fit_stage2(start, tmp_path, replace(CFG, multi_rows=4), llava, Scaling())
+    with pytest.raises(ValueError, match="LoRA adapters train on one GPU without it"):
+        fit_stage2(start, tmp_path, replace(CFG, lora_rank=4), SOURCE, Scaling(fsdp=True))
 
 
 def _metrics(out: Path) -> list[dict]:
