@@ -56,6 +56,7 @@ from htcvlm.train.fsdp import (
     full_state,
     is_sharded,
     plain_copy,
+    release_layers,
     shard_layers,
     sync_replicated,
 )
@@ -363,6 +364,8 @@ def train_worker(config: dict[str, Any]) -> None:
         else:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+        if scaling.fsdp and cfg.multi_rows:
+            release_layers(model)
         _all_reduce(totals[1:], world)
         step += 1
         seconds = time.perf_counter() - step_started

@@ -67,13 +67,30 @@ def _laid_out_as(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 def shard_layers(model: HTCVLM, opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.AdamW:
     """Shard the LLM's decoder layers over the process group; returns the AdamW over the sharded
-    parameters, holding what `opt` held (the moments of a resumed run)."""
+    parameters, holding what `opt` held (the moments of a resumed run).
+
+    A layer's whole weights are freed after its forward and gathered again for its backward, which
+    FSDP starts when a gradient reaches the layer's output. Multi-image rows also differentiate through
+    keys and values an earlier pass left in its cache, a gradient that enters a layer without passing
+    its output. So with `cfg.multi_rows` each layer keeps its gathered weights from its first forward
+    to the end of the step (`release_layers` frees them after the optimizer step). Gradients and
+    moments stay sharded; the weights are whole for the step, as in ZeRO-2."""
     moments = moments_by_name(model, opt)
+    keep = bool(cfg.multi_rows)
     for layer in decoder_layers(model):
-        fully_shard(layer)
+        fully_shard(layer, reshard_after_forward=not keep)
+        if keep:
+            layer.set_reshard_after_backward(False)
     sharded = stage2_optimizer(model, cfg)
     set_moments(model, sharded, moments)
     return sharded
+
+
+def release_layers(model: HTCVLM) -> None:
+    """Free the layers' gathered weights (stale after an optimizer step): the next forward gathers the
+    updated shards."""
+    for layer in decoder_layers(model):
+        layer.reshard()
 
 
 def is_sharded(param: torch.Tensor) -> bool:

@@ -155,7 +155,7 @@ def test_multi_image_rows_and_the_search_loss_on_two_workers_reach_the_weights_o
     InfoNCE over every view, each worker's gradient through its own); 1 and 2 workers end on the same
     weights, and so do 2 workers under FSDP (the LLM's layers sharded, run by all three passes:
     answers, compression for the multi-image rows, the contrastive latents) reading the frozen parts'
-    outputs from a feature cache, which a second run reuses without computing anything."""
+    outputs from a feature cache; both resume to the same weights, the cache reused as it is."""
     cfg = replace(
         CFG, steps=3, eval_every=3, multi_rows=6, multi_images=3, multi_step_images=12,
         contrastive=0.5, contrastive_images=6,
@@ -169,16 +169,22 @@ def test_multi_image_rows_and_the_search_loss_on_two_workers_reach_the_weights_o
     fit_stage2(start, sharded, cfg, SOURCE, scaling, val=SOURCE)
     written = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
     assert len(written) == -(-len(SOURCE) // SHARD)
+    # float rounding differs with the reduction (DDP's all-reduce, FSDP's reduce-scatter) and AdamW
+    # magnifies it where a gradient is near 0: ~1e-5 at most here, against ~lr = 3e-3 for a wrong step
     for other in (two, sharded):
         np.testing.assert_allclose(_losses(one), _losses(other), rtol=1e-5)
-        _assert_same_weights(one, other)
+        _assert_same_weights(one, other, atol=2e-5)
     logs = [json.loads((out / "train_state.json").read_text())["log"] for out in (one, two, sharded)]
     nce = [log[0]["nce"] for log in logs]
     assert nce[0] == pytest.approx(nce[1], rel=1e-5) == pytest.approx(nce[2], rel=1e-5) and nce[0] > 0.1
     assert logs[2][-1]["val_accuracy"] == pytest.approx(logs[0][-1]["val_accuracy"])  # rank 0's whole copy
-    again = tmp_path / "again"
-    again.mkdir()
-    fit_stage2(start, again, replace(cfg, steps=1, multi_rows=0, contrastive=0.0), SOURCE, scaling)
+    # one step more: the DDP run and the FSDP run resume from their checkpoints (whole weights and
+    # moments, sharded again), the FSDP one reading the cache it made, without computing it again
+    longer = replace(cfg, steps=4)
+    fit_stage2(start, one, longer, SOURCE, Scaling(workers=1, micro_batch=8, **HALF))
+    fit_stage2(start, sharded, longer, SOURCE, scaling)
+    assert [len(_losses(out)) for out in (one, sharded)] == [4, 4]
+    _assert_same_weights(one, sharded, atol=2e-5)
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == written
     # the first step's single-image rows are those of the run without the extra terms: these add to it
     assert _losses(two)[0] > _losses(two_workers)[0] + 0.1 + 0.5 * nce[1]
