@@ -60,18 +60,6 @@ def blank_sample(size: int) -> VQASample:
     return VQASample(Image.new("RGB", (size, size)), "", "", None, "llava")
 
 
-def source_images(source: Any) -> dict[str, Any]:
-    """What fixes a source's images, index by index."""
-    from htcvlm.train.stream import ProceduralSource
-
-    if isinstance(source, ProceduralSource):
-        return {"procedural": {"pool": source.pool, "easy": source.easy}}
-    paths = "\n".join(str(conversation[0].image_path) for conversation in source.conversations)
-    return {
-        "llava": {"conversations": len(source), "images_sha256": hashlib.sha256(paths.encode()).hexdigest()}
-    }
-
-
 def frozen_key(start: Path, freeze_vision: bool) -> dict[str, Any]:
     """The checkpoint's frozen parts as features depend on them: preprocessing, the parts' configs, and a
     SHA-256 over their weights (read from the files, whatever else the checkpoint holds)."""
@@ -181,7 +169,7 @@ def precompute(
     from ray.data import ActorPoolStrategy
 
     cache = FeatureCache(folder)
-    cache.claim({"shard": SHARD, "images": source_images(source), **frozen_key(start, freeze_vision)})
+    cache.claim({"shard": SHARD, "images": source.images_key(), **frozen_key(start, freeze_vision)})
     missing = cache.missing(len(source))
     if missing:
         shards = ray.data.from_numpy(np.array(missing, dtype=np.int64))

@@ -14,11 +14,12 @@ these pieces into Ray Data and Ray Train.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import overload
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -124,6 +125,10 @@ class ProceduralSource:
         main, single = self._sets(image_size)
         return [main[i] if i < self.pool else single[i - self.pool] for i in map(int, indices)]
 
+    def images_key(self) -> dict[str, Any]:
+        """What fixes the images, index by index (a feature cache's key)."""
+        return {"procedural": {"pool": self.pool, "easy": self.easy}}
+
     def facts(self) -> SourceFacts:
         """What multi-image questions ask about each sample, as `facts_of_cells` gives it for the
         pre-rendered pool of the same layout, each drawn (not rendered) when first read."""
@@ -174,6 +179,13 @@ class LlavaSource:
 
     def samples(self, indices: np.ndarray, image_size: int) -> list[VQASample | None]:
         return [read_conversation(self.conversations[i]) for i in map(int, indices)]
+
+    def images_key(self) -> dict[str, Any]:
+        """What fixes the images, index by index (a feature cache's key): each conversation's image path."""
+        paths = "\n".join(str(conversation[0].image_path) for conversation in self.conversations)
+        return {
+            "llava": {"conversations": len(self), "images_sha256": hashlib.sha256(paths.encode()).hexdigest()}
+        }
 
 
 def read_conversation(conversation: Conversation) -> VQASample | None:

@@ -36,7 +36,7 @@ from htcvlm.train.distributed import (
     latest_step,
     run_distributed,
 )
-from htcvlm.train.features import SHARD, ComputeShards, FeatureCache, frozen_inputs, frozen_key, source_images
+from htcvlm.train.features import SHARD, ComputeShards, FeatureCache, frozen_inputs, frozen_key
 from htcvlm.train.progress import METRICS_FILE
 from htcvlm.train.recipe import TrainConfig
 from htcvlm.train.run import run_training
@@ -210,7 +210,7 @@ def test_the_feature_cache_holds_what_the_worker_would_compute(start, tmp_path):
     folder = tmp_path / "cache"
     source = replace(SOURCE, pool=300, easy=20)  # two shards, the second partly filled
     cache = FeatureCache(folder)
-    manifest = {"shard": SHARD, "images": source_images(source), **frozen_key(start, True)}
+    manifest = {"shard": SHARD, "images": source.images_key(), **frozen_key(start, True)}
     cache.claim(manifest)
     assert cache.missing(len(source)) == [0, 1]
     ComputeShards(str(start), source, str(folder), True)({"data": np.array([1])})
@@ -233,9 +233,9 @@ def test_the_feature_cache_holds_what_the_worker_would_compute(start, tmp_path):
     assert batch["patches"].shape == (4, *want["patches"].shape[1:])
     cache.claim(manifest)  # the same features: accepted
     with pytest.raises(ValueError, match="its images differ"):
-        cache.claim({**manifest, "images": source_images(SOURCE)})
+        cache.claim({**manifest, "images": SOURCE.images_key()})
     with pytest.raises(ValueError, match="its config, freeze_vision, weights_sha256 differ"):
-        cache.claim({"shard": SHARD, "images": source_images(source), **frozen_key(start, False)})
+        cache.claim({"shard": SHARD, "images": source.images_key(), **frozen_key(start, False)})
     other = load_pretrained(start)
     with torch.no_grad():
         next(other.mgvq.parameters()).add_(1.0)
