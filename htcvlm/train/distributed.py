@@ -50,7 +50,7 @@ from htcvlm.evaluate import accuracy
 from htcvlm.model import HTCVLM
 from htcvlm.pool import VQATensors, procedural_pool, tensorize
 from htcvlm.train.contrastive import info_nce, view_latents, view_pairs
-from htcvlm.train.features import frozen_inputs, precompute
+from htcvlm.train.features import frozen_inputs, precompute, worker_autocast
 from htcvlm.train.fsdp import (
     clip_grad_norm,
     full_state,
@@ -295,7 +295,7 @@ def train_worker(config: dict[str, Any]) -> None:
     for module in frozen:
         module.eval()
     upper = config["variant"] == "upper"
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = worker_autocast(device)
     val = _val_pool(model, config["val"], cfg.val_size) if rank == 0 and config["val"] is not None else None
     rows = iter(
         ray.train.get_dataset_shard(f"train_{rank}").iter_batches(

@@ -110,14 +110,15 @@ class FeatureCache:
     def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """The cached arrays of these samples, stacked in their order."""
         rows: dict[str, list[np.ndarray]] = {}
-        for s in np.unique(indices // SHARD):
+        shards, within = np.divmod(indices, SHARD)
+        for s in np.unique(shards):
+            places = np.flatnonzero(shards == s)
             with safe_open(str(self.shard(int(s))), framework="np") as f:
                 for name in f.keys():
                     part = f.get_slice(name)
-                    rows.setdefault(name, [None] * len(indices))  # type: ignore[list-item]
-                    for at in np.flatnonzero(indices // SHARD == s):
-                        i = int(indices[at]) - int(s) * SHARD
-                        rows[name][at] = part[i : i + 1]
+                    column = rows.setdefault(name, [None] * len(indices))  # type: ignore[list-item]
+                    for at in places:
+                        column[at] = part[int(within[at]) : int(within[at]) + 1]
         return {name: np.concatenate(parts) for name, parts in rows.items()}
 
     def write(self, s: int, features: dict[str, torch.Tensor]) -> None:
@@ -148,15 +149,16 @@ class ComputeShards:
             parts: dict[str, list[torch.Tensor]] = {}
             for start in range(0, len(pixels), CHUNK):
                 chunk = pixels[start : start + CHUNK].float().to(self.model.device) / 255.0
-                with _autocast(self.model.device):
+                with worker_autocast(self.model.device):
                     for name, value in frozen_inputs(self.model, chunk, self.freeze_vision).items():
                         parts.setdefault(name, []).append(value)
             self.cache.write(s, {name: torch.cat(values) for name, values in parts.items()})
         return {"data": batch["data"]}
 
 
-def _autocast(device: torch.device) -> torch.autocast:
-    """As the training worker runs the frozen parts: bf16 autocast on GPUs, none on CPUs."""
+def worker_autocast(device: torch.device) -> torch.autocast:
+    """How a Ray Train worker (and this pass, for the same features) runs the model: bf16 autocast on
+    GPUs, none on CPUs."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
