@@ -166,6 +166,7 @@ def _train_distributed(args: argparse.Namespace, cfg: TrainConfig, model_overrid
     """`train --workers N`: stage 2 on Ray Train (htcvlm/train/distributed.py), on the Ray cluster at
     --ray-address or a local one started here (and stopped at the end)."""
     import ray
+    import torch
 
     from htcvlm.train.distributed import Scaling, run_distributed
 
@@ -180,6 +181,8 @@ def _train_distributed(args: argparse.Namespace, cfg: TrainConfig, model_overrid
         fsdp=args.fsdp,
         feature_cache=args.feature_cache,
     )
+    # --threads is each worker's; stages 1 and 0 run here before any worker starts, on every core
+    torch.set_num_threads(os.cpu_count() or 1)
     started = not ray.is_initialized()
     if started:
         # a local cluster holds the workers and their data stages as logical CPUs whatever the cores
@@ -410,7 +413,9 @@ def add_model_commands(
     )
     train.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     _add_distributed_flags(train)
-    train.add_argument("--threads", type=int, default=threads, help=threads_help)
+    train.add_argument(
+        "--threads", type=int, default=threads, help=threads_help + " (with --workers: in each worker)"
+    )
     train.set_defaults(func=cmd_train)
 
     evaluate = add_command(sub, "eval", "accuracy and retention table of trained variants", common)
