@@ -135,7 +135,7 @@ def tensorize(model: HTCVLM, samples: Sequence[VQASample]) -> VQATensors:
             pixels[i] = (
                 (to_pixels(to_rgb(s.image), size, model.config.preprocess) * 255).round().to(torch.uint8)
             )
-        conversations = [[(s.question, s.answer), *s.follow_ups], *([m] for m in s.more)]
+        conversations = [[(s.question, s.answer), *s.follow_ups], *s.more]
         rows.append([conversation_ids(model, c, prompt_ids, answer_ids) for c in conversations])
     k = max(len(r) for r in rows)
     segments = torch.tensor([[len(ids) for ids, _ in r] + [0] * (k - len(r)) for r in rows])

@@ -3,8 +3,8 @@
 - scenes: `Scene`s of 1–4 objects (shape, color, size, texture, position) and their Pillow rendering
 - questions: closed-set semantic and detail questions about a scene, the answer vocabulary and templates
 - dataset: `ProceduralVQA`, deterministic per (split, seed, index), and the `VQASample` both sets give
-- llava: `read_llava()` for LLaVA-format JSON with images on disk; `LlavaConversations` (a conversation's
-  turns packed, for training) and `LlavaVQA` (each turn alone)
+- llava: `read_llava()` for LLaVA-format JSON with images on disk; `LlavaConversations` (every conversation
+  about one image packed, for training) and `LlavaVQA` (each turn alone)
 """
 
 from htcvlm.data.dataset import (
@@ -23,6 +23,7 @@ from htcvlm.data.llava import (
     LlavaTurn,
     LlavaVQA,
     MissingImageError,
+    by_image,
     conversations,
     read_llava,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "answer_vocabulary",
     "answers_for",
     "ask",
+    "by_image",
     "conversations",
     "draw_question",
     "draw_questions",

@@ -53,9 +53,10 @@ class VQASample:
     kind: Kind | None
     qtype: str
     scene: Scene | None = None
-    # further (question, answer) pairs about the same image: a trainer packs them into one pass, each
-    # as if asked alone
-    more: tuple[tuple[str, str], ...] = ()
+    # further conversations about the same image, each (question, answer) turns in order: a trainer packs
+    # them into one pass after the question's, each read as if asked alone (the procedural set's further
+    # questions, one turn each; LLaVA entries that share the image)
+    more: tuple[tuple[tuple[str, str], ...], ...] = ()
     # the later turns of the question's conversation (LLaVA), each asked after the answers before it:
     # a trainer packs them after the first answer, every turn reading the turns before it
     follow_ups: tuple[tuple[str, str], ...] = ()
@@ -193,7 +194,7 @@ class ProceduralVQA:
             kind=KIND_OF[question.qtype],
             qtype=question.qtype,
             scene=scene,
-            more=tuple((q.text, q.answer) for q in more),
+            more=tuple(((q.text, q.answer),) for q in more),
         )
 
     def render_all(self, workers: int | None = None) -> list[VQASample]:

@@ -7,9 +7,11 @@ The format (LLaVA-Instruct, llava_v1_5_mix665k) is one JSON list of entries:
                         {"from": "gpt", "value": "The bus is white and red."}, ...]}, ...]
 
 Each human/gpt pair becomes one `LlavaTurn` with the `<image>` tag removed, listed in conversation order.
-`conversations()` groups them back into dialogues: training packs a whole conversation after one compressed
-image, each turn reading the turns before it (`LlavaConversations`); `LlavaVQA` gives every turn alone, as
-the service asks questions (validation).
+`conversations()` groups them back into dialogues, and `by_image()` groups the dialogues that share one
+image file (the mix665k asks about many COCO images in several entries): training packs every conversation
+about an image after one compressed prefix, each its own segment, each turn reading the turns of its
+conversation before it (`LlavaConversations`); `LlavaVQA` gives every turn alone, as the service asks
+questions (validation).
 
 Failures, all `LlavaError`s, which the trainer's entry point catches to report a bad data set:
 - `LlavaFormatError`: the file is not JSON, or an entry is not of the shape above (the entry is named);
@@ -155,6 +157,7 @@ def read_llava(
 
 
 Conversation = tuple[LlavaTurn, ...]  # one entry's turns in order, one image
+ImageConversations = tuple[Conversation, ...]  # every conversation about one image, in file order
 
 
 def conversations(turns: Sequence[LlavaTurn]) -> tuple[Conversation, ...]:
@@ -168,9 +171,19 @@ def conversations(turns: Sequence[LlavaTurn]) -> tuple[Conversation, ...]:
     return tuple(tuple(g) for g in grouped)
 
 
-def conversation_sample(conversation: Conversation, image: Image.Image) -> VQASample:
-    """A conversation about `image` as one sample: its first turn, the later ones as `follow_ups`."""
-    first, *later = conversation
+def by_image(items: Sequence[Conversation]) -> tuple[ImageConversations, ...]:
+    """Conversations grouped by their image file, each group in file order and the groups in the order of
+    their first conversation: one compressed prefix serves them all."""
+    groups: dict[Path, list[Conversation]] = {}
+    for conversation in items:
+        groups.setdefault(conversation[0].image_path, []).append(conversation)
+    return tuple(tuple(g) for g in groups.values())
+
+
+def image_sample(group: Sequence[Conversation], image: Image.Image) -> VQASample:
+    """Conversations about `image` as one sample: the first one's first turn, its later turns as
+    `follow_ups`, and each further conversation in `more`, its own segment."""
+    (first, *later), *others = group
     return VQASample(
         image=image,
         question=first.question,
@@ -178,6 +191,7 @@ def conversation_sample(conversation: Conversation, image: Image.Image) -> VQASa
         kind=None,
         qtype="llava",
         follow_ups=tuple((t.question, t.answer) for t in later),
+        more=tuple(tuple((t.question, t.answer) for t in c) for c in others),
     )
 
 
@@ -197,19 +211,19 @@ class LlavaVQA:
 
     def __getitem__(self, index: int) -> VQASample:
         turn = self.data.turns[index]
-        return conversation_sample((turn,), open_rgb(turn.image_path))
+        return image_sample(((turn,),), open_rgb(turn.image_path))
 
 
 class LlavaConversations:
-    """Map-style dataset over conversations: one sample per conversation, its turns packed (see
-    `conversation_sample`); opens the image as RGB on each access."""
+    """Map-style dataset over images: one sample per `by_image` group, every conversation about the image
+    packed (see `image_sample`); opens the image as RGB on each access."""
 
-    def __init__(self, items: Sequence[Conversation]) -> None:
+    def __init__(self, items: Sequence[ImageConversations]) -> None:
         self.items = items
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> VQASample:
-        conversation = self.items[index]
-        return conversation_sample(conversation, open_rgb(conversation[0].image_path))
+        group = self.items[index]
+        return image_sample(group, open_rgb(group[0][0].image_path))

@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from htcvlm.data.dataset import draw_question
-from htcvlm.data.llava import LlavaConversations, LlavaVQA, conversations, read_llava
+from htcvlm.data.llava import LlavaConversations, LlavaVQA, by_image, conversations, read_llava
 from htcvlm.data.questions import answer_vocabulary
 from htcvlm.model import HTCVLM
 from htcvlm.pool import VQATensors, procedural_pool, tensorize
@@ -32,14 +32,14 @@ def llava_pools(
     model: HTCVLM, json_path: Path, image_root: Path, val_size: int
 ) -> tuple[VQATensors, VQATensors]:
     """LLaVA-format data: the last `val_size` turns held out, each alone (as the service asks); the turns
-    before them train, one row per conversation with its turns packed (a conversation the cut splits
-    keeps its earlier turns)."""
+    before them train, one row per image with every conversation about it packed (a conversation the cut
+    splits keeps its earlier turns)."""
     data = read_llava(json_path, image_root, on_missing="skip")
     if len(data.turns) <= val_size:
         raise ValueError(
             f"{json_path} has {len(data.turns)} turns with images, need more than val_size={val_size}"
         )
-    train = LlavaConversations(conversations(data.turns[:-val_size]))
+    train = LlavaConversations(by_image(conversations(data.turns[:-val_size])))
     val = LlavaVQA(replace(data, turns=data.turns[-val_size:]))
     return (
         tensorize(model, [train[i] for i in range(len(train))]),

@@ -45,7 +45,7 @@ import torch
 from safetensors.torch import load_file
 
 from htcvlm.checkpoint import load_pretrained, save_pretrained
-from htcvlm.data.llava import conversations, read_llava
+from htcvlm.data.llava import by_image, conversations, read_llava
 from htcvlm.evaluate import accuracy
 from htcvlm.model import HTCVLM
 from htcvlm.pool import VQATensors, procedural_pool, tensorize
@@ -546,9 +546,9 @@ def run_distributed(
             raise ValueError(
                 f"{llava[0]} has {len(data.turns)} turns with images, need more than {cfg.val_size}"
             )
-        # conversations train with their turns packed; held-out turns validate each alone
-        source = LlavaSource(conversations(data.turns[: -cfg.val_size]), cfg.seed)
-        val = LlavaSource(tuple((turn,) for turn in data.turns[-cfg.val_size :]), cfg.seed)
+        # every conversation about an image trains after one prefix; held-out turns validate each alone
+        source = LlavaSource(by_image(conversations(data.turns[: -cfg.val_size])), cfg.seed)
+        val = LlavaSource(tuple(((turn,),) for turn in data.turns[-cfg.val_size :]), cfg.seed)
         logger.info("%s: %d image files missing, left out", llava[0], len(data.missing))
     record = run_record(
         variant,

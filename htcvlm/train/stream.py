@@ -6,8 +6,8 @@ these pieces into Ray Data and Ray Train.
 - `StepPlan`: the global batch split into N workers × accumulation micro-batches; which global positions
   each worker reads, in order
 - `ProceduralSource` / `LlavaSource`: which sample a global position is (drawn with replacement, as the
-  single-process trainer draws from its pool), and the sample itself (a LLaVA conversation with its
-  turns packed into one segment)
+  single-process trainer draws from its pool), and the sample itself (a LLaVA image with every
+  conversation about it packed, each its own segment)
 - `SampleRows`: the Ray Data stage, positions -> rows as the model reads them (rendered or decoded image,
   token ids), with a bad image (missing, corrupt) turned into an `ok=False` row that scores nothing
 """
@@ -27,7 +27,7 @@ import torch
 from htcvlm.checkpoint import load_tokenizer
 from htcvlm.config import HTCConfig
 from htcvlm.data.dataset import ProceduralVQA, VQASample
-from htcvlm.data.llava import Conversation, conversation_sample, open_rgb
+from htcvlm.data.llava import ImageConversations, image_sample, open_rgb
 from htcvlm.data.multi import ImageFacts, facts_of_scene
 from htcvlm.model import new_model
 from htcvlm.pool import EASY_WEIGHTS, tensorize
@@ -101,6 +101,11 @@ class ProceduralSource:
     def __len__(self) -> int:
         return self.pool + self.easy
 
+    @property
+    def segments(self) -> int:
+        """The most segments a sample's row packs: its questions."""
+        return self.questions
+
     def indices(self, positions: np.ndarray) -> np.ndarray:
         drawn = draw(positions, self.seed, 0, len(self))
         if not self.easy:
@@ -164,39 +169,43 @@ class SourceFacts(Sequence[ImageFacts]):
 
 @dataclass(frozen=True)
 class LlavaSource:
-    """LLaVA-format conversations, one a sample with its turns packed (`conversation_sample`; a validation
-    source holds one-turn conversations, each turn alone); images are opened only when a row is made,
-    and one that cannot be read (gone since listing, not an image, truncated) becomes None."""
+    """LLaVA-format data, one sample per image with every conversation about it packed (`by_image`,
+    `image_sample`; a validation source holds one-turn conversations, each turn alone); images are opened
+    only when a row is made, and one that cannot be read (gone since listing, not an image, truncated)
+    becomes None."""
 
-    conversations: tuple[Conversation, ...]
+    images: tuple[ImageConversations, ...]
     seed: int
 
     def __len__(self) -> int:
-        return len(self.conversations)
+        return len(self.images)
+
+    @property
+    def segments(self) -> int:
+        """The most segments a sample's row packs: the most conversations about one image."""
+        return max((len(group) for group in self.images), default=1)
 
     def indices(self, positions: np.ndarray) -> np.ndarray:
         return draw(positions, self.seed, 0, len(self))
 
     def samples(self, indices: np.ndarray, image_size: int) -> list[VQASample | None]:
-        return [read_conversation(self.conversations[i]) for i in map(int, indices)]
+        return [read_image(self.images[i]) for i in map(int, indices)]
 
     def images_key(self) -> dict[str, Any]:
-        """What fixes the images, index by index (a feature cache's key): each conversation's image path."""
-        paths = "\n".join(str(conversation[0].image_path) for conversation in self.conversations)
-        return {
-            "llava": {"conversations": len(self), "images_sha256": hashlib.sha256(paths.encode()).hexdigest()}
-        }
+        """What fixes the images, index by index (a feature cache's key): each sample's image path."""
+        paths = "\n".join(str(group[0][0].image_path) for group in self.images)
+        return {"llava": {"images": len(self), "images_sha256": hashlib.sha256(paths.encode()).hexdigest()}}
 
 
-def read_conversation(conversation: Conversation) -> VQASample | None:
-    """The conversation with its image, or None when the image file cannot be decoded."""
-    path = conversation[0].image_path
+def read_image(group: ImageConversations) -> VQASample | None:
+    """The conversations with their image, or None when the image file cannot be decoded."""
+    path = group[0][0].image_path
     try:
         rgb = open_rgb(path)  # loads every pixel: a truncated file fails here, not later
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for missing, unknown and broken files
         logger.warning("skipping %s: %s", path, e)
         return None
-    return conversation_sample(conversation, rgb)
+    return image_sample(group, rgb)
 
 
 Source = ProceduralSource | LlavaSource
@@ -230,7 +239,7 @@ class SampleRows:
             self.text_model = new_model(config, load_tokenizer(model_dir))
         self.source, self.plan, self.rank, self.start_step = source, plan, rank, start_step
         self.max_text = max_text
-        self.n_segments = source.questions if isinstance(source, ProceduralSource) else 1
+        self.n_segments = source.segments
         self.features = FeatureCache(features) if features is not None else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

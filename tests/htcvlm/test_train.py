@@ -129,7 +129,7 @@ def test_packed_questions_score_as_each_question_alone(tokenizer):
             alone = tensorize(
                 model,
                 [
-                    dataclasses.replace(s, question=s.more[k - 1][0], answer=s.more[k - 1][1], more=())
+                    dataclasses.replace(s, question=s.more[k - 1][0][0], answer=s.more[k - 1][0][1], more=())
                     if k
                     else dataclasses.replace(s, more=())
                     for s in samples
@@ -149,25 +149,25 @@ def test_packed_questions_score_as_each_question_alone(tokenizer):
 # before it; the tiny model's template (None) asks every turn as its first.
 CHAT = dataclasses.replace(LLAVA, next_prompt="USER: {question} ASSISTANT:")
 TURNS = ((QUESTIONS[0], "a circle"), (QUESTIONS[1], "red"), (QUESTIONS[2], "two, both small"))
+SECOND = (("color?", "blue"), ("size?", "small"))  # another conversation about the same image
 
 
 @pytest.mark.parametrize("layout", [None, CHAT], ids=["tiny", "chat"])
 def test_packed_conversations_give_each_turn_its_logits_after_its_history(tokenizer, layout):
-    """A conversation's turns packed after one compressed image (and an independent question after it, as
-    the tiny recipe packs): turn k has the logits it has in an unpacked row of turns 0..k alone, so it
-    reads the voco token, the shared prefix and the earlier turns as the chat template lays them out; and
-    the loss scores exactly every turn's answer tokens and the EOS that ends each."""
+    """A conversation's turns packed after one compressed image, and a second conversation about the same
+    image after it (another LLaVA entry of that image): turn k has the logits it has in an unpacked row of
+    turns 0..k alone, so it reads the voco token, the shared prefix and the earlier turns of its own
+    conversation as the chat template lays them out, never the other conversation's; and the loss scores
+    exactly every turn's answer tokens and the EOS that ends each."""
     model = make_model(tokenizer, seed=0, **({} if layout is None else {"layout": layout})).eval()
     data = ProceduralVQA("train", 2)
     (q0, a0), *later = TURNS
     samples = [
-        dataclasses.replace(
-            data[i], question=q0, answer=a0, follow_ups=tuple(later), more=(("color?", "blue"),)
-        )
+        dataclasses.replace(data[i], question=q0, answer=a0, follow_ups=tuple(later), more=(SECOND,))
         for i in range(2)
     ]
     packed = tensorize(model, samples)
-    assert packed.segments.shape == (2, 2)  # the conversation, then the independent question
+    assert packed.segments.shape == (2, 2)  # the conversation, then the second one
     with torch.no_grad():
         logits = model(**_inputs(packed))[0]
     for k in range(len(TURNS)):
@@ -181,6 +181,17 @@ def test_packed_conversations_give_each_turn_its_logits_after_its_history(tokeni
             assert torch.equal(packed.ids[i, :n], history.ids[i, :n])
             assert torch.equal(packed.scored[i, :n], history.scored[i, :n])
             torch.testing.assert_close(logits[i, :n], alone[i, :n], atol=1e-5, rtol=1e-5)
+    (q1, a1), follow = SECOND[0], SECOND[1:]
+    second = tensorize(
+        model, [dataclasses.replace(s, question=q1, answer=a1, follow_ups=follow, more=()) for s in samples]
+    )
+    with torch.no_grad():
+        alone = model(**_inputs(second))[0]
+    for i in range(2):
+        start, n = int(packed.segments[i, 0]), int(second.lengths[i])
+        assert int(packed.segments[i, 1]) == n
+        assert torch.equal(packed.ids[i, start : start + n], second.ids[i, :n])
+        torch.testing.assert_close(logits[i, start : start + n], alone[i, :n], atol=1e-5, rtol=1e-5)
     # the earlier turns are read: another first answer changes the later turns' logits
     other = tensorize(model, [dataclasses.replace(s, answer="a square", more=()) for s in samples])
     with torch.no_grad():
@@ -192,11 +203,12 @@ def test_packed_conversations_give_each_turn_its_logits_after_its_history(tokeni
     # scored: each answer's tokens and its EOS, nothing of a prompt
     eos, length = tokenizer.eos_token_id, int(packed.lengths[0])
     ids, scored = packed.ids[0, :length], packed.scored[0, :length]
-    answers = [*(a for _, a in TURNS), "blue"]
+    answers = [a for _, a in (*TURNS, *SECOND)]
     assert ids[scored].tolist() == [t for a in answers for t in model.answer_ids(a)]
     assert (ids[scored] == eos).sum() == len(answers) and not (ids[~scored] == eos).any()
     prompts = [model.layout.prompt_text(q, turn) for turn, (q, _) in enumerate(TURNS)]
-    assert tokenizer.decode(ids[~scored]) == "".join([*prompts, model.layout.prompt_text("color?")])
+    prompts += [model.layout.prompt_text(q, turn) for turn, (q, _) in enumerate(SECOND)]
+    assert tokenizer.decode(ids[~scored]) == "".join(prompts)
     if layout is not None:
         assert prompts[1].startswith("USER: ") and not prompts[0].startswith("USER: ")
 

@@ -1,4 +1,4 @@
-"""read_llava, conversations, LlavaVQA and LlavaConversations on a small LLaVA-format file with real
+"""read_llava, conversations, by_image, LlavaVQA and LlavaConversations on a small LLaVA-format file with real
 PNGs in tmp_path."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from htcvlm.data.llava import (
     LlavaFormatError,
     LlavaVQA,
     MissingImageError,
+    by_image,
     conversations,
     read_llava,
 )
@@ -112,10 +113,32 @@ def test_conversations_group_the_turns_back_and_pack_them_into_one_sample(
         [("7", 0)],
     ]
     assert [[t.turn for t in c] for c in conversations(turns[2:])] == [[1, 2], [0]]
-    packed = LlavaConversations(grouped)[1]
+    packed = LlavaConversations(by_image(grouped))[1]
     assert (packed.question, packed.answer) == ("Describe it.", "A blue square.")
     assert packed.follow_ups == (("Is it large?", "No."), ("How many?", "One.")) and packed.more == ()
     assert packed.image.mode == "RGB" and packed.image.size == (8, 8)
+
+
+def test_entries_that_share_an_image_become_one_sample(tmp_path: Path, image_root: Path) -> None:
+    """by_image groups the conversations about one image file in file order, wherever they stand in the
+    file; the sample asks the first one's turns as question and follow-ups and each other conversation,
+    whole and in order, in `more` (its own segment when packed)."""
+    again = [
+        {
+            "id": "again",
+            "image": "b.png",
+            "conversations": [human("<image>\nColor?"), gpt("Blue."), human("Shape?"), gpt("Square.")],
+        },
+        {"id": "last", "image": "b.png", "conversations": [human("Big?\n<image>"), gpt("No.")]},
+    ]
+    turns = read_llava(write(tmp_path, [*ENTRIES, *again]), image_root).turns
+    groups = by_image(conversations(turns))
+    assert [[c[0].entry_id for c in g] for g in groups] == [["one"], ["multi", "again", "last"], ["7"]]
+    sample = LlavaConversations(groups)[1]
+    assert (sample.question, sample.answer) == ("Describe it.", "A blue square.")
+    assert sample.follow_ups == (("Is it large?", "No."), ("How many?", "One."))
+    assert sample.more == ((("Color?", "Blue."), ("Shape?", "Square.")), (("Big?", "No."),))
+    assert LlavaConversations(groups)[0].more == ()
 
 
 def test_missing_image_raises_a_typed_error_naming_entry_and_file(tmp_path: Path, image_root: Path) -> None:

@@ -112,7 +112,7 @@ def test_more_questions_keep_the_first_and_ask_distinct_right_ones() -> None:
         assert all(solve(scene, q.text) == q.answer for q in questions)
         a, b = one[i], four[i]
         assert (a.question, a.answer, a.scene, a.more) == (b.question, b.answer, b.scene, ())
-        assert b.more == tuple((q.text, q.answer) for q in questions[1:])
+        assert b.more == tuple(((q.text, q.answer),) for q in questions[1:])
         counts[len(questions)] += 1
     assert counts[4] > 190, counts  # only a scene that admits fewer than 4 questions gives fewer
     with pytest.raises(ValueError, match="questions"):
