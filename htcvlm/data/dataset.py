@@ -186,9 +186,15 @@ class ProceduralVQA:
         return draw_questions(self.split, index, n, self.weights, self.seed, self.max_objects)
 
     def __getitem__(self, index: int) -> VQASample:
+        return self.sample(index)
+
+    def sample(self, index: int, image: bool = True) -> VQASample:
+        """Sample index; with image=False a black image stands in for the scene's, for a reader that takes
+        the image's features from elsewhere (a feature cache): the questions without rendering's cost."""
         scene, (question, *more) = self._draw(index, self.questions)
+        size = self.image_size
         return VQASample(
-            image=render(scene, self.image_size),
+            image=render(scene, size) if image else Image.new("RGB", (size, size)),
             question=question.text,
             answer=question.answer,
             kind=KIND_OF[question.qtype],

@@ -126,9 +126,14 @@ class ProceduralSource:
         )
         return main, single
 
-    def samples(self, indices: np.ndarray, image_size: int) -> list[VQASample | None]:
+    def samples(self, indices: np.ndarray, image_size: int, images: bool = True) -> list[VQASample | None]:
+        """The samples at `indices`; images=False leaves the scenes unrendered (black), for rows whose
+        features come from a feature cache (rendering is most of a row's cost)."""
         main, single = self._sets(image_size)
-        return [main[i] if i < self.pool else single[i - self.pool] for i in map(int, indices)]
+        return [
+            main.sample(i, images) if i < self.pool else single.sample(i - self.pool, images)
+            for i in map(int, indices)
+        ]
 
     def images_key(self) -> dict[str, Any]:
         """What fixes the images, index by index (a feature cache's key)."""
@@ -188,7 +193,8 @@ class LlavaSource:
     def indices(self, positions: np.ndarray) -> np.ndarray:
         return draw(positions, self.seed, 0, len(self))
 
-    def samples(self, indices: np.ndarray, image_size: int) -> list[VQASample | None]:
+    def samples(self, indices: np.ndarray, image_size: int, images: bool = True) -> list[VQASample | None]:
+        """The samples at `indices`, images always decoded: decoding is what finds an unreadable one."""
         return [read_image(self.images[i]) for i in map(int, indices)]
 
     def images_key(self) -> dict[str, Any]:
@@ -246,7 +252,8 @@ class SampleRows:
         positions = self.plan.positions(self.rank, self.start_step, batch["data"].astype(np.int64))
         indices = self.source.indices(positions)
         config = self.text_model.config
-        samples = self.source.samples(indices, config.image_size)
+        # with cached features the worker never reads the pixels: a procedural scene is left unrendered
+        samples = self.source.samples(indices, config.image_size, images=self.features is None)
         ok = np.array([s is not None for s in samples])
         blank = blank_sample(config.image_size)
         pool = tensorize(self.text_model, [s if s is not None else blank for s in samples])
