@@ -174,7 +174,8 @@ def precompute(
     cache.claim({"shard": SHARD, "images": source.images_key(), **frozen_key(start, freeze_vision)})
     missing = cache.missing(len(source))
     if missing:
-        shards = ray.data.from_numpy(np.array(missing, dtype=np.int64))
+        # one block per shard: the actors take blocks, and one block of every number fed a single actor
+        shards = ray.data.from_numpy([np.array([s], dtype=np.int64) for s in missing])
         shards.map_batches(
             ComputeShards,
             fn_constructor_args=(str(start), source, str(cache.folder), freeze_vision, max(1, int(cpus))),
