@@ -15,6 +15,8 @@ first `<voco>` on. In OneToken's terms: n_voco=2, visual_attention "causal", the
 for a tokenizer without sentencepiece's dummy prefix), text_attends_prefix False, and the voco parameter
 the `<voco>` embedding row twice. The row is taken out of the vocabulary (32000 tokens, LLaVA's): OneToken
 feeds voco as an embedding and never generates it (its lm_head row is dropped too).
+A later turn of a conversation, as training on multi-turn data packs it, follows the answer before it as
+the template's TWO separator style writes it: answer "</s>" "USER: " q2 " ASSISTANT:" (`next_prompt`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def voco_llama_layout(dummy_prefix: bool) -> LayoutConfig:
         system=SYSTEM,
         separator="\n" if dummy_prefix else " \n",
         prompt="\n{system} USER: {question} ASSISTANT:",
+        # the template's TWO separator style: a later turn right after the </s> ending the answer before it
+        next_prompt="USER: {question} ASSISTANT:",
         text_attends_prefix=False,
         stop_tokens=("</s>",),
     )
