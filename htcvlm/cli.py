@@ -137,7 +137,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from htcvlm.train.run import run_training
 
-    torch.set_num_threads(args.threads)
+    # with --workers, --threads is each worker's: stages 1 and 0 run here before any starts, on every core
+    torch.set_num_threads((os.cpu_count() or 1) if args.workers else args.threads)
     given = {f.name: v for f in fields(TrainConfig) if (v := getattr(args, f.name, None)) is not None}
     model_overrides = {
         k: v for k in ("n_discrete", "fusion", "image_marker") if (v := getattr(args, k)) is not None
@@ -166,7 +167,6 @@ def _train_distributed(args: argparse.Namespace, cfg: TrainConfig, model_overrid
     """`train --workers N`: stage 2 on Ray Train (htcvlm/train/distributed.py), on the Ray cluster at
     --ray-address or a local one started here (and stopped at the end)."""
     import ray
-    import torch
 
     from htcvlm.train.distributed import Scaling, run_distributed
 
@@ -181,8 +181,6 @@ def _train_distributed(args: argparse.Namespace, cfg: TrainConfig, model_overrid
         fsdp=args.fsdp,
         feature_cache=args.feature_cache,
     )
-    # --threads is each worker's; stages 1 and 0 run here before any worker starts, on every core
-    torch.set_num_threads(os.cpu_count() or 1)
     started = not ray.is_initialized()
     if started:
         # a local cluster holds the workers and their data stages as logical CPUs whatever the cores

@@ -180,6 +180,11 @@ def by_image(items: Sequence[Conversation]) -> tuple[ImageConversations, ...]:
     return tuple(tuple(g) for g in groups.values())
 
 
+def image_path(group: ImageConversations) -> Path:
+    """The one image file a `by_image` group's conversations are about."""
+    return group[0][0].image_path
+
+
 def image_sample(group: Sequence[Conversation], image: Image.Image) -> VQASample:
     """Conversations about `image` as one sample: the first one's first turn, its later turns as
     `follow_ups`, and each further conversation in `more`, its own segment."""
@@ -226,4 +231,4 @@ class LlavaConversations:
 
     def __getitem__(self, index: int) -> VQASample:
         group = self.items[index]
-        return image_sample(group, open_rgb(group[0][0].image_path))
+        return image_sample(group, open_rgb(image_path(group)))

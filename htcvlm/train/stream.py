@@ -27,7 +27,7 @@ import torch
 from htcvlm.checkpoint import load_tokenizer
 from htcvlm.config import HTCConfig
 from htcvlm.data.dataset import ProceduralVQA, VQASample
-from htcvlm.data.llava import ImageConversations, image_sample, open_rgb
+from htcvlm.data.llava import ImageConversations, image_path, image_sample, open_rgb
 from htcvlm.data.multi import ImageFacts, facts_of_scene
 from htcvlm.model import new_model
 from htcvlm.pool import EASY_WEIGHTS, tensorize
@@ -199,13 +199,13 @@ class LlavaSource:
 
     def images_key(self) -> dict[str, Any]:
         """What fixes the images, index by index (a feature cache's key): each sample's image path."""
-        paths = "\n".join(str(group[0][0].image_path) for group in self.images)
+        paths = "\n".join(str(image_path(group)) for group in self.images)
         return {"llava": {"images": len(self), "images_sha256": hashlib.sha256(paths.encode()).hexdigest()}}
 
 
 def read_image(group: ImageConversations) -> VQASample | None:
     """The conversations with their image, or None when the image file cannot be decoded."""
-    path = group[0][0].image_path
+    path = image_path(group)
     try:
         rgb = open_rgb(path)  # loads every pixel: a truncated file fails here, not later
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for missing, unknown and broken files
