@@ -403,10 +403,23 @@ class HTCVLM(nn.Module):
         is at least n / max_token_chars tokens, which bounds a question's length before tokenizing it."""
         return max(len(token) for token in self.tokenizer.get_vocab())
 
-    def answer_ids(self, answer: str) -> list[int]:
-        """Training target for an answer: ' answer' then EOS."""
-        ids = self.tokenizer(f" {answer.strip()}", add_special_tokens=False).input_ids
-        return [*ids, self.tokenizer.eos_token_id]
+    def turn_ids(self, question: str, answer: str, turn: int = 0) -> tuple[list[int], list[int]]:
+        """A training turn: the question's `prompt_ids` and the target, the answer's tokens then EOS.
+
+        The answer is tokenized as the reference trainers tokenize it (LLaVA's `preprocess_v1`): in one
+        text with its prompt, "… ASSISTANT: answer", and cut where the prompt's own ids end. Alone,
+        " answer" would start with a token of its own for the space under a tokenizer that adds a dummy
+        prefix (LLaMA's legacy sentencepiece: "▁" "▁A" where the joined text has "▁A"), a token the model
+        would learn to say first. Where the joined text's ids do not begin with the prompt's (a merge
+        across the boundary), the answer is " answer" alone."""
+        prompt = self.prompt_ids(question, turn)
+        text = f"{self.layout.prompt_text(question, turn)} {answer.strip()}"
+        joined = self.tokenizer(text, add_special_tokens=False).input_ids
+        if joined[: len(prompt)] == prompt:
+            ids = joined[len(prompt) :]
+        else:
+            ids = self.tokenizer(f" {answer.strip()}", add_special_tokens=False).input_ids
+        return prompt, [*ids, self.tokenizer.eos_token_id]
 
     @property
     def llm_head_dim(self) -> int:

@@ -103,19 +103,17 @@ Segment = tuple[list[int], list[bool]]
 def conversation_ids(
     model: HTCVLM,
     turns: Sequence[tuple[str, str]],
-    prompt_ids: Callable[[str, int], list[int]] | None = None,
-    answer_ids: Callable[[str], list[int]] | None = None,
+    turn_ids: Callable[[str, str, int], tuple[list[int], list[int]]] | None = None,
 ) -> Segment:
     """A conversation's (question, answer) turns as one segment, as the chat template lays them out: the
     first turn's prompt, its answer and EOS, then each later turn's prompt (`next_prompt`), answer and EOS.
     Causal attention inside the segment lets every turn read the turns before it. Scored: the answer
-    tokens and the EOS ending each, never a prompt. `prompt_ids`/`answer_ids`: cached tokenizers."""
-    prompt_ids = prompt_ids or model.prompt_ids
-    answer_ids = answer_ids or model.answer_ids
+    tokens and the EOS ending each, never a prompt. `turn_ids`: a cached `model.turn_ids`."""
+    turn_ids = turn_ids or model.turn_ids
     ids: list[int] = []
     scored: list[bool] = []
     for turn, (question, answer) in enumerate(turns):
-        prompt, target = prompt_ids(question, turn), answer_ids(answer)
+        prompt, target = turn_ids(question, answer, turn)
         ids += prompt + target
         scored += [False] * len(prompt) + [True] * len(target)
     return ids, scored
@@ -125,8 +123,7 @@ def tensorize(model: HTCVLM, samples: Sequence[VQASample]) -> VQATensors:
     size = model.config.image_size
     pixels = torch.empty(len(samples), 3, size, size, dtype=torch.uint8)
     # a pool asks a few hundred distinct texts many times over: tokenize each once
-    prompt_ids = functools.cache(model.prompt_ids)
-    answer_ids = functools.cache(model.answer_ids)
+    turn_ids = functools.cache(model.turn_ids)
     rows: list[list[Segment]] = []  # per sample, its segments: the first question's conversation, then `more`
     for i, s in enumerate(samples):
         if s.image.size == (size, size):
@@ -136,7 +133,7 @@ def tensorize(model: HTCVLM, samples: Sequence[VQASample]) -> VQATensors:
                 (to_pixels(to_rgb(s.image), size, model.config.preprocess) * 255).round().to(torch.uint8)
             )
         conversations = [[(s.question, s.answer), *s.follow_ups], *s.more]
-        rows.append([conversation_ids(model, c, prompt_ids, answer_ids) for c in conversations])
+        rows.append([conversation_ids(model, c, turn_ids) for c in conversations])
     k = max(len(r) for r in rows)
     segments = torch.tensor([[len(ids) for ids, _ in r] + [0] * (k - len(r)) for r in rows])
     width = int(segments.sum(dim=1).max())

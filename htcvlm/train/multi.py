@@ -53,8 +53,8 @@ class MultiRows:
 
 def tokenize_rows(model: HTCVLM, questions: Sequence[MultiQuestion]) -> MultiRows:
     """Questions -> `MultiRows`, each text as the model's prompt template gives it."""
-    prompt_ids, answer_ids = functools.cache(model.prompt_ids), functools.cache(model.answer_ids)
-    pairs = [(prompt_ids(q.text), answer_ids(q.answer)) for q in questions]
+    turn_ids = functools.cache(model.turn_ids)
+    pairs = [turn_ids(q.text, q.answer, 0) for q in questions]
     return MultiRows(list(questions), [p + a for p, a in pairs], [len(a) for _, a in pairs])
 
 

@@ -9,6 +9,7 @@ with `legacy: false` (no dummy prefix there, so "\\n" not "▁" "\\n").
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import shutil
@@ -24,6 +25,7 @@ from transformers.convert_slow_tokenizer import import_protobuf
 
 from htcvlm.checkpoint import load_pretrained, save_pretrained
 from htcvlm.config import ImageProcessing
+from htcvlm.data.dataset import ProceduralVQA
 from htcvlm.decode import DecodeBatch, decode
 from htcvlm.errors import CheckpointError
 from htcvlm.formats.convert import VICUNA_SYSTEM, convert_llava, convert_voco_llama
@@ -33,6 +35,7 @@ from htcvlm.formats.weights import load_weights
 from htcvlm.generation import GenerationOptions
 from htcvlm.images import pixels_from_bytes
 from htcvlm.mask import to_additive
+from htcvlm.pool import tensorize
 from tests.htcvlm.formats.published import IMAGE_SIZE, Published, publish, write_voco_llama
 from tests.htcvlm.formats.test_mgvq import GOLDEN
 from tests.htcvlm.helpers import sharpened
@@ -121,6 +124,81 @@ def test_the_llava_layout_is_llavas_own_tokenization(published, llava_hf):
         assert got[: llava_hf.layout.voco_position] + got[llava_hf.layout.text_position :] == expected
     assert llava_hf.stop_ids == {2} and llava_hf.config.layout.stop_tokens == ("</s>",)
     assert llava_hf.config.preprocess == ImageProcessing(True, (122, 116, 104), "shortest_edge")
+
+
+CONVERSATION = (
+    ("What is in the image?", "A cat sitting on a red mat."),
+    ("How many dogs?", "There are 2 dogs"),
+    ("Über naïve?", "résumé 12"),
+)
+
+
+def llava_v1_reference(sp_model: bytes, turns, n_patches: int) -> tuple[list[int], list[bool]]:
+    """LLaVA-1.5's training row of a conversation, as its `preprocess_v1` makes it: conv_vicuna_v1's
+    "{system} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>…" tokenized by
+    `tokenizer_image_token` (each side of <image> on its own, every text between special tokens encoded by
+    sentencepiece with its dummy prefix, as the slow LlamaTokenizer of LLaVA's pinned transformers 4.31
+    did), and its labels: per round split at "</s>", the instruction up to "ASSISTANT: " masked
+    (`len(tokenize(instruction)) - 2`: its BOS and the lone "▁" of its trailing space). Returns the ids
+    with <image> as n_patches IMAGE ids, and which of them are labels."""
+    sp = processor(sp_model, dummy_prefix=True)
+
+    def tokenize(text: str) -> list[int]:  # tokenizer(text).input_ids: BOS, "</s>" a special token
+        ids = [sp.bos_id()]
+        for k, piece in enumerate(text.split("</s>")):
+            ids += ([sp.eos_id()] if k else []) + (sp.encode(piece) if piece else [])
+        return ids
+
+    def tokenize_image(text: str) -> list[int]:  # tokenizer_image_token: <image> is one IMAGE id
+        before, _, after = text.partition("<image>")
+        return tokenize(before) + ([IMAGE, *tokenize(after)[1:]] if _ else [])
+
+    (q1, a1), *later = turns
+    conversation = f"{VICUNA_SYSTEM} USER: <image>\n{q1.strip()} ASSISTANT: {a1}</s>"
+    conversation += "".join(f"USER: {q.strip()} ASSISTANT: {a}</s>" for q, a in later)
+    ids = tokenize_image(conversation)
+    labels = [True] * len(ids)
+    labels[0], at = False, 1
+    for round_ in conversation.split("</s>")[:-1]:
+        instruction = round_.split(" ASSISTANT: ")[0] + " ASSISTANT: "
+        n = len(tokenize_image(instruction)) - 2
+        labels[at : at + n] = [False] * n
+        at += len(tokenize_image(round_))
+    assert at == len(ids)  # LLaVA's own check ("tokenization mismatch" else, and the row left unscored)
+    image = ids.index(IMAGE)
+    return ids[:image] + [IMAGE] * n_patches + ids[image + 1 :], labels[:image] + [
+        False
+    ] * n_patches + labels[image + 1 :]
+
+
+def packed_row(model, turns) -> tuple[list[int], list[bool]]:
+    """Our training row of the conversation (`tensorize`), image and voco positions marked as above."""
+    sample = ProceduralVQA("train", 1)[0]
+    (q1, a1), *later = turns
+    row = tensorize(model, [dataclasses.replace(sample, question=q1, answer=a1, follow_ups=tuple(later))])
+    n = int(row.lengths[0])
+    prefix = [*model.layout.shared_ids, *[IMAGE] * model.layout.n_visual, *model.layout.separator_ids]
+    ids = prefix + [VOCAB] * model.layout.n_voco + row.ids[0, :n].tolist()
+    return ids, [False] * (len(ids) - n) + row.scored[0, :n].tolist()
+
+
+def test_a_packed_llava_conversation_is_llavas_training_row(published, llava_hf, tmp_path):
+    """Every turn of a conversation packed after the compressed image has the token ids and the scored
+    tokens of LLaVA-1.5's own training row (`preprocess_v1`), the voco token between image and text
+    aside: the answers start with "▁A", not "▁" "▁A" as " A" alone tokenizes, and each later turn's
+    "USER: " follows the "</s>" before it."""
+    original = written(convert_llava(published.original, published.clip, dtype="fp32"), tmp_path, "o")
+    for model in (llava_hf, original):
+        ids, scored = packed_row(model, CONVERSATION)
+        voco = model.layout.voco_position
+        expected_ids, expected_labels = llava_v1_reference(
+            published.sp_model, CONVERSATION, model.config.n_patches
+        )
+        assert ids[:voco] + ids[voco + model.layout.n_voco :] == expected_ids
+        assert scored[:voco] + scored[voco + model.layout.n_voco :] == expected_labels
+        tokens = model.tokenizer.convert_ids_to_tokens([i if i >= 0 else 0 for i in ids])
+        firsts = [tokens[i] for i in range(1, len(ids)) if scored[i] and not scored[i - 1]]
+        assert firsts == ["▁A", "▁The", "▁"]  # "▁" "ré": the vocabulary has no "▁ré"
 
 
 def test_converted_llava_without_the_bottleneck_equals_transformers_llava(published, llava_hf):
@@ -233,6 +311,27 @@ def test_the_voco_llama_layout_is_its_own_tokenization(published, voco_llama, vo
     assert model.layout.separator_ids == tuple(processor(published.sp_model, True).encode("\n"))
     voco_row = load_weights(voco_llama_dir)["model.embed_tokens.weight"][VOCAB]
     assert torch.equal(model.voco.data, voco_row.expand(2, -1))
+
+
+def test_a_packed_voco_llama_conversation_is_its_own_tokenization(published, voco_llama):
+    """VoCo-LLaMA's text after <voco> and after each "</s>" is encoded without a dummy prefix (its
+    `legacy: false` tokenizer): a packed conversation's ids are those of the whole conversation so
+    encoded, "… ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>", and the answers with their EOS are
+    what is scored."""
+    model = voco_llama
+    ids, scored = packed_row(model, CONVERSATION)
+    sp = processor(published.sp_model, dummy_prefix=False)
+    (q1, a1), *later = CONVERSATION
+    text = [f"{model.layout.prompt_text(q1)} {a1}", *(f"USER: {q.strip()} ASSISTANT: {a}" for q, a in later)]
+    expected = voco_llama_ids(published.sp_model, q1, model.config.n_patches)
+    expected = expected[: model.layout.text_position]
+    for piece in text:
+        expected += [*sp.encode(piece), sp.eos_id()]
+    assert ids == expected
+    tokens = model.tokenizer.convert_ids_to_tokens([i if i >= 0 else 0 for i in ids])
+    answers = [(i, t) for i, (t, s) in enumerate(zip(tokens, scored, strict=True)) if s]
+    pieces = [answer for _, answer in CONVERSATION]
+    assert "".join(t for _, t in answers) == "".join(f"▁{a.replace(' ', '▁')}</s>" for a in pieces)
 
 
 def test_a_legacy_tokenizer_keeps_the_dummy_prefix_after_voco(published, voco_llama_dir, tmp_path):
