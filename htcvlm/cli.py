@@ -573,6 +573,11 @@ def _add_recipe_flags(train: argparse.ArgumentParser) -> None:
     )
     flag("--contrastive", "weight of InfoNCE over two augmented views' voco latents (search)", type=float)
     flag("--contrastive-images", "images a step for it, two views each", type=int)
+    flag(
+        "--max-text",
+        "text tokens a training row keeps (--workers); longer rows are cut and counted",
+        type=_positive,
+    )
     flag("--warmup", type=int)
     flag("--val-size", "validation samples scored at each eval", type=int)
     flag("--eval-every", type=int)

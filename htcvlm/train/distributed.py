@@ -80,7 +80,6 @@ from htcvlm.train.stream import (
 logger = logging.getLogger(__name__)
 
 RUN_NAME = "stage2"  # Ray Train's run folder under out/ray
-MAX_TEXT = 256  # tokens a training row keeps (LLaVA answers beyond it are cut)
 
 
 @dataclass(frozen=True)
@@ -173,7 +172,7 @@ def fit_stage2(
         numbers = ray.data.from_numpy(np.arange(max(remaining, 1)))
         datasets[f"train_{rank}"] = numbers.map_batches(
             SampleRows,
-            fn_constructor_args=(str(start), source, plan, rank, start_step, MAX_TEXT, features),
+            fn_constructor_args=(str(start), source, plan, rank, start_step, cfg.max_text, features),
             batch_size=plan.micro_batch,
             compute=ActorPoolStrategy(size=1),
             num_cpus=scaling.data_cpus,
@@ -314,13 +313,15 @@ def train_worker(config: dict[str, Any]) -> None:
                 raise RuntimeError(f"step {step}: rank {rank} read positions {got['position']}, not {want}")
         bad.update(int(i) for m in micro for i in m["index"][~m["ok"]])
         batches = [rows_to_batch(m, device) for m in micro]
-        # (scored tokens, summed loss, skipped rows, tokens through the LLM) of the whole global batch
+        # (scored tokens, summed loss, skipped rows, tokens through the LLM, rows cut at max_text) of the
+        # whole global batch
         totals = torch.tensor(
             [
                 sum(float(b["scored"][:, 1:].sum()) for b in batches),
                 0.0,
                 float(sum((~m["ok"]).sum() for m in micro)),
                 float(sum(_sequence_tokens(model, b["text_lengths"]) for b in batches)),
+                float(sum(m["cut"].sum() for m in micro)),
             ]
         )
         _all_reduce(totals[:1], world)
@@ -369,7 +370,14 @@ def train_worker(config: dict[str, Any]) -> None:
         _all_reduce(totals[1:], world)
         step += 1
         seconds = time.perf_counter() - step_started
-        log.append({"step": step, "loss": float(totals[1]), "skipped_rows": int(totals[2])})
+        log.append(
+            {
+                "step": step,
+                "loss": float(totals[1]),
+                "skipped_rows": int(totals[2]),
+                "cut_rows": int(totals[4]),
+            }
+        )
         if nce is not None:
             log[-1]["nce"] = float(nce)
         entry = {

@@ -12,8 +12,11 @@ Layout of DIR:
   tower is frozen, the source's images, and the shard size. A cache made for anything else is refused
   rather than read.
 - `{s:06d}.safetensors`: samples [s·SHARD, (s+1)·SHARD) of the source, as float32 arrays "quantized"
-  (the MGVQ's) and "patches" (the tower's, when frozen), row i being sample s·SHARD + i. A LLaVA
-  image that cannot be read has the features of the blank image its row gets, and scores nothing.
+  (the MGVQ's) and "patches" (the tower's, when frozen), row i being sample s·SHARD + i, and
+  "readable" (1 or 0): whether the image could be read. A LLaVA image that cannot be read has the
+  features of the blank image its row gets, and scores nothing; with "readable" the data stage knows
+  that without opening the file again (a cache written before it held "readable" has its images
+  decoded on every read, as without a cache).
 
 A shard is written under a temporary name and renamed, so a killed pass leaves only whole shards, and
 the next run computes the missing ones.
@@ -108,7 +111,8 @@ class FeatureCache:
             )
 
     def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """The cached arrays of these samples, stacked in their order."""
+        """The cached arrays of these samples, stacked in their order: the features, and "readable"
+        where the cache holds it."""
         rows: dict[str, list[np.ndarray]] = {}
         shards, within = np.divmod(indices, SHARD)
         for s in np.unique(shards):
@@ -142,6 +146,7 @@ class ComputeShards:
         for s in map(int, batch["data"]):
             indices = np.arange(s * SHARD, min(len(self.source), (s + 1) * SHARD))
             samples = self.source.samples(indices, size)
+            readable = torch.tensor([x is not None for x in samples], dtype=torch.float32)
             # an unreadable image stands in as the data stage makes it (its row scores nothing)
             pixels = tensorize(
                 self.model, [x if x is not None else blank_sample(size) for x in samples]
@@ -152,7 +157,8 @@ class ComputeShards:
                 with worker_autocast(self.model.device):
                     for name, value in frozen_inputs(self.model, chunk, self.freeze_vision).items():
                         parts.setdefault(name, []).append(value)
-            self.cache.write(s, {name: torch.cat(values) for name, values in parts.items()})
+            features = {name: torch.cat(values) for name, values in parts.items()}
+            self.cache.write(s, {**features, "readable": readable})
         return {"data": batch["data"]}
 
 

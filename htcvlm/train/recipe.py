@@ -53,6 +53,9 @@ class TrainConfig:
     multi_kinds: tuple[str, ...] = ("count", "find", "compare")
     contrastive: float = 0.0  # stage 2: weight of InfoNCE over two views' voco latents (0: off)
     contrastive_images: int = 64  # images a step for it, two augmented views each
+    # text tokens a row keeps on the Ray Train path (fixed-width rows); a longer row keeps its first
+    # conversations whole and the head of the one the cut falls in, counted as `cut_rows` each step
+    max_text: int = 256
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1:
@@ -82,6 +85,8 @@ class TrainConfig:
                 f"contrastive must be >= 0 and contrastive_images >= 2, got "
                 f"{self.contrastive}, {self.contrastive_images}"
             )
+        if self.max_text < 1:
+            raise ValueError(f"max_text must be >= 1, got {self.max_text}")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0: no LoRA), got {self.lora_rank}")
 

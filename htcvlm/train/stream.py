@@ -23,6 +23,7 @@ from typing import Any, overload
 
 import numpy as np
 import torch
+from PIL import Image
 
 from htcvlm.checkpoint import load_tokenizer
 from htcvlm.config import HTCConfig
@@ -194,7 +195,12 @@ class LlavaSource:
         return draw(positions, self.seed, 0, len(self))
 
     def samples(self, indices: np.ndarray, image_size: int, images: bool = True) -> list[VQASample | None]:
-        """The samples at `indices`, images always decoded: decoding is what finds an unreadable one."""
+        """The samples at `indices`, each image decoded (None when it cannot be); images=False leaves
+        every file unopened and the image black, for rows whose features and readability come from a
+        feature cache."""
+        if not images:
+            black = Image.new("RGB", (image_size, image_size))
+            return [image_sample(self.images[i], black) for i in map(int, indices)]
         return [read_image(self.images[i]) for i in map(int, indices)]
 
     def images_key(self) -> dict[str, Any]:
@@ -220,7 +226,8 @@ Source = ProceduralSource | LlavaSource
 class SampleRows:
     """Ray Data's map stage: {"data": (n,) row numbers of one worker's stream} -> the rows as the trainer
     reads them, fixed widths so they stack: position (n,), index (n,) of the sample in its source,
-    pixels (n, 3, S, S) uint8, ids (n, max_text), segments (n, K), scored (n, max_text) bool, ok (n,) bool.
+    pixels (n, 3, S, S) uint8, ids (n, max_text), segments (n, K), scored (n, max_text) bool, ok (n,) bool,
+    cut (n,) bool: the row's text was longer than max_text and lost its end.
 
     Only the model's text side is built (on the meta device: no weights), from the start checkpoint's
     config and tokenizer, so tokens and preprocessing are those of `tensorize`.
@@ -252,8 +259,13 @@ class SampleRows:
         positions = self.plan.positions(self.rank, self.start_step, batch["data"].astype(np.int64))
         indices = self.source.indices(positions)
         config = self.text_model.config
+        cached = self.features.read(indices) if self.features is not None else {}
+        readable = cached.pop("readable", None)
         # with cached features the worker never reads the pixels: a procedural scene is left unrendered
-        samples = self.source.samples(indices, config.image_size, images=self.features is None)
+        # and a LLaVA image undecoded, the cache saying which could be read
+        samples = self.source.samples(indices, config.image_size, images=readable is None)
+        if readable is not None:
+            samples = [s if r else None for s, r in zip(samples, readable > 0, strict=True)]
         ok = np.array([s is not None for s in samples])
         blank = blank_sample(config.image_size)
         pool = tensorize(self.text_model, [s if s is not None else blank for s in samples])
@@ -274,8 +286,8 @@ class SampleRows:
             "segments": segments,
             "scored": scored,
             "ok": ok,
-            # the frozen parts' outputs, when cached: the worker does not run them
-            **(self.features.read(indices) if self.features is not None else {}),
+            "cut": pool.segments.sum(dim=1).numpy() > self.max_text,
+            **cached,  # the frozen parts' outputs, when cached: the worker does not run them
         }
 
 

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from htcvlm.checkpoint import load_pretrained, save_pretrained
 from htcvlm.data.dataset import ProceduralVQA
+from htcvlm.data.llava import by_image, conversations, read_llava
 from htcvlm.data.multi import facts_of_cells
 from htcvlm.pool import EASY_WEIGHTS, procedural_pool, tensorize
 from htcvlm.train.contrastive import contrastive_loss
@@ -36,7 +37,14 @@ from htcvlm.train.distributed import (
     latest_step,
     run_distributed,
 )
-from htcvlm.train.features import SHARD, ComputeShards, FeatureCache, frozen_inputs, frozen_key
+from htcvlm.train.features import (
+    SHARD,
+    ComputeShards,
+    FeatureCache,
+    blank_sample,
+    frozen_inputs,
+    frozen_key,
+)
 from htcvlm.train.progress import METRICS_FILE
 from htcvlm.train.recipe import TrainConfig
 from htcvlm.train.run import run_training
@@ -129,6 +137,15 @@ def test_sample_rows_are_the_rows_the_single_process_pool_holds(start):
     assert np.array_equal(again["ids"], out["ids"][2:4]) and np.array_equal(
         again["pixels"], out["pixels"][2:4]
     )
+    assert not out["cut"].any()
+    # a row longer than max_text keeps its head, its segments' lengths cut to fit, and says it was cut
+    lengths = pool.segments.sum(dim=1).numpy()
+    limit = int(lengths.max()) - 3  # the rows here are all of one length: every one is cut
+    short = SampleRows(str(start), SOURCE, plan, rank=1, start_step=3, max_text=limit)({"data": np.arange(6)})
+    assert np.array_equal(short["cut"], lengths > limit) and short["cut"].all()
+    assert np.array_equal(short["ids"], pool.ids[:, :limit].numpy())
+    assert (short["segments"].sum(axis=1) == limit).all()
+    assert np.array_equal(short["scored"], pool.scored[:, :limit].numpy())
 
 
 def test_two_workers_reach_the_weights_of_one(start, two_workers, tmp_path):
@@ -222,7 +239,8 @@ def test_the_feature_cache_holds_what_the_worker_would_compute(start, tmp_path):
     got = cache.read(indices)
     pixels = tensorize(model, source.samples(indices, 64)).pixels.float() / 255.0
     want = frozen_inputs(model, pixels, freeze_vision=True)
-    assert got.keys() == {"quantized", "patches"} == want.keys()
+    assert got.keys() == {"quantized", "patches", "readable"} and want.keys() == {"quantized", "patches"}
+    assert (got["readable"] == 1).all()
     for key in want:
         np.testing.assert_allclose(got[key], want[key].numpy(), rtol=1e-5, atol=1e-6)
     plan = StepPlan(batch_size=CFG.batch_size, workers=2, micro_batch=2)
@@ -254,6 +272,40 @@ def test_the_feature_cache_holds_what_the_worker_would_compute(start, tmp_path):
         llm_only.voco.add_(1.0)
     save_pretrained(llm_only, tmp_path / "llm_only")
     assert frozen_key(tmp_path / "llm_only", True) == frozen_key(start, True)  # the LLM is not a frozen part
+
+
+def test_with_a_feature_cache_llava_images_are_decoded_once(start, tmp_path, monkeypatch):
+    """The feature pass records which LLaVA images could be read; the data stage then makes the same
+    rows as without a cache, unreadable images skipped as before, without opening one image file."""
+    images = tmp_path / "img"
+    images.mkdir()
+    entries = []
+    for i in range(5):
+        if i == 1:
+            (images / f"{i}.jpg").write_bytes(b"not an image at all")
+        else:
+            Image.effect_noise((40 + 5 * i, 30), 30).convert("RGB").save(images / f"{i}.jpg")
+        turns = [{"from": "human", "value": f"<image>\nWhat is {i}?"}, {"from": "gpt", "value": f"it is {i}"}]
+        entries.append({"id": str(i), "image": f"img/{i}.jpg", "conversations": turns})
+    (tmp_path / "data.json").write_text(json.dumps(entries))
+    source = LlavaSource(by_image(conversations(read_llava(tmp_path / "data.json", tmp_path).turns)), 0)
+    folder = tmp_path / "cache"
+    FeatureCache(folder).claim({"shard": SHARD, "images": source.images_key(), **frozen_key(start, True)})
+    ComputeShards(str(start), source, str(folder), True)({"data": np.array([0])})
+    assert FeatureCache(folder).read(np.arange(5))["readable"].tolist() == [1, 0, 1, 1, 1]
+    plan = StepPlan(batch_size=4, workers=1, micro_batch=4)
+    decoded = SampleRows(str(start), source, plan, rank=0, start_step=0, max_text=256)({"data": np.arange(8)})
+    assert not decoded["ok"].all()  # image 1 is drawn
+    cached = SampleRows(str(start), source, plan, rank=0, start_step=0, max_text=256, features=str(folder))
+
+    def never(path):
+        raise AssertionError(f"{path} opened")
+
+    monkeypatch.setattr("htcvlm.train.stream.open_rgb", never)
+    out = cached({"data": np.arange(8)})
+    for key in ("position", "index", "ids", "segments", "scored", "ok", "cut"):
+        np.testing.assert_array_equal(out[key], decoded[key])
+    assert "readable" not in out and not out["pixels"].any() and decoded["pixels"].any()
 
 
 def test_the_stream_asks_about_the_scenes_the_pool_holds(start):
@@ -442,7 +494,18 @@ def test_llava_data_with_missing_and_corrupt_images_trains(start, ray_cluster, t
     again = [{"from": "human", "value": "Is it noisy?\n<image>"}, {"from": "gpt", "value": "yes"}]
     entries.insert(6, {"id": "3b", "image": "img/3.jpg", "conversations": again})  # packed with entry 3
     (tmp_path / "data.json").write_text(json.dumps(entries))
-    cfg = replace(CFG, steps=4, batch_size=4, val_size=2, eval_every=2, lora_rank=4)
+    # 10 listed turns, the last 2 held out: the stream draws from 7 images, 0 and 1 the corrupt ones, 2 the
+    # image of entries 3 and 3b; rows longer than the longest one-entry row are cut: image 3's
+    val_size = 2
+    turns = read_llava(tmp_path / "data.json", tmp_path, on_missing="skip").turns[:-val_size]
+    source = LlavaSource(by_image(conversations(turns)), CFG.seed)
+    model = load_pretrained(start)
+    size = model.config.image_size
+    samples = [s or blank_sample(size) for s in source.samples(np.arange(len(source)), size)]
+    lengths = np.array([int(tensorize(model, [s]).lengths[0]) for s in samples])
+    max_text = int(np.delete(lengths, 2).max())
+    assert lengths[2] > max_text
+    cfg = replace(CFG, steps=4, batch_size=4, val_size=val_size, eval_every=2, lora_rank=4, max_text=max_text)
     out = tmp_path / "run"
     metrics = run_distributed(
         out,
@@ -453,7 +516,6 @@ def test_llava_data_with_missing_and_corrupt_images_trains(start, ray_cluster, t
     )
     recorded = json.loads((out / "training.json").read_text())
     assert recorded["missing_images"] == 1
-    # 10 listed turns, the last 2 held out: the stream draws from 7 images, 0 and 1 the corrupt ones
     from htcvlm.train.stream import draw
 
     drawn = draw(np.arange(cfg.steps * cfg.batch_size), cfg.seed, 0, 7)
@@ -461,6 +523,7 @@ def test_llava_data_with_missing_and_corrupt_images_trains(start, ray_cluster, t
     assert metrics["bad_images"] == 2
     log = json.loads((out / "train_state.json").read_text())["log"]
     assert sum(e["skipped_rows"] for e in log) == int(np.isin(drawn, [0, 1]).sum())
+    assert sum(e["cut_rows"] for e in log) == int((drawn == 2).sum()) > 0
     assert all(np.isfinite(e["loss"]) for e in log) and "val_accuracy" in log[-1]
     trained, before = load_file(str(out / "model.safetensors")), load_file(str(start / "model.safetensors"))
     assert trained.keys() == before.keys()  # merged: no adapter weights left
