@@ -140,6 +140,9 @@ def fit_stage2(
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
+    from htcvlm.train.pacing import pace_ray_data
+
+    pace_ray_data()  # before any dataset is made: each carries the context to the workers reading it
     plan = scaling.plan(cfg.batch_size)
     if cfg.multi_rows and not isinstance(source, ProceduralSource):
         raise ValueError("multi-image rows need scenes to ask about: procedural data only")

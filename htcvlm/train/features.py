@@ -176,6 +176,9 @@ def precompute(
     import ray
     from ray.data import ActorPoolStrategy
 
+    from htcvlm.train.pacing import pace_ray_data
+
+    pace_ray_data()
     cache = FeatureCache(folder)
     cache.claim({"shard": SHARD, "images": source.images_key(), **frozen_key(start, freeze_vision)})
     missing = cache.missing(len(source))

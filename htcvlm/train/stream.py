@@ -261,6 +261,8 @@ class SampleRows:
         config = self.text_model.config
         cached = self.features.read(indices) if self.features is not None else {}
         readable = cached.pop("readable", None)
+        if readable is None and self.features is not None and isinstance(self.source, ProceduralSource):
+            readable = np.ones(len(indices))  # a cache from before "readable": a scene always renders
         # with cached features the worker never reads the pixels: a procedural scene is left unrendered
         # and a LLaVA image undecoded, the cache saying which could be read
         samples = self.source.samples(indices, config.image_size, images=readable is None)
