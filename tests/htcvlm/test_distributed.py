@@ -148,6 +148,35 @@ def test_sample_rows_are_the_rows_the_single_process_pool_holds(start):
     assert np.array_equal(short["scored"], pool.scored[:, :limit].numpy())
 
 
+def test_datasets_made_for_training_carry_the_paced_scheduling_loop(ray_cluster):
+    """Every dataset made after `pace_ray_data` carries the pause in its context (the context travels
+    with the dataset to the worker that reads it), the executor calls it, and asking twice adds it once.
+    What it saves is measured by bench/bench_ray_data_pacing.py."""
+    import ray
+    from ray.data import DataContext
+
+    from htcvlm.train import pacing
+
+    pacing.pace_ray_data()
+    pacing.pace_ray_data()
+    assert DataContext.get_current().custom_execution_callback_classes.count(pacing.PacedScheduling) == 1
+    calls = []
+
+    class Counted(pacing.PacedScheduling):
+        def on_execution_step(self, executor):
+            calls.append(1)
+            super().on_execution_step(executor)
+
+    DataContext.get_current().custom_execution_callback_classes.append(Counted)
+    try:
+        ds = ray.data.from_numpy(np.arange(8)).map_batches(lambda b: b, batch_size=4)
+        assert pacing.PacedScheduling in ds.context.custom_execution_callback_classes
+        assert sorted(int(x) for b in ds.iter_batches(batch_size=4) for x in b["data"]) == list(range(8))
+    finally:
+        DataContext.get_current().custom_execution_callback_classes.remove(Counted)
+    assert calls  # the loop ran the pause after its steps
+
+
 def test_two_workers_reach_the_weights_of_one(start, two_workers, tmp_path):
     """Same global batch (32 rows a step), as 2 workers × 4 micro-batches × 4 rows and as 1 worker ×
     4 micro-batches × 8 rows: the same loss curve and the same weights after 24 steps. The one worker
