@@ -15,8 +15,8 @@ Layout of DIR:
   (the MGVQ's) and "patches" (the tower's, when frozen), row i being sample s·SHARD + i, and
   "readable" (1 or 0): whether the image could be read. A LLaVA image that cannot be read has the
   features of the blank image its row gets, and scores nothing; with "readable" the data stage knows
-  that without opening the file again (a cache written before it held "readable" has its images
-  decoded on every read, as without a cache).
+  that without opening the file again (a cache written before it held "readable" has its LLaVA
+  images decoded on every read, as without a cache).
 
 A shard is written under a temporary name and renamed, so a killed pass leaves only whole shards, and
 the next run computes the missing ones.

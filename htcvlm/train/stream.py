@@ -261,11 +261,11 @@ class SampleRows:
         config = self.text_model.config
         cached = self.features.read(indices) if self.features is not None else {}
         readable = cached.pop("readable", None)
-        if readable is None and self.features is not None and isinstance(self.source, ProceduralSource):
-            readable = np.ones(len(indices))  # a cache from before "readable": a scene always renders
-        # with cached features the worker never reads the pixels: a procedural scene is left unrendered
-        # and a LLaVA image undecoded, the cache saying which could be read
-        samples = self.source.samples(indices, config.image_size, images=readable is None)
+        # with cached features the worker never reads the pixels: a procedural scene is left unrendered,
+        # and a LLaVA image undecoded when the cache says which could be read (a cache from before it
+        # did: decoding is what finds an unreadable one)
+        decode = self.features is None or (readable is None and isinstance(self.source, LlavaSource))
+        samples = self.source.samples(indices, config.image_size, images=decode)
         if readable is not None:
             samples = [s if r else None for s, r in zip(samples, readable > 0, strict=True)]
         ok = np.array([s is not None for s in samples])
