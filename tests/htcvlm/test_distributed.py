@@ -48,7 +48,7 @@ from htcvlm.train.features import (
 from htcvlm.train.progress import METRICS_FILE
 from htcvlm.train.recipe import TrainConfig
 from htcvlm.train.run import run_training
-from htcvlm.train.stages import step_rng
+from htcvlm.train.stages import step_rng, train_vlm
 from htcvlm.train.stream import LlavaSource, ProceduralSource, SampleRows, StepPlan, rows_to_batch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -191,6 +191,27 @@ def test_two_workers_reach_the_weights_of_one(start, two_workers, tmp_path):
         load_file(str(tmp_path / "model.safetensors"))["voco"],
         load_file(str(start / "model.safetensors"))["voco"],
     )
+
+
+def test_the_ray_path_trains_what_the_single_process_trains_on_the_same_rows(
+    start, two_workers, tmp_path, monkeypatch
+):
+    """`train_vlm` on the pre-rendered pool, its batches the rows the stream draws for each step,
+    reaches the weights of the Ray Train run (2 workers): the two paths differ only in which rows
+    they draw, not in what a step does with them (model, loss, learning rate, clipping, AdamW)."""
+    model = load_pretrained(start)
+    pool = procedural_pool(model, "train", CFG.pool, CFG.easy, CFG.questions)
+    drawn: list[int] = []
+
+    def stream_rows(data, step, cfg, gen):
+        positions = np.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+        drawn.append(step)
+        return torch.from_numpy(SOURCE.indices(positions))
+
+    monkeypatch.setattr("htcvlm.train.stages.batch_indices", stream_rows)
+    train_vlm(model, pool, CFG, "hybrid", out=tmp_path, show_progress=False)
+    assert drawn == list(range(CFG.steps))
+    _assert_same_weights(tmp_path, two_workers, atol=2e-5)
 
 
 def test_multi_image_rows_and_the_search_loss_on_two_workers_reach_the_weights_of_one(
