@@ -198,7 +198,10 @@ def test_the_ray_path_trains_what_the_single_process_trains_on_the_same_rows(
 ):
     """`train_vlm` on the pre-rendered pool, its batches the rows the stream draws for each step,
     reaches the weights of the Ray Train run (2 workers): the two paths differ only in which rows
-    they draw, not in what a step does with them (model, loss, learning rate, clipping, AdamW)."""
+    they draw, not in what a step does with them (model, loss, learning rate, clipping, AdamW).
+    So does a run made as the full recipe's Ray run was (docs/TRAINING.md): one worker on 2 threads,
+    no accumulation, the frozen parts' outputs read from a feature cache, and rank 0 validating at
+    every checkpoint in the middle of the run."""
     model = load_pretrained(start)
     pool = procedural_pool(model, "train", CFG.pool, CFG.easy, CFG.questions)
     drawn: list[int] = []
@@ -209,9 +212,20 @@ def test_the_ray_path_trains_what_the_single_process_trains_on_the_same_rows(
         return torch.from_numpy(SOURCE.indices(positions))
 
     monkeypatch.setattr("htcvlm.train.stages.batch_indices", stream_rows)
-    train_vlm(model, pool, CFG, "hybrid", out=tmp_path, show_progress=False)
+    single, one = tmp_path / "single", tmp_path / "one"
+    single.mkdir(), one.mkdir()
+    train_vlm(model, pool, CFG, "hybrid", out=single, show_progress=False)
     assert drawn == list(range(CFG.steps))
-    _assert_same_weights(tmp_path, two_workers, atol=2e-5)
+    _assert_same_weights(single, two_workers, atol=2e-5)
+
+    scaling = Scaling(workers=1, threads=2, feature_cache=str(tmp_path / "features"), **HALF)
+    metrics = fit_stage2(start, one, CFG, SOURCE, scaling, val=SOURCE, show_progress=False)
+    assert "val_accuracy" in metrics
+    validated = [
+        e["step"] for e in json.loads((one / "train_state.json").read_text())["log"] if "val_accuracy" in e
+    ]
+    assert validated == list(range(CFG.eval_every, CFG.steps + 1, CFG.eval_every))
+    _assert_same_weights(single, one, atol=2e-5)
 
 
 def test_multi_image_rows_and_the_search_loss_on_two_workers_reach_the_weights_of_one(
