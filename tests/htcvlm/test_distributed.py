@@ -89,8 +89,12 @@ def two_workers(start, ray_cluster, tmp_path_factory) -> Path:
     return out
 
 
+def _log(out: Path) -> list[dict]:
+    return json.loads((out / "train_state.json").read_text())["log"]
+
+
 def _losses(out: Path) -> list[float]:
-    return [e["loss"] for e in json.loads((out / "train_state.json").read_text())["log"]]
+    return [e["loss"] for e in _log(out)]
 
 
 def _assert_same_weights(a: Path, b: Path, atol: float = 1e-5) -> None:
@@ -221,9 +225,7 @@ def test_the_ray_path_trains_what_the_single_process_trains_on_the_same_rows(
     scaling = Scaling(workers=1, threads=2, feature_cache=str(tmp_path / "features"), **HALF)
     metrics = fit_stage2(start, one, CFG, SOURCE, scaling, val=SOURCE, show_progress=False)
     assert "val_accuracy" in metrics
-    validated = [
-        e["step"] for e in json.loads((one / "train_state.json").read_text())["log"] if "val_accuracy" in e
-    ]
+    validated = [e["step"] for e in _log(one) if "val_accuracy" in e]
     assert validated == list(range(CFG.eval_every, CFG.steps + 1, CFG.eval_every))
     _assert_same_weights(single, one, atol=2e-5)
 
@@ -255,7 +257,7 @@ def test_multi_image_rows_and_the_search_loss_on_two_workers_reach_the_weights_o
     for other in (two, sharded):
         np.testing.assert_allclose(_losses(one), _losses(other), rtol=1e-5)
         _assert_same_weights(one, other, atol=2e-5)
-    logs = [json.loads((out / "train_state.json").read_text())["log"] for out in (one, two, sharded)]
+    logs = [_log(out) for out in (one, two, sharded)]
     nce = [log[0]["nce"] for log in logs]
     assert nce[0] == pytest.approx(nce[1], rel=1e-5) == pytest.approx(nce[2], rel=1e-5) and nce[0] > 0.1
     assert logs[2][-1]["val_accuracy"] == pytest.approx(logs[0][-1]["val_accuracy"])  # rank 0's whole copy
@@ -399,7 +401,7 @@ def test_the_driver_logs_every_step_and_keeps_the_run_config_beside_each_checkpo
     """Per step, the driver's metrics.jsonl holds the loss the workers logged, the learning rate, the
     tokens through the LLM and their rate; every checkpoint Ray Train kept, and the output folder,
     hold the run's config (training.json) beside the weights."""
-    entries, log = _metrics(two_workers), json.loads((two_workers / "train_state.json").read_text())["log"]
+    entries, log = _metrics(two_workers), _log(two_workers)
     assert [e["step"] for e in entries] == list(range(1, CFG.steps + 1))
     np.testing.assert_allclose([e["loss"] for e in entries], [e["loss"] for e in log], rtol=1e-6)
     # 32 rows a step, each its prefix [V_hy; voco] and up to 2 questions (prompts and scored answers)
@@ -489,7 +491,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights(start
     assert rerun.returncode == 0, output[-3000:]
     recorded = json.loads((out / "training.json").read_text())
     assert recorded["resumed_from_step"] == killed_at
-    log = json.loads((out / "train_state.json").read_text())["log"]
+    log = _log(out)
     assert [e["step"] for e in log] == list(range(1, CFG.steps + 1))
     assert [e["step"] for e in log if "val_accuracy" in e] == list(range(4, CFG.steps + 1, 4))
     assert recorded["scaling"]["fsdp"] and recorded["scaling"]["feature_cache"] == str(features)
@@ -585,7 +587,7 @@ def test_llava_data_with_missing_and_corrupt_images_trains(start, ray_cluster, t
     drawn = draw(np.arange(cfg.steps * cfg.batch_size), cfg.seed, 0, 7)
     assert {0, 1} <= set(drawn.tolist())  # both are drawn in these 16 rows
     assert metrics["bad_images"] == 2
-    log = json.loads((out / "train_state.json").read_text())["log"]
+    log = _log(out)
     assert sum(e["skipped_rows"] for e in log) == int(np.isin(drawn, [0, 1]).sum())
     assert sum(e["cut_rows"] for e in log) == int((drawn == 2).sum()) > 0
     assert all(np.isfinite(e["loss"]) for e in log) and "val_accuracy" in log[-1]
