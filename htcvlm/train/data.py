@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -58,9 +59,55 @@ def training_pools(
     return train, procedural_pool(model, "val", cfg.val_size)
 
 
-def batch_indices(data: VQATensors, step: int, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    """(batch_size,) pool rows for stage 2's step `step`: the first cfg.easy_steps steps draw only the
-    pool's single-object samples (its last n_easy rows), the rest from the whole pool."""
-    if step < cfg.easy_steps and data.n_easy:
-        return len(data) - data.n_easy + torch.randint(data.n_easy, (cfg.batch_size,), generator=gen)
-    return torch.randint(len(data), (cfg.batch_size,), generator=gen)
+@dataclass
+class _Order:
+    """One order's generator where its last draw left it (`at` steps drawn) and its last steps' rows."""
+
+    at: int
+    gen: torch.Generator
+    recent: dict[int, torch.Tensor]
+
+
+# a run draws step after step (a Ray worker's stream asks for a step's rows in several pieces, and may run
+# a step or two ahead): replaying from step 0 happens once per run or resumption, not once per step
+_ORDERS: dict[tuple[int, ...], _Order] = {}
+_ORDERS_LOCK = threading.Lock()
+_RECENT = 8
+
+
+def step_rows(
+    seed: int, step: int, batch_size: int, n: int, n_easy: int = 0, easy_steps: int = 0
+) -> torch.Tensor:
+    """(batch_size,) rows of a pool of `n` for stage 2's step `step`, drawn with replacement: the
+    step-th draw of one generator seeded with seed * 1000, from the pool's last `n_easy` rows (the
+    single-object ones) for the first `easy_steps` steps and from all of it after.
+
+    A pure function of its arguments, so a resumed run draws what an unbroken one would, and the Ray
+    path's workers draw what the single process draws; and the order the shipped model was trained on
+    (its steps drew from that generator one after another).
+    """
+    if step < 0 or n < 1 or not 0 <= n_easy <= n:
+        raise ValueError(f"no rows to draw: step {step}, pool {n}, of them single-object {n_easy}")
+    key = (seed, batch_size, n, n_easy, easy_steps)
+    with _ORDERS_LOCK:
+        order = _ORDERS.pop(key, None)
+        if order is None or (step < order.at and step not in order.recent):
+            order = _Order(0, torch.Generator().manual_seed(seed * 1000), {})
+        while order.at <= step:
+            if order.at < easy_steps and n_easy:
+                rows = n - n_easy + torch.randint(n_easy, (batch_size,), generator=order.gen)
+            else:
+                rows = torch.randint(n, (batch_size,), generator=order.gen)
+            order.recent[order.at] = rows
+            order.recent.pop(order.at - _RECENT, None)
+            order.at += 1
+        if len(_ORDERS) >= 16:  # a few orders live in one process (training, tests); forget the oldest
+            del _ORDERS[next(iter(_ORDERS))]
+        _ORDERS[key] = order
+        return order.recent[step].clone()
+
+
+def batch_indices(data: VQATensors, step: int, cfg: TrainConfig) -> torch.Tensor:
+    """(batch_size,) pool rows for stage 2's step `step` (`step_rows`): the first cfg.easy_steps steps
+    draw only the pool's single-object samples (its last n_easy rows), the rest from the whole pool."""
+    return step_rows(cfg.seed, step, cfg.batch_size, len(data), data.n_easy, cfg.easy_steps)

@@ -558,8 +558,8 @@ def run_distributed(
                 f"{llava[0]} has {len(data.turns)} turns with images, need more than {cfg.val_size}"
             )
         # every conversation about an image trains after one prefix; held-out turns validate each alone
-        source = LlavaSource(by_image(conversations(data.turns[: -cfg.val_size])), cfg.seed)
-        val = LlavaSource(tuple(((turn,),) for turn in data.turns[-cfg.val_size :]), cfg.seed)
+        source = LlavaSource(by_image(conversations(data.turns[: -cfg.val_size])), cfg.batch_size, cfg.seed)
+        val = LlavaSource(tuple(((turn,),) for turn in data.turns[-cfg.val_size :]), cfg.batch_size, cfg.seed)
         logger.info("%s: %d image files missing, left out", llava[0], len(data.missing))
     record = run_record(
         variant,

@@ -237,13 +237,12 @@ def train_vlm(
     if cfg.grad_checkpointing:
         model.llm.gradient_checkpointing_enable()
     upper = variant == "upper"
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + start)
     started = time.perf_counter()
 
     facts = multi_image_facts(data, cfg)
 
     def loss_at(step: int) -> tuple[torch.Tensor, dict[str, str]]:
-        idx = batch_indices(data, step, cfg, gen)
+        idx = batch_indices(data, step, cfg)
         b = {k: v.to(model.device) if v is not None else None for k, v in data.batch(idx).items()}
         scored = b.pop("scored")
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):

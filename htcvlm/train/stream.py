@@ -5,8 +5,8 @@ these pieces into Ray Data and Ray Train.
 
 - `StepPlan`: the global batch split into N workers × accumulation micro-batches; which global positions
   each worker reads, in order
-- `ProceduralSource` / `LlavaSource`: which sample a global position is (drawn with replacement, as the
-  single-process trainer draws from its pool), and the sample itself (a LLaVA image with every
+- `ProceduralSource` / `LlavaSource`: which sample a global position is (the row the single-process
+  trainer draws for it, `step_rows`), and the sample itself (a LLaVA image with every
   conversation about it packed, each its own segment)
 - `SampleRows`: the Ray Data stage, positions -> rows as the model reads them (rendered or decoded image,
   token ids), with a bad image (missing, corrupt) turned into an `ok=False` row that scores nothing
@@ -32,6 +32,7 @@ from htcvlm.data.llava import ImageConversations, image_path, image_sample, open
 from htcvlm.data.multi import ImageFacts, facts_of_scene
 from htcvlm.model import new_model
 from htcvlm.pool import EASY_WEIGHTS, tensorize
+from htcvlm.train.data import step_rows
 from htcvlm.train.features import FeatureCache, blank_sample
 
 logger = logging.getLogger(__name__)
@@ -75,15 +76,17 @@ class StepPlan:
         return step * self.batch_size + (micro * self.workers + rank) * self.micro_batch + within
 
 
-def draw(positions: np.ndarray, seed: int, salt: int, n: int) -> np.ndarray:
-    """A uniform draw in [0, n) per position, a pure function of (seed, salt, position): SplitMix64's
-    finalizer over the three (wrapping uint64 arithmetic)."""
-    x = positions.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-    x = x + np.uint64(salt) * np.uint64(0xD1B54A32D192ED03)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    x = x ^ (x >> np.uint64(31))
-    return (x % np.uint64(n)).astype(np.int64)
+def drawn(
+    positions: np.ndarray, batch_size: int, seed: int, n: int, n_easy: int = 0, easy_steps: int = 0
+) -> np.ndarray:
+    """The sample at each global position: position p is row p % batch_size of step p // batch_size's
+    batch as the single-process trainer draws it (`step_rows`), so both paths read the same order."""
+    steps, within = np.divmod(positions, batch_size)
+    out = np.empty_like(positions)
+    for step in np.unique(steps):
+        at = steps == step
+        out[at] = step_rows(seed, int(step), batch_size, n, n_easy, easy_steps).numpy()[within[at]]
+    return out
 
 
 @dataclass(frozen=True)
@@ -108,11 +111,7 @@ class ProceduralSource:
         return self.questions
 
     def indices(self, positions: np.ndarray) -> np.ndarray:
-        drawn = draw(positions, self.seed, 0, len(self))
-        if not self.easy:
-            return drawn
-        easy = self.pool + draw(positions, self.seed, 1, self.easy)
-        return np.where(positions // self.batch_size < self.easy_steps, easy, drawn)
+        return drawn(positions, self.batch_size, self.seed, len(self), self.easy, self.easy_steps)
 
     def _sets(self, image_size: int = 64) -> tuple[ProceduralVQA, ProceduralVQA]:
         main = ProceduralVQA("train", self.pool, image_size, questions=self.questions)
@@ -181,6 +180,7 @@ class LlavaSource:
     becomes None."""
 
     images: tuple[ImageConversations, ...]
+    batch_size: int
     seed: int
 
     def __len__(self) -> int:
@@ -192,7 +192,7 @@ class LlavaSource:
         return max((len(group) for group in self.images), default=1)
 
     def indices(self, positions: np.ndarray) -> np.ndarray:
-        return draw(positions, self.seed, 0, len(self))
+        return drawn(positions, self.batch_size, self.seed, len(self))
 
     def samples(self, indices: np.ndarray, image_size: int, images: bool = True) -> list[VQASample | None]:
         """The samples at `indices`, each image decoded (None when it cannot be); images=False leaves

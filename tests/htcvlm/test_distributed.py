@@ -29,6 +29,7 @@ from htcvlm.data.llava import by_image, conversations, read_llava
 from htcvlm.data.multi import facts_of_cells
 from htcvlm.pool import EASY_WEIGHTS, procedural_pool, tensorize
 from htcvlm.train.contrastive import contrastive_loss
+from htcvlm.train.data import batch_indices
 from htcvlm.train.distributed import (
     RUN_NAME,
     Scaling,
@@ -197,29 +198,21 @@ def test_two_workers_reach_the_weights_of_one(start, two_workers, tmp_path):
     )
 
 
-def test_the_ray_path_trains_what_the_single_process_trains_on_the_same_rows(
-    start, two_workers, tmp_path, monkeypatch
-):
-    """`train_vlm` on the pre-rendered pool, its batches the rows the stream draws for each step,
-    reaches the weights of the Ray Train run (2 workers): the two paths differ only in which rows
-    they draw, not in what a step does with them (model, loss, learning rate, clipping, AdamW).
-    So does a run made as the full recipe's Ray run was (docs/TRAINING.md): one worker on 2 threads,
-    no accumulation, the frozen parts' outputs read from a feature cache, and rank 0 validating at
-    every checkpoint in the middle of the run."""
+def test_the_ray_path_trains_what_the_single_process_trains(start, two_workers, tmp_path):
+    """`train_vlm` on the pre-rendered pool reaches the weights of the Ray Train run (2 workers): the
+    stream reads, position by position, the rows the single process draws for each step, and a step
+    does the same with them (model, loss, learning rate, clipping, AdamW). So does a run made as the
+    full recipe's Ray run was (docs/TRAINING.md): one worker on 2 threads, no accumulation, the frozen
+    parts' outputs read from a feature cache, and rank 0 validating at every checkpoint in the middle
+    of the run."""
     model = load_pretrained(start)
     pool = procedural_pool(model, "train", CFG.pool, CFG.easy, CFG.questions)
-    drawn: list[int] = []
-
-    def stream_rows(data, step, cfg, gen):
-        positions = np.arange(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-        drawn.append(step)
-        return torch.from_numpy(SOURCE.indices(positions))
-
-    monkeypatch.setattr("htcvlm.train.stages.batch_indices", stream_rows)
+    positions = np.arange(CFG.steps * CFG.batch_size)
+    by_step = torch.cat([batch_indices(pool, step, CFG) for step in range(CFG.steps)])
+    np.testing.assert_array_equal(SOURCE.indices(positions), by_step.numpy())
     single, one = tmp_path / "single", tmp_path / "one"
     single.mkdir(), one.mkdir()
     train_vlm(model, pool, CFG, "hybrid", out=single, show_progress=False)
-    assert drawn == list(range(CFG.steps))
     _assert_same_weights(single, two_workers, atol=2e-5)
 
     scaling = Scaling(workers=1, threads=2, feature_cache=str(tmp_path / "features"), **HALF)
@@ -354,13 +347,15 @@ def test_with_a_feature_cache_llava_images_are_decoded_once(start, tmp_path, mon
         turns = [{"from": "human", "value": f"<image>\nWhat is {i}?"}, {"from": "gpt", "value": f"it is {i}"}]
         entries.append({"id": str(i), "image": f"img/{i}.jpg", "conversations": turns})
     (tmp_path / "data.json").write_text(json.dumps(entries))
-    source = LlavaSource(by_image(conversations(read_llava(tmp_path / "data.json", tmp_path).turns)), 0)
+    turns = read_llava(tmp_path / "data.json", tmp_path).turns
+    source = LlavaSource(by_image(conversations(turns)), batch_size=4, seed=0)
     folder = tmp_path / "cache"
     FeatureCache(folder).claim({"shard": SHARD, "images": source.images_key(), **frozen_key(start, True)})
     ComputeShards(str(start), source, str(folder), True)({"data": np.array([0])})
     assert FeatureCache(folder).read(np.arange(5))["readable"].tolist() == [1, 0, 1, 1, 1]
     plan = StepPlan(batch_size=4, workers=1, micro_batch=4)
-    decoded = SampleRows(str(start), source, plan, rank=0, start_step=0, max_text=256)({"data": np.arange(8)})
+    rows = {"data": np.arange(12)}  # 3 steps
+    decoded = SampleRows(str(start), source, plan, rank=0, start_step=0, max_text=256)(rows)
     assert not decoded["ok"].all()  # image 1 is drawn
     cached = SampleRows(str(start), source, plan, rank=0, start_step=0, max_text=256, features=str(folder))
 
@@ -368,7 +363,7 @@ def test_with_a_feature_cache_llava_images_are_decoded_once(start, tmp_path, mon
         raise AssertionError(f"{path} opened")
 
     monkeypatch.setattr("htcvlm.train.stream.open_rgb", never)
-    out = cached({"data": np.arange(8)})
+    out = cached(rows)
     for key in ("position", "index", "ids", "segments", "scored", "ok", "cut"):
         np.testing.assert_array_equal(out[key], decoded[key])
     assert "readable" not in out and not out["pixels"].any() and decoded["pixels"].any()
@@ -386,7 +381,7 @@ def test_the_stream_asks_about_the_scenes_the_pool_holds(start):
 
 
 def test_the_ray_path_refuses_what_it_does_not_train(start, tmp_path):
-    llava = LlavaSource((), 0)
+    llava = LlavaSource((), CFG.batch_size, 0)
     with pytest.raises(ValueError, match="procedural data only"):
         fit_stage2(start, tmp_path, replace(CFG, multi_rows=4), llava, Scaling())
     with pytest.raises(ValueError, match="LoRA adapters train on one GPU without it"):
@@ -564,7 +559,7 @@ def test_llava_data_with_missing_and_corrupt_images_trains(start, ray_cluster, t
     # image of entries 3 and 3b; rows longer than the longest one-entry row are cut: image 3's
     val_size = 2
     turns = read_llava(tmp_path / "data.json", tmp_path, on_missing="skip").turns[:-val_size]
-    source = LlavaSource(by_image(conversations(turns)), CFG.seed)
+    source = LlavaSource(by_image(conversations(turns)), 4, CFG.seed)  # the run's batch of 4
     model = load_pretrained(start)
     size = model.config.image_size
     samples = [s or blank_sample(size) for s in source.samples(np.arange(len(source)), size)]
@@ -582,9 +577,7 @@ def test_llava_data_with_missing_and_corrupt_images_trains(start, ray_cluster, t
     )
     recorded = json.loads((out / "training.json").read_text())
     assert recorded["missing_images"] == 1
-    from htcvlm.train.stream import draw
-
-    drawn = draw(np.arange(cfg.steps * cfg.batch_size), cfg.seed, 0, 7)
+    drawn = source.indices(np.arange(cfg.steps * cfg.batch_size))
     assert {0, 1} <= set(drawn.tolist())  # both are drawn in these 16 rows
     assert metrics["bad_images"] == 2
     log = _log(out)

@@ -17,7 +17,7 @@ from htcvlm.data.dataset import ProceduralVQA
 from htcvlm.data.scenes import COLORS, GRID, SHAPES
 from htcvlm.evaluate import accuracy, retention, retention_table
 from htcvlm.pool import cell_labels, tensorize
-from htcvlm.train.data import llava_pools
+from htcvlm.train.data import batch_indices, llava_pools, step_rows
 from htcvlm.train.loop import _load_state, _state_tensors
 from htcvlm.train.recipe import TrainConfig
 from htcvlm.train.run import init_weights
@@ -101,6 +101,70 @@ def test_stage2_is_the_recipe_written_out_step_by_step(tokenizer):
     trained, written_out = model.state_dict(), by_hand.state_dict()
     assert all(torch.equal(trained[k], written_out[k]) for k in trained)
     assert not torch.equal(trained["voco"], make_model(tokenizer, seed=0).voco)  # it did train
+
+
+class _Stopped(Exception):
+    """A run stopped from outside mid-way (as a killed process is)."""
+
+
+def test_a_resumed_stage2_draws_the_rows_of_an_unbroken_one_and_ends_on_its_weights(
+    tokenizer, tmp_path, monkeypatch
+):
+    """Stopped after its checkpoint at step 3 of 6 and run again, stage 2 draws steps 3..5 as an
+    unbroken run does (not a generator seeded afresh at the resumed step) and ends on the same weights."""
+    data = ProceduralVQA("train", 12, questions=2)
+    pool = tensorize(make_model(tokenizer, seed=0), [data[i] for i in range(12)])
+    pool.n_easy = 4
+    cfg = TrainConfig(steps=6, batch_size=4, lr=3e-3, warmup=2, easy_steps=2, eval_every=3, seed=5)
+    unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
+    unbroken.mkdir(), resumed.mkdir()
+    train_vlm(make_model(tokenizer, seed=0), pool, cfg, "hybrid", out=unbroken, val=pool, show_progress=False)
+
+    drawn: list[tuple[int, list[int]]] = []
+    stops = [4]
+
+    def stop_at_4(data, step, cfg):
+        if stops and step == stops[0]:
+            stops.pop()
+            raise _Stopped
+        rows = batch_indices(data, step, cfg)
+        drawn.append((step, rows.tolist()))
+        return rows
+
+    monkeypatch.setattr("htcvlm.train.stages.batch_indices", stop_at_4)
+    with pytest.raises(_Stopped):
+        train_vlm(
+            make_model(tokenizer, seed=0), pool, cfg, "hybrid", out=resumed, val=pool, show_progress=False
+        )
+    assert json.loads((resumed / "train_state.json").read_text())["step"] == 3
+    drawn.clear()
+    train_vlm(make_model(tokenizer, seed=0), pool, cfg, "hybrid", out=resumed, val=pool, show_progress=False)
+    assert [s for s, _ in drawn] == [3, 4, 5]
+    gen = torch.Generator().manual_seed(cfg.seed * 1000)
+    sequence = [
+        (8 + torch.randint(4, (4,), generator=gen)) if s < 2 else torch.randint(12, (4,), generator=gen)
+        for s in range(6)
+    ]
+    assert [rows for _, rows in drawn] == [sequence[s].tolist() for s in (3, 4, 5)]
+    a, b = load_pretrained(unbroken).state_dict(), load_pretrained(resumed).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_step_rows_is_a_pure_function_of_its_step():
+    """Asked in any order, again, or after another order's draws, a step gets the rows the generator
+    gives it drawing step after step from 0."""
+    gen = torch.Generator().manual_seed(7 * 1000)
+    sequence = [
+        (90 + torch.randint(10, (3,), generator=gen)) if s < 4 else torch.randint(100, (3,), generator=gen)
+        for s in range(30)
+    ]
+    for step in (0, 29, 5, 5, 4, 28, 3, 12, 29, 0):
+        assert torch.equal(step_rows(7, step, 3, 100, 10, 4), sequence[step])
+        step_rows(8, step, 3, 100, 10, 4)  # another order in between
+    with pytest.raises(ValueError, match="no rows to draw"):
+        step_rows(7, -1, 3, 100, 10, 4)
+    with pytest.raises(ValueError, match="no rows to draw"):
+        step_rows(7, 0, 3, 0)
 
 
 def _inputs(pool):
