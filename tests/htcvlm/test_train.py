@@ -103,6 +103,18 @@ def test_stage2_is_the_recipe_written_out_step_by_step(tokenizer):
     assert not torch.equal(trained["voco"], make_model(tokenizer, seed=0).voco)  # it did train
 
 
+def _drawn_in_sequence(seed, steps, batch, n, n_easy, easy_steps):
+    """Each step's rows as one generator gives them step after step, the single-object ones (the
+    pool's last n_easy) for the first easy_steps: the order `step_rows` must replay."""
+    gen = torch.Generator().manual_seed(seed * 1000)
+    return [
+        n - n_easy + torch.randint(n_easy, (batch,), generator=gen)
+        if s < easy_steps
+        else torch.randint(n, (batch,), generator=gen)
+        for s in range(steps)
+    ]
+
+
 class _Stopped(Exception):
     """A run stopped from outside mid-way (as a killed process is)."""
 
@@ -140,11 +152,7 @@ def test_a_resumed_stage2_draws_the_rows_of_an_unbroken_one_and_ends_on_its_weig
     drawn.clear()
     train_vlm(make_model(tokenizer, seed=0), pool, cfg, "hybrid", out=resumed, val=pool, show_progress=False)
     assert [s for s, _ in drawn] == [3, 4, 5]
-    gen = torch.Generator().manual_seed(cfg.seed * 1000)
-    sequence = [
-        (8 + torch.randint(4, (4,), generator=gen)) if s < 2 else torch.randint(12, (4,), generator=gen)
-        for s in range(6)
-    ]
+    sequence = _drawn_in_sequence(cfg.seed, 6, 4, 12, 4, 2)
     assert [rows for _, rows in drawn] == [sequence[s].tolist() for s in (3, 4, 5)]
     a, b = load_pretrained(unbroken).state_dict(), load_pretrained(resumed).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -153,11 +161,7 @@ def test_a_resumed_stage2_draws_the_rows_of_an_unbroken_one_and_ends_on_its_weig
 def test_step_rows_is_a_pure_function_of_its_step():
     """Asked in any order, again, or after another order's draws, a step gets the rows the generator
     gives it drawing step after step from 0."""
-    gen = torch.Generator().manual_seed(7 * 1000)
-    sequence = [
-        (90 + torch.randint(10, (3,), generator=gen)) if s < 4 else torch.randint(100, (3,), generator=gen)
-        for s in range(30)
-    ]
+    sequence = _drawn_in_sequence(7, 30, 3, 100, 10, 4)
     for step in (0, 29, 5, 5, 4, 28, 3, 12, 29, 0):
         assert torch.equal(step_rows(7, step, 3, 100, 10, 4), sequence[step])
         step_rows(8, step, 3, 100, 10, 4)  # another order in between
