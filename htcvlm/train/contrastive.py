@@ -4,8 +4,11 @@
 answer ever reads: text reads the voco tokens' keys and values, made from each layer's input). The
 answer loss never shapes that latent for search; this loss does. Each of a step's images is seen twice,
 each view a random chain of the augmentations users' near-duplicates carry (`htcvlm.retrieval`: crop,
-resize, color jitter, JPEG re-encoding, each with probability 1/2, at least one); a view's latent must
-find its twin among the other views of the step (symmetric InfoNCE, temperature `TEMPERATURE`).
+resize, color jitter, JPEG re-encoding, each with probability 1/2, at least one), then turned gray with
+probability `GRAY` (training only: no search copy is grayed, but a quarter of the real photos users
+search are gray, and the procedural scenes are all colored; a gray view must be told from other images by
+its shapes and layout, not its colors); a view's latent must find its twin among the other views of the
+step (symmetric InfoNCE, temperature `TEMPERATURE`).
 
 The frozen tower and MGVQ see each view afresh (no cached features: the views are new every step).
 Training images come from the training pool only; scikit-image's photos stay the held-out real set.
@@ -27,17 +30,20 @@ from htcvlm.retrieval import AUGMENTATIONS
 from htcvlm.train.multi import voco_states
 
 TEMPERATURE = 0.1
+GRAY = 0.2  # the chance a training view loses its colors (SimCLR's random grayscale)
 
 
 def augmented_view(
     pixels_u8: torch.Tensor, size: int, processing: ImageProcessing, rng: random.Random
 ) -> torch.Tensor:
     """(3, S, S) uint8 -> (3, size, size) float in [0, 1]: a random chain of the retrieval augmentations,
-    preprocessed as compress() preprocesses an image file."""
+    grayed with probability `GRAY`, preprocessed as compress() preprocesses an image file."""
     image = Image.fromarray(pixels_u8.permute(1, 2, 0).numpy())
     names = [name for name in AUGMENTATIONS if rng.random() < 0.5] or [rng.choice(list(AUGMENTATIONS))]
     for name in names:  # in AUGMENTATIONS' order: crop, resize, color jitter, JPEG last
         image = AUGMENTATIONS[name](image, rng)
+    if rng.random() < GRAY:
+        image = image.convert("L").convert("RGB")
     return to_pixels(image, size, processing)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from htcvlm.config import LayoutConfig
+from htcvlm.config import ImageProcessing, LayoutConfig
 from htcvlm.data.dataset import draw_question
 from htcvlm.data.multi import (
     MULTI_COUNT_WORDS,
@@ -28,7 +28,8 @@ from htcvlm.decode import DecodeBatch
 from htcvlm.evaluate import multi_image_accuracy, predict
 from htcvlm.placement import row_text
 from htcvlm.pool import VQATensors, cell_labels, procedural_pool
-from htcvlm.train.contrastive import contrastive_loss, info_nce
+from htcvlm.train import contrastive
+from htcvlm.train.contrastive import augmented_view, contrastive_loss, info_nce
 from htcvlm.train.multi import (
     draw_rows,
     fits_uncompressed,
@@ -288,6 +289,22 @@ def test_info_nce_is_low_only_for_matching_views():
     a = torch.randn(16, 32, generator=gen)
     assert info_nce(a, a + 0.01 * torch.randn(16, 32, generator=gen)) < 0.05
     assert info_nce(a, a[torch.randperm(16, generator=gen)]) > 2.0
+
+
+def test_a_training_view_turns_gray_at_the_rate_asked(monkeypatch):
+    """Some training views lose their colors (a gray photo must still be told from the others); the
+    rest keep them."""
+    scene = draw_question("train", 0)[0]
+    pixels = torch.from_numpy(np.array(render(scene, 64))).permute(2, 0, 1)
+    rng = random.Random(0)
+
+    def gray_share(n: int) -> float:
+        views = [augmented_view(pixels, 64, ImageProcessing(), rng) for _ in range(n)]
+        return sum(bool((v[0] == v[1]).all() and (v[1] == v[2]).all()) for v in views) / n
+
+    assert 0.14 < gray_share(400) < 0.26
+    monkeypatch.setattr(contrastive, "GRAY", 0.0)
+    assert gray_share(50) == 0.0
 
 
 def test_the_contrastive_loss_pulls_views_of_one_image_together(tokenizer):
