@@ -213,6 +213,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def _model_spec(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not (sep and name and path):
@@ -289,7 +296,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_retrieval(args: argparse.Namespace) -> int:
-    """Near-duplicate recall@1/@10 over voco latents: procedural test scenes and scikit-image's photos."""
+    """Near-duplicate recall@1/@10 over voco latents: procedural test scenes (unless --procedural 0) and
+    scikit-image's photos."""
     import torch  # only the model commands pay for it
 
     from htcvlm.checkpoint import load_pretrained
@@ -298,11 +306,11 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     model = load_pretrained(args.model)
-    scenes = ProceduralVQA("test", args.procedural, image_size=model.config.image_size)
-    sets = {
-        f"procedural test scenes ({args.procedural})": [scenes[i].image for i in range(args.procedural)],
-        "scikit-image photos (25)": skimage_photos(),
-    }
+    sets = {"scikit-image photos (25)": skimage_photos()}
+    if args.procedural:
+        scenes = ProceduralVQA("test", args.procedural, image_size=model.config.image_size)
+        images = [scenes[i].image for i in range(args.procedural)]
+        sets = {f"procedural test scenes ({args.procedural})": images} | sets
     for name, images in sets.items():
         print(format_recall(name, near_duplicate_recall(model, images, seed=args.seed)))
     return 0
@@ -445,7 +453,9 @@ def add_model_commands(
 
     retrieval = add_command(sub, "retrieval", "near-duplicate recall@k of augmented copies", common)
     retrieval.add_argument("--model", required=True, help="checkpoint folder")
-    retrieval.add_argument("--procedural", type=int, default=500, help="procedural test scenes")
+    retrieval.add_argument(
+        "--procedural", type=_non_negative, default=500, help="procedural test scenes (0: the photos only)"
+    )
     retrieval.add_argument("--seed", type=int, default=0, help="seed of the augmentations")
     retrieval.add_argument("--threads", type=int, default=threads, help=threads_help)
     retrieval.set_defaults(func=cmd_retrieval)

@@ -106,6 +106,19 @@ def test_info_takes_model_and_defaults_to_the_shipped_model(
     assert capsys.readouterr().out.splitlines()[0] == "preset            paper (geometry only, no weights)"
 
 
+def test_retrieval_measures_the_photos_alone_with_no_procedural_scenes(
+    model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--procedural 0` skips the scenes (a photo figure for several augmentation seeds costs seconds);
+    a negative count is refused before any model loads."""
+    assert main(["retrieval", "--model", str(model_dir), "--procedural", "0", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("scikit-image photos (25)") and "procedural" not in out
+    assert "pooled (originals and copies indexed together" in out
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["retrieval", "--model", str(model_dir), "--procedural", "-1"])
+
+
 def test_demo_keeps_its_store_and_index_in_its_workdir(
     model_dir: Path,
     tmp_path: Path,
