@@ -306,11 +306,11 @@ def cmd_retrieval(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     model = load_pretrained(args.model)
-    sets = {"scikit-image photos (25)": skimage_photos()}
+    sets = {}
     if args.procedural:
         scenes = ProceduralVQA("test", args.procedural, image_size=model.config.image_size)
-        images = [scenes[i].image for i in range(args.procedural)]
-        sets = {f"procedural test scenes ({args.procedural})": images} | sets
+        sets[f"procedural test scenes ({args.procedural})"] = [scenes[i].image for i in range(len(scenes))]
+    sets["scikit-image photos (25)"] = skimage_photos()
     for name, images in sets.items():
         print(format_recall(name, near_duplicate_recall(model, images, seed=args.seed)))
     return 0
