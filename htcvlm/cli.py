@@ -206,18 +206,19 @@ def _train_distributed(args: argparse.Namespace, cfg: TrainConfig, model_overrid
     return 0
 
 
-def _positive(text: str) -> int:
+def _int_at_least(text: str, bound: int) -> int:
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < bound:
+        raise argparse.ArgumentTypeError(f"must be at least {bound}, got {value}")
     return value
+
+
+def _positive(text: str) -> int:  # argparse names the type by its function in "invalid _positive value"
+    return _int_at_least(text, 1)
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+    return _int_at_least(text, 0)
 
 
 def _model_spec(text: str) -> tuple[str, str]:
